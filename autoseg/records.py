@@ -1,0 +1,164 @@
+"""Typed records that stages hand each other, saved as JSON.
+
+A record is a plain dataclass. ``save_json`` writes it atomically (temporary name,
+then rename) with sorted keys and a fixed float format, so the same record always
+gives a byte-identical file; ``load_record`` validates the schema version and the
+field names before building the dataclass, so a hand-edited file with a typo fails
+with a message that names the file and the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+from autoseg.errors import AutosegError
+
+T = TypeVar("T")
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that the final name never holds a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def to_jsonable(value: Any) -> Any:
+    """Turn dataclasses, tuples, paths and numpy scalars into plain JSON values."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item") and callable(value.item):  # numpy scalar
+        return value.item()
+    if isinstance(value, float):
+        # Rounded so that tiny platform differences in the last bits do not change files.
+        return float(f"{value:.10g}")
+    return value
+
+
+def dumps(record: Any) -> str:
+    return json.dumps(to_jsonable(record), indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+
+def save_json(record: Any, path: str | Path) -> None:
+    atomic_write_bytes(path, dumps(record).encode("utf-8"))
+
+
+def read_json(path: str | Path, error: type[AutosegError] = AutosegError) -> Any:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error("file does not exist", path) from None
+    except IsADirectoryError:
+        raise error("is a directory, expected a JSON file", path) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"cannot be read ({exc.__class__.__name__}: {exc})", path) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise error(f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}", path) from None
+
+
+def from_jsonable(cls: type[T], data: Any, where: str = "") -> T:
+    """Build dataclass ``cls`` from parsed JSON, checking names and basic types."""
+    return _convert(cls, data, where or cls.__name__)
+
+
+def _convert(tp: Any, data: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return data
+    if origin in (typing.Union, types.UnionType):
+        if data is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, data, where)
+            except (TypeError, ValueError) as exc:
+                errors.append(str(exc))
+        raise TypeError(errors[0] if errors else f"{where}: unexpected null")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(data, dict):
+            raise TypeError(f"{where}: expected an object, got {type(data).__name__}")
+        hints = typing.get_type_hints(tp)
+        fields = {f.name: f for f in dataclasses.fields(tp)}
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            raise TypeError(f"{where}: unknown field(s) {unknown}")
+        kwargs = {}
+        for name, field in fields.items():
+            if name in data:
+                kwargs[name] = _convert(hints[name], data[name], f"{where}.{name}")
+            elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+                raise TypeError(f"{where}: missing field '{name}'")
+        return tp(**kwargs)
+    if origin in (list, tuple):
+        if not isinstance(data, list):
+            raise TypeError(f"{where}: expected a list, got {type(data).__name__}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return tuple(_convert(a, d, f"{where}[{i}]") for i, (a, d) in enumerate(zip(args, data)))
+        inner = args[0] if args else Any
+        items = [_convert(inner, d, f"{where}[{i}]") for i, d in enumerate(data)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(data, dict):
+            raise TypeError(f"{where}: expected an object, got {type(data).__name__}")
+        inner = args[1] if len(args) == 2 else Any
+        return {k: _convert(inner, v, f"{where}.{k}") for k, v in data.items()}
+    if tp is float:
+        if isinstance(data, bool) or not isinstance(data, (int, float)):
+            raise TypeError(f"{where}: expected a number, got {data!r}")
+        return float(data)
+    if tp is int:
+        if isinstance(data, bool) or not isinstance(data, int):
+            raise TypeError(f"{where}: expected an integer, got {data!r}")
+        return data
+    if tp is str:
+        if not isinstance(data, str):
+            raise TypeError(f"{where}: expected a string, got {data!r}")
+        return data
+    if tp is bool:
+        if not isinstance(data, bool):
+            raise TypeError(f"{where}: expected true or false, got {data!r}")
+        return data
+    return data
+
+
+def load_record(cls: type[T], path: str | Path, error: type[AutosegError], schema_version: int | None = None) -> T:
+    """Read ``path`` and build ``cls``; any problem becomes ``error`` naming the file."""
+    data = read_json(path, error)
+    if schema_version is not None:
+        found = data.get("schema_version") if isinstance(data, dict) else None
+        if found != schema_version:
+            raise error(f"schema_version is {found!r}, this autoseg reads version {schema_version}; "
+                        "re-run the stage that wrote it", path)
+    try:
+        return from_jsonable(cls, data)
+    except TypeError as exc:
+        raise error(f"does not match the {cls.__name__} schema: {exc}", path) from None
