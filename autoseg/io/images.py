@@ -1,0 +1,242 @@
+"""Reading and writing images together with their geometry.
+
+Everything is read through SimpleITK, so one convention holds for NIfTI, NRRD, MHA and
+2D PNG/TIFF alike. Arrays come back channels-first and always 3D: ``(C, Z, Y, X)``;
+a 2D image becomes ``(C, 1, Y, X)`` with a placeholder spacing of 999 along the added
+axis, so every later stage handles 2D and 3D data with the same code.
+
+The header is read before the pixels, so an impossible header (an enormous size, zero
+spacing, a non-orthonormal direction) is refused before any memory is allocated.
+NIfTI predictions are written with nibabel from the input's own header, so qform and
+sform (codes included) are exactly the input's.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from autoseg.errors import ImageReadError
+from autoseg.records import atomic_write_bytes
+
+# ITK prints header quirks (e.g. "unexpected scales in sform") to stderr for every read;
+# they are not errors, and autoseg reports real problems itself.
+sitk.ProcessObject_SetGlobalWarningDisplay(False)
+
+# Refuse headers that claim more voxels than this (times channels) before reading pixels.
+MAX_VOXELS = int(os.environ.get("AUTOSEG_MAX_VOXELS", 2_000_000_000))
+PLACEHOLDER_SPACING_2D = 999.0
+SUPPORTED_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".tif", ".tiff", ".bmp", ".jpg")
+
+
+@dataclass
+class Geometry:
+    """Where an image lies in space, in SimpleITK's (x, y, z) order, exactly as read."""
+
+    shape: list[int]  # array order, spatial only: (Z, Y, X) or (Y, X) for 2D files
+    spacing: list[float]  # ITK order
+    origin: list[float]
+    direction: list[float]  # row-major, dimension x dimension
+
+    @property
+    def dimension(self) -> int:
+        return len(self.spacing)
+
+    @property
+    def array_spacing(self) -> list[float]:
+        """Spacing in array order, 3 entries (2D images get the placeholder first)."""
+        spacing = list(reversed(self.spacing))
+        return [PLACEHOLDER_SPACING_2D] + spacing if self.dimension == 2 else spacing
+
+    @property
+    def array_shape(self) -> list[int]:
+        return [1] + list(self.shape) if self.dimension == 2 else list(self.shape)
+
+    def matches(self, other: "Geometry", spacing_tol: float = 1e-3, origin_tol: float = 1e-3,
+                direction_tol: float = 1e-3) -> list[str]:
+        """Differences to ``other`` beyond tolerance, in words (empty when they match)."""
+        problems = []
+        if self.shape != other.shape:
+            problems.append(f"shape {self.shape} differs from {other.shape}")
+            return problems
+        if not np.allclose(self.spacing, other.spacing, rtol=spacing_tol, atol=0):
+            problems.append(f"spacing {_fmt(self.spacing)} differs from {_fmt(other.spacing)}")
+        if not np.allclose(self.origin, other.origin, atol=max(origin_tol, origin_tol * max(self.spacing))):
+            problems.append(f"origin {_fmt(self.origin)} differs from {_fmt(other.origin)}")
+        if not np.allclose(self.direction, other.direction, atol=direction_tol):
+            problems.append(f"direction {_fmt(self.direction)} differs from {_fmt(other.direction)}")
+        return problems
+
+
+def _fmt(values) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
+
+
+def has_supported_ending(path: str | Path) -> bool:
+    return str(path).lower().endswith(SUPPORTED_ENDINGS)
+
+
+def read_header(path: str | Path) -> tuple[Geometry, int]:
+    """Geometry and number of components (channels) of an image file, pixels unread."""
+    path = Path(path)
+    _check_file(path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise ImageReadError(f"cannot be read as an image ({_sitk_reason(exc)})", path) from None
+    size = list(reader.GetSize())
+    dimension = reader.GetDimension()
+    components = reader.GetNumberOfComponents()
+    if dimension == 3 and size[2] == 1 and path.name.lower().endswith((".png", ".tif", ".tiff", ".bmp", ".jpg")):
+        dimension, size = 2, size[:2]
+    if dimension not in (2, 3):
+        raise ImageReadError(f"has {dimension} dimensions; autoseg reads 2D and 3D images "
+                             "(split 4D images into channels, e.g. with `autoseg convert-msd`)", path)
+    voxels = int(np.prod(size, dtype=np.int64)) * components
+    if any(s < 1 for s in size) or voxels > MAX_VOXELS:
+        raise ImageReadError(f"header claims size {size} x {components} component(s), refused "
+                             f"(limit {MAX_VOXELS} voxels, set AUTOSEG_MAX_VOXELS to change)", path)
+    spacing = list(reader.GetSpacing())[:dimension]
+    origin = list(reader.GetOrigin())[:dimension]
+    full_direction = np.array(reader.GetDirection()).reshape(reader.GetDimension(), reader.GetDimension())
+    direction = full_direction[:dimension, :dimension]
+    if not all(np.isfinite(spacing)) or min(spacing) <= 0:
+        raise ImageReadError(f"spacing {spacing} must be positive and finite", path)
+    if not np.all(np.isfinite(origin)):
+        raise ImageReadError(f"origin {origin} is not finite", path)
+    if not np.allclose(direction @ direction.T, np.eye(dimension), atol=1e-3):
+        raise ImageReadError("direction matrix is not orthonormal", path)
+    geometry = Geometry(shape=list(reversed(size)), spacing=[float(s) for s in spacing],
+                        origin=[float(o) for o in origin], direction=[float(d) for d in direction.ravel()])
+    return geometry, components
+
+
+def read_image(path: str | Path, dtype=np.float32) -> tuple[np.ndarray, Geometry]:
+    """Pixels as ``(C, Z, Y, X)`` of ``dtype`` and the geometry; header checked first."""
+    path = Path(path)
+    geometry, components = read_header(path)
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise ImageReadError(f"pixels cannot be read ({_sitk_reason(exc)})", path) from None
+    array = sitk.GetArrayViewFromImage(image)
+    if components == 1 and array.ndim == len(geometry.shape):
+        array = array[None]
+    else:  # vector pixels (RGB PNG): components are the last axis
+        array = np.moveaxis(array, -1, 0)
+    array = array.reshape((array.shape[0], *geometry.array_shape))
+    return np.ascontiguousarray(array, dtype=dtype), geometry
+
+
+def read_label(path: str | Path) -> tuple[np.ndarray, Geometry]:
+    """A label map as ``(Z, Y, X)``; refuses non-integer values and multi-component files."""
+    path = Path(path)
+    array, geometry = read_image(path, dtype=np.float64)
+    if array.shape[0] != 1:
+        raise ImageReadError(f"label map has {array.shape[0]} components; expected one", path)
+    array = array[0]
+    if not np.all(np.isfinite(array)):
+        raise ImageReadError("label map contains NaN or Inf", path)
+    rounded = np.rint(array)
+    if not np.array_equal(rounded, array):
+        raise ImageReadError("label map contains non-integer values", path)
+    if rounded.min() < 0 or rounded.max() > 32767:
+        raise ImageReadError(f"label values must lie in 0..32767, found {rounded.min():g}..{rounded.max():g}", path)
+    return rounded.astype(np.int16), geometry
+
+
+def write_label(array: np.ndarray, path: str | Path, geometry: Geometry, reference_file: str | Path | None = None) -> None:
+    """Write a ``(Z, Y, X)`` label map with ``geometry``, atomically.
+
+    When ``reference_file`` is a NIfTI file the output reuses its header (qform, sform,
+    codes, units) so that the label map lies exactly where the input did.
+    """
+    path = Path(path)
+    array = np.asarray(array)
+    array = array.reshape(geometry.shape) if geometry.dimension == 2 else array
+    if list(array.shape) != list(geometry.shape):
+        raise ValueError(f"label array shape {array.shape} does not match geometry {geometry.shape}")
+    out_dtype = np.uint8 if array.max(initial=0) < 256 else np.int16
+    name = path.name.lower()
+    if reference_file is not None and name.endswith((".nii", ".nii.gz")) and str(reference_file).lower().endswith((".nii", ".nii.gz")):
+        _write_nifti_like(array.astype(out_dtype), path, Path(reference_file))
+        return
+    image = sitk.GetImageFromArray(array.astype(out_dtype))
+    image.SetSpacing(geometry.spacing)
+    image.SetOrigin(geometry.origin)
+    image.SetDirection(geometry.direction)
+    _write_sitk_atomic(image, path)
+
+
+def write_image(array: np.ndarray, path: str | Path, geometry: Geometry) -> None:
+    """Write a single-channel image ``(Z, Y, X)`` (or ``(Y, X)``) with ``geometry``, atomically."""
+    array = np.asarray(array)
+    if geometry.dimension == 2:
+        array = array.reshape(geometry.shape)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(geometry.spacing)
+    image.SetOrigin(geometry.origin)
+    image.SetDirection(geometry.direction)
+    _write_sitk_atomic(image, path)
+
+
+def _write_sitk_atomic(image: sitk.Image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The temporary name keeps the real ending: SimpleITK picks the writer from it.
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:
+        sitk.WriteImage(image, str(tmp), useCompression=True)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, RuntimeError):
+            raise OSError(f"{path}: cannot be written ({_sitk_reason(exc)})") from None
+        raise
+
+
+def _write_nifti_like(array_zyx: np.ndarray, path: Path, reference: Path) -> None:
+    import gzip
+
+    import nibabel as nib
+
+    ref = nib.load(str(reference))
+    header = ref.header.copy()
+    header.set_data_dtype(array_zyx.dtype)
+    # nibabel indexes (x, y, z): the reverse of SimpleITK's array order.
+    data = np.ascontiguousarray(array_zyx.transpose(tuple(reversed(range(array_zyx.ndim)))))
+    if data.shape != ref.shape[: data.ndim]:
+        raise ValueError(f"label shape {data.shape} does not match {reference} shape {ref.shape}")
+    image = nib.Nifti1Image(data, ref.affine, header)
+    image.set_qform(ref.get_qform(), code=int(ref.header["qform_code"]))
+    image.set_sform(ref.get_sform(), code=int(ref.header["sform_code"]))
+    image.header["scl_slope"], image.header["scl_inter"] = 1, 0
+    raw = image.to_bytes()
+    if path.name.lower().endswith(".gz"):
+        raw = gzip.compress(raw, compresslevel=1, mtime=0)
+    atomic_write_bytes(path, raw)
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise ImageReadError("file does not exist", path)
+    if path.is_dir():
+        raise ImageReadError("is a directory, expected an image file", path)
+    if not os.access(path, os.R_OK):
+        raise ImageReadError("cannot be read (permission denied)", path)
+    if path.stat().st_size == 0:
+        raise ImageReadError("file is empty", path)
+
+
+def _sitk_reason(exc: RuntimeError) -> str:
+    """The useful last line of a SimpleITK exception, without its C++ source location."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "ITK ERROR" not in line and not line.startswith(("Exception", "/")):
+            return line[:200]
+    return (lines[-1] if lines else "unknown error")[:200]
