@@ -125,7 +125,8 @@ def read_image(path: str | Path, dtype=np.float32) -> tuple[np.ndarray, Geometry
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise ImageReadError(f"pixels cannot be read ({_sitk_reason(exc)})", path) from None
-    array = sitk.GetArrayViewFromImage(image)
+    # A copy, not a view: a view's buffer dies with ``image`` when this function returns.
+    array = sitk.GetArrayFromImage(image)
     if components == 1 and array.ndim == len(geometry.shape):
         array = array[None]
     else:  # vector pixels (RGB PNG): components are the last axis

@@ -1,0 +1,84 @@
+"""A measured memory model: the bytes one training step of a network needs.
+
+Instead of a hand-tuned constant per architecture, the planner builds the network and
+runs one forward pass on a small input on PyTorch's ``meta`` device (shapes only, no
+arithmetic, no memory), recording every tensor autograd saves for the backward pass.
+Those saved activations dominate training memory and grow linearly with the number
+of voxels, so one measurement per topology scales to any batch and patch of that
+topology. Parameters, gradients and optimiser state are added on top.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+# bf16/fp16 autocast stores most activations in 2 bytes, but normalisation layers and the
+# loss keep fp32 copies; measured on DynUNet at the Hippocampus patch the saved bytes under
+# autocast are ~0.6 of fp32 (see scripts/bench_arch.py), applied to every architecture alike.
+AMP_ACTIVATION_FACTOR = 0.6
+# The caching allocator's fragmentation and the backward pass's transient buffers.
+ALLOCATOR_OVERHEAD = 1.25
+# Workspace of the CUDA context and cuDNN, independent of the network.
+CONTEXT_BYTES = 0.5 * 2**30
+
+
+@dataclass
+class MemoryEstimate:
+    activation_bytes_per_voxel: float  # per sample, fp32
+    parameter_count: int
+
+    def training_bytes(self, batch_size: int, patch_voxels: int, amp: bool = True) -> float:
+        activations = self.activation_bytes_per_voxel * patch_voxels * batch_size
+        if amp:
+            activations *= AMP_ACTIVATION_FACTOR
+        # weights, gradients, SGD momentum: three fp32 copies
+        params = 3 * 4 * self.parameter_count
+        return (activations + params) * ALLOCATOR_OVERHEAD + CONTEXT_BYTES
+
+
+def saved_activation_bytes(network: nn.Module, input_shape: tuple[int, ...], device: str = "meta") -> int:
+    """Bytes autograd saves for backward in one forward pass of ``network`` on ``input_shape``."""
+    seen: dict[int, int] = {}
+    network = network.to(device).train()
+    # Layers save their weights for backward too; those are counted with the parameters.
+    param_ids = {id(p) for p in network.parameters()}
+    param_ptrs = {p.untyped_storage().data_ptr() for p in network.parameters()} if device != "meta" else set()
+
+    def pack(tensor: torch.Tensor):
+        if id(tensor) in param_ids:
+            return tensor
+        # Several ops save the same tensor (a conv's input is a norm's output): count storage once.
+        try:
+            key = tensor.untyped_storage().data_ptr() if device != "meta" else id(tensor)
+        except (RuntimeError, NotImplementedError):
+            key = id(tensor)
+        if key in param_ptrs:
+            return tensor
+        seen[key] = max(seen.get(key, 0), tensor.numel() * tensor.element_size())
+        return tensor
+
+    x = torch.zeros(input_shape, device=device, requires_grad=False)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = network(x)
+    outputs = out if isinstance(out, (list, tuple)) else [out]
+    output_bytes = sum(o.numel() * o.element_size() for o in outputs)
+    return sum(seen.values()) + output_bytes
+
+
+def measure(build, input_channels: int, probe_patch: list[int]) -> MemoryEstimate:
+    """Measure a network built by ``build()`` on a probe patch (batch 1)."""
+    network = build()
+    params = sum(p.numel() for p in network.parameters())
+    try:
+        activation = saved_activation_bytes(network, (1, input_channels, *probe_patch), "meta")
+    except (NotImplementedError, RuntimeError):
+        # Some custom kernels have no meta implementation; a CPU pass on the small probe works everywhere.
+        network = build()
+        activation = saved_activation_bytes(network, (1, input_channels, *probe_patch), "cpu")
+    voxels = 1
+    for p in probe_patch:
+        voxels *= p
+    return MemoryEstimate(activation / voxels, params)

@@ -1,0 +1,82 @@
+"""The preprocessed store: one folder per configuration, three files per case.
+
+``CASE.npy`` (float32 image, ``(C, Z, Y, X)``), ``CASE_seg.npy`` (int16 class indices,
+``(Z, Y, X)``: 0..K-1 for the network's classes, -1 for ignored voxels) and ``CASE.json``
+(the ``CaseProperties``). Uncompressed ``.npy`` is memory-mapped by the training loader,
+so a random patch reads only the bytes it needs, and writes are atomic: the ``.json``
+is written last and its presence marks a finished case (that is what resuming checks).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from autoseg.errors import DatasetError
+from autoseg.io.images import Geometry
+from autoseg.records import atomic_write_bytes, load_record, save_json
+
+CASE_SCHEMA_VERSION = 1
+IGNORE_INDEX = -1
+
+
+@dataclass
+class CaseProperties:
+    schema_version: int
+    case_id: str
+    plans_digest: str  # digest of what shaped this case in the plan; a different one means re-preprocess
+    source_images: list[str]
+    source_label: str | None
+    original_geometry: Geometry
+    original_spacing: list[float]  # array order, 3 entries
+    crop_box: list[list[int]]  # in the original array, [[start, stop), ...] per axis
+    shape_after_crop: list[int]
+    shape_after_resampling: list[int]
+    spacing_after_resampling: list[float]  # array order, 3 entries
+    # Per class index (as a string), up to N voxel coordinates (z, y, x) for foreground oversampling.
+    class_locations: dict[str, list[list[int]]] = field(default_factory=dict)
+
+
+def case_paths(folder: str | Path, case_id: str) -> tuple[Path, Path, Path]:
+    folder = Path(folder)
+    return folder / f"{case_id}.npy", folder / f"{case_id}_seg.npy", folder / f"{case_id}.json"
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def save_case(folder: str | Path, properties: CaseProperties, image: np.ndarray, seg: np.ndarray | None) -> None:
+    image_path, seg_path, json_path = case_paths(folder, properties.case_id)
+    atomic_write_bytes(image_path, _npy_bytes(image.astype(np.float32, copy=False)))
+    if seg is not None:
+        atomic_write_bytes(seg_path, _npy_bytes(seg.astype(np.int16, copy=False)))
+    save_json(properties, json_path)  # last: marks the case complete
+
+
+def load_properties(folder: str | Path, case_id: str) -> CaseProperties:
+    return load_record(CaseProperties, case_paths(folder, case_id)[2], DatasetError, CASE_SCHEMA_VERSION)
+
+
+def load_arrays(folder: str | Path, case_id: str, mmap: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """Image ``(C, Z, Y, X)`` and segmentation ``(Z, Y, X)``, memory-mapped by default."""
+    image_path, seg_path, _ = case_paths(folder, case_id)
+    mode = "r" if mmap else None
+    try:
+        image = np.load(image_path, mmap_mode=mode, allow_pickle=False)
+        seg = np.load(seg_path, mmap_mode=mode, allow_pickle=False) if seg_path.exists() else None
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"preprocessed case cannot be read ({exc}); re-run plan-and-preprocess", image_path) from None
+    return image, seg
+
+
+def list_finished_cases(folder: str | Path) -> list[str]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p.stem for p in folder.glob("*.json") if (folder / f"{p.stem}.npy").exists())
