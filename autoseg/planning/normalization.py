@@ -1,0 +1,32 @@
+"""Normalisation per channel, chosen from the channel name and the fingerprint (nnU-Net's rules).
+
+* ``CT`` channels: intensities are physical (HU), so one dataset-wide transform fits all
+  images: clip to the foreground 0.5/99.5 percentiles, z-score with the foreground mean/std.
+* ``rgb_to_0_1`` / ``rescale_to_0_1`` (nnU-Net's names) and 8-bit natural images: min/max to [0, 1].
+* Anything else (MRI, ...): z-score per image, since MRI intensities have no fixed scale;
+  restricted to the non-zero mask when cropping to non-zero shrank the median image to
+  under 3/4 (skull-stripped brains: the zero background is not tissue).
+"""
+
+from __future__ import annotations
+
+from autoseg.fingerprint import DatasetFingerprint
+from autoseg.planning.plans import ChannelNormalization
+
+MASK_NORMALIZATION_BELOW = 0.75
+
+
+def plan_normalization(fingerprint: DatasetFingerprint) -> list[ChannelNormalization]:
+    result = []
+    for name, stats in zip(fingerprint.channel_names, fingerprint.foreground_intensity):
+        key = name.strip().lower()
+        if key == "ct":
+            result.append(ChannelNormalization(name, "ct", stats.percentile_00_5, stats.percentile_99_5,
+                                               stats.mean, max(stats.std, 1e-8)))
+        elif key in ("rgb_to_0_1", "rescale_to_0_1"):
+            result.append(ChannelNormalization(name, "rescale01"))
+        elif fingerprint.median_relative_size_after_crop < MASK_NORMALIZATION_BELOW:
+            result.append(ChannelNormalization(name, "zscore_mask"))
+        else:
+            result.append(ChannelNormalization(name, "zscore"))
+    return result

@@ -1,0 +1,209 @@
+"""The planner: from a fingerprint and a memory budget to ``Plans``.
+
+For each configuration (``2d``; ``3d_fullres``; ``3d_lowres`` when a full-resolution
+patch would see less than a quarter of the median image) and each architecture in the
+registry:
+
+1. start from a patch with the aspect ratio of the target spacing and the volume of
+   256^3 (3D) or 2048^2 (2D) voxels, clipped to the median image shape;
+2. shape it with the architecture's topology rule (strides until the feature maps reach
+   about 4 voxels, patch divisible by the strides);
+3. measure the memory of one training step (``autoseg.networks.memory``) and, while a
+   batch of 2 does not fit the budget, shrink the axis whose patch is largest relative
+   to the median shape;
+4. batch size: as many as fit, at least 2, at most what covers 5% of the dataset's
+   voxels per step (nnU-Net's rule against overfitting small datasets).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from autoseg.fingerprint import DatasetFingerprint
+from autoseg.networks.memory import MemoryEstimate, measure
+from autoseg.networks.registry import ARCHITECTURES, ArchitectureSpec
+from autoseg.planning.normalization import plan_normalization
+from autoseg.planning.plans import PLANS_SCHEMA_VERSION, ArchitecturePlan, ConfigurationPlan, Plans
+from autoseg.planning.spacing import anisotropic_axis, fullres_spacing, resampled_shape
+from autoseg.records import to_jsonable
+
+INITIAL_PATCH_VOXELS = {3: 256**3, 2: 2048**2}
+MAX_DATASET_FRACTION_PER_STEP = 0.05
+MIN_BATCH = 2
+LOWRES_COVERAGE = 0.25  # plan 3d_lowres when the fullres patch covers less than this of the median image
+LOWRES_STEP = 1.03
+
+
+@dataclass
+class PlanningContext:
+    gpu_memory_gb: float
+    in_channels: int
+    num_classes: int
+    dataset_voxels: float  # sum over cases of voxels at this configuration's spacing
+
+
+def plan_dataset(fingerprint: DatasetFingerprint, labels: dict, gpu_memory_gb: float = 8.0,
+                 architectures: list[str] | None = None) -> Plans:
+    names = architectures or [n for n, spec in ARCHITECTURES.items() if spec.available()]
+    spacings = np.array([c.spacing for c in fingerprint.cases], dtype=float)
+    shapes = np.array([c.shape_after_crop for c in fingerprint.cases], dtype=float)
+    has_regions = any(isinstance(v, list) for v in labels.values())
+    ignore = labels.get("ignore")
+    num_classes = (sum(1 for k in labels if k not in ("background", "ignore")) if has_regions
+                   else sum(1 for k in labels if k != "ignore"))
+    in_channels = len(fingerprint.channel_names)
+    configurations: dict[str, ConfigurationPlan] = {}
+    notes: list[str] = []
+
+    if fingerprint.is_2d:
+        target = [999.0] + [float(s) for s in np.median(spacings[:, 1:], axis=0)]
+    else:
+        target = fullres_spacing(spacings, shapes)
+    per_case_shapes = np.array([resampled_shape(list(sh), list(sp), target) for sh, sp in zip(shapes, spacings)])
+    if fingerprint.is_2d:
+        per_case_shapes[:, 0] = 1
+
+    def context(case_shapes: np.ndarray, dims: int) -> PlanningContext:
+        voxels = float(np.sum(np.prod(case_shapes[:, -dims:], axis=1)))
+        if dims == 2:  # a 2D step samples slices: the dataset is all slices of all cases
+            voxels = float(np.sum(np.prod(case_shapes, axis=1)))
+        return PlanningContext(gpu_memory_gb, in_channels, num_classes, voxels)
+
+    median_2d = [int(v) for v in np.median(per_case_shapes[:, 1:], axis=0)]
+    configurations["2d"] = _plan_configuration(
+        "2d", 2, target[1:], median_2d, context(per_case_shapes, 2), names,
+        anisotropic_axis(target) if not fingerprint.is_2d else None)
+    if not fingerprint.is_2d:
+        median_3d = [int(v) for v in np.median(per_case_shapes, axis=0)]
+        full = _plan_configuration("3d_fullres", 3, target, median_3d, context(per_case_shapes, 3), names,
+                                   anisotropic_axis(target))
+        configurations["3d_fullres"] = full
+        coverage = np.prod(full.architectures[full.default_architecture].patch_size) / np.prod(median_3d)
+        if coverage < LOWRES_COVERAGE:
+            configurations["3d_lowres"] = _plan_lowres(target, spacings, shapes, names, gpu_memory_gb,
+                                                       in_channels, num_classes)
+        else:
+            notes.append(f"no 3d_lowres: the 3d_fullres patch covers {coverage:.0%} of the median image "
+                         f"(planned only below {LOWRES_COVERAGE:.0%})")
+    default = "2d" if fingerprint.is_2d else "3d_fullres"
+    plans = Plans(
+        schema_version=PLANS_SCHEMA_VERSION,
+        dataset_name=fingerprint.dataset_name,
+        channel_names=list(fingerprint.channel_names),
+        labels=labels,
+        ignore_label=int(ignore) if ignore is not None else None,
+        has_regions=has_regions,
+        normalization=plan_normalization(fingerprint),
+        gpu_memory_gb=gpu_memory_gb,
+        configurations=configurations,
+        default_configuration=default,
+        original_median_spacing=[float(v) for v in np.median(spacings, axis=0)],
+        original_median_shape=[int(v) for v in np.median(shapes, axis=0)],
+        notes=notes,
+    )
+    for config in plans.configurations.values():
+        config.data_identifier = f"{config.name}_{preprocessing_digest(plans, config.name)[:8]}"
+    return plans
+
+
+def _plan_lowres(target, spacings, shapes, names, gpu_memory_gb, in_channels, num_classes) -> ConfigurationPlan:
+    """Coarsen the spacing in 3% steps until the planned patch covers a quarter of the median image."""
+    lowres = list(target)
+    for _ in range(200):
+        finest = min(lowres)
+        # Coarsen the fine axes first so that anisotropic data become more isotropic.
+        lowres = [s * LOWRES_STEP if s < 2 * finest else s for s in lowres]
+        case_shapes = np.array([resampled_shape(list(sh), list(sp), lowres) for sh, sp in zip(shapes, spacings)])
+        median = [int(v) for v in np.median(case_shapes, axis=0)]
+        ctx = PlanningContext(gpu_memory_gb, in_channels, num_classes, float(np.sum(np.prod(case_shapes, axis=1))))
+        config = _plan_configuration("3d_lowres", 3, lowres, median, ctx, names, anisotropic_axis(lowres))
+        patch = config.architectures[config.default_architecture].patch_size
+        if np.prod(patch) / np.prod(median) >= LOWRES_COVERAGE:
+            return config
+    return config
+
+
+def _plan_configuration(name: str, dims: int, spacing: list[float], median_shape: list[int], ctx: PlanningContext,
+                        architectures: list[str], aniso_axis: int | None) -> ConfigurationPlan:
+    planned = {}
+    notes = []
+    for arch_name in architectures:
+        spec = ARCHITECTURES[arch_name]
+        try:
+            planned[arch_name] = plan_architecture(spec, dims, spacing, median_shape, ctx)
+        except (RuntimeError, NotImplementedError, ValueError) as exc:
+            notes.append(f"{arch_name} not planned: {exc}")
+    default = "unet" if "unet" in planned else next(iter(planned))
+    return ConfigurationPlan(
+        name=name, dimensions=dims, spacing=[float(s) for s in spacing], median_shape=list(median_shape),
+        image_resampling_order=3, label_resampling_order=1, anisotropic_axis=aniso_axis,
+        architectures=planned, default_architecture=default, data_identifier="", notes=notes)
+
+
+def plan_architecture(spec: ArchitectureSpec, dims: int, spacing: list[float], median_shape: list[int],
+                      ctx: PlanningContext) -> ArchitecturePlan:
+    budget = ctx.gpu_memory_gb * 2**30
+    patch = _initial_patch(dims, spacing, median_shape)
+    estimates: dict[tuple, MemoryEstimate] = {}
+
+    def estimate(topology) -> MemoryEstimate:
+        key = (tuple(topology.patch_size), tuple(map(tuple, topology.strides)), tuple(topology.features))
+        if key not in estimates:
+            plan = _arch_plan(spec, topology, 1)
+            estimates[key] = measure(lambda: spec.build(plan, ctx.in_channels, ctx.num_classes, dims, True),
+                                     ctx.in_channels, topology.patch_size)
+        return estimates[key]
+
+    topology = spec.topology(patch, spacing)
+    while estimate(topology).training_bytes(MIN_BATCH, math.prod(topology.patch_size)) > budget:
+        ratios = [p / m for p, m in zip(topology.patch_size, median_shape)]
+        # Shrink the axis largest relative to the image, by one stride-divisor step.
+        divisor = topology.divisor()
+        order = np.argsort(ratios)[::-1]
+        axis = next((int(a) for a in order if topology.patch_size[a] - divisor[a] >= divisor[a]), None)
+        if axis is None:
+            raise ValueError(f"even the smallest patch needs more than {ctx.gpu_memory_gb} GB")
+        patch = list(topology.patch_size)
+        patch[axis] -= divisor[axis]
+        topology = spec.topology(patch, spacing)
+    per_step = estimate(topology)
+    voxels = math.prod(topology.patch_size)
+    fits = int((budget - per_step.training_bytes(0, voxels)) // (per_step.training_bytes(1, voxels)
+                                                                  - per_step.training_bytes(0, voxels)))
+    cap = int(MAX_DATASET_FRACTION_PER_STEP * ctx.dataset_voxels / voxels)
+    batch = max(MIN_BATCH, min(fits, cap))
+    plan = _arch_plan(spec, topology, batch)
+    plan.num_parameters = per_step.parameter_count
+    plan.estimated_memory_gb = round(per_step.training_bytes(batch, voxels) / 2**30, 3)
+    plan.notes.append(f"batch {batch}: {fits} fit in {ctx.gpu_memory_gb} GB, 5% of the dataset's voxels allow {cap}")
+    return plan
+
+
+def _arch_plan(spec: ArchitectureSpec, topology, batch: int) -> ArchitecturePlan:
+    return ArchitecturePlan(name=spec.name, patch_size=list(topology.patch_size), batch_size=batch,
+                            kernel_sizes=topology.kernel_sizes, strides=topology.strides,
+                            features=list(topology.features), options=dict(spec.default_options))
+
+
+def _initial_patch(dims: int, spacing: list[float], median_shape: list[int]) -> list[int]:
+    inverse = 1.0 / np.asarray(spacing, dtype=float)
+    patch = inverse * (INITIAL_PATCH_VOXELS[dims] / np.prod(inverse)) ** (1.0 / dims)
+    return [int(min(round(p), m)) for p, m in zip(patch, median_shape)]
+
+
+def preprocessing_digest(plans: Plans, configuration: str) -> str:
+    """Digest of everything that shapes a preprocessed case of ``configuration``."""
+    config = plans.configurations[configuration]
+    relevant = {
+        "normalization": to_jsonable(plans.normalization),
+        "labels": plans.labels,
+        "spacing": config.spacing,
+        "dimensions": config.dimensions,
+        "orders": [config.image_resampling_order, config.label_resampling_order, config.anisotropic_axis],
+    }
+    return hashlib.sha1(json.dumps(relevant, sort_keys=True).encode()).hexdigest()

@@ -1,0 +1,153 @@
+"""Preprocessing: crop to non-zero, normalise, resample; for training cases and new images alike.
+
+``preprocess_arrays`` is the one implementation: ``plan-and-preprocess`` runs it on the
+training set and the predictor on each new image, so the two can never disagree.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from autoseg.dataset.check import read_case
+from autoseg.dataset.spec import CaseFiles, DatasetSpec
+from autoseg.errors import DatasetError
+from autoseg.io.images import Geometry
+from autoseg.parallel import map_with_progress
+from autoseg.planning.planner import preprocessing_digest
+from autoseg.planning.plans import Plans
+from autoseg.planning.spacing import resampled_shape
+from autoseg.preprocessing.crop import bounding_box, crop, nonzero_mask
+from autoseg.preprocessing.normalize import normalize
+from autoseg.preprocessing.resample import resample_image, resample_labels
+from autoseg.preprocessing.store import CASE_SCHEMA_VERSION, IGNORE_INDEX, CaseProperties, list_finished_cases, save_case
+
+MAX_LOCATIONS_PER_CLASS = 1000  # sampled voxels per class for foreground oversampling
+
+
+@dataclass
+class Preprocessed:
+    image: np.ndarray  # (C, Z, Y, X) float32
+    seg: np.ndarray | None  # (Z, Y, X) int16 class indices
+    crop_box: list[list[int]]
+    shape_after_crop: list[int]
+    target_spacing: list[float]  # 3 entries, array order
+
+
+def target_spacing_3d(plans: Plans, configuration: str, case_spacing: list[float]) -> list[float]:
+    """The spacing a case is resampled to; a 2D configuration leaves axis 0 (the slice axis) alone."""
+    config = plans.configuration(configuration)
+    if config.dimensions == 2:
+        return [float(case_spacing[0])] + list(config.spacing)
+    return list(config.spacing)
+
+
+def label_lookup(plans: Plans) -> dict[int, int]:
+    """Label value -> stored class index (ignore -> -1). Regions keep their values."""
+    values = set()
+    for value in plans.labels.values():
+        values.update(value if isinstance(value, list) else [value])
+    if plans.has_regions:
+        return {v: (IGNORE_INDEX if v == plans.ignore_label else v) for v in values}
+    classes = sorted(v for v in values if v != plans.ignore_label)
+    lookup = {v: i for i, v in enumerate(classes)}
+    if plans.ignore_label is not None:
+        lookup[plans.ignore_label] = IGNORE_INDEX
+    return lookup
+
+
+def class_values(plans: Plans) -> list[int]:
+    """Label value of each network output channel (not for region-based plans)."""
+    lookup = label_lookup(plans)
+    return [v for v, i in sorted(lookup.items(), key=lambda kv: kv[1]) if i >= 0]
+
+
+def preprocess_arrays(image: np.ndarray, label: np.ndarray | None, geometry: Geometry, plans: Plans,
+                      configuration: str) -> Preprocessed:
+    config = plans.configuration(configuration)
+    mask = nonzero_mask(image)
+    box = bounding_box(mask)
+    image, mask = crop(image, box), crop(mask, box)
+    shape_after_crop = list(image.shape[1:])
+    image = normalize(image, plans.normalization, mask)
+    spacing = geometry.array_spacing
+    target = target_spacing_3d(plans, configuration, spacing)
+    new_shape = resampled_shape(shape_after_crop, spacing, target)
+    image = resample_image(image, new_shape, config.image_resampling_order, config.anisotropic_axis)
+    seg = None
+    if label is not None:
+        lookup = label_lookup(plans)
+        table = np.zeros(max(lookup) + 1, dtype=np.int16)
+        for value, index in lookup.items():
+            table[value] = index
+        seg = table[crop(label, box)]
+        seg = resample_labels(seg, new_shape, config.label_resampling_order, config.anisotropic_axis)
+    return Preprocessed(image, seg, box, shape_after_crop, target)
+
+
+def sample_class_locations(seg: np.ndarray, case_id: str) -> dict[str, list[list[int]]]:
+    rng = np.random.default_rng(zlib.crc32(case_id.encode()))
+    locations = {}
+    for index in np.unique(seg):
+        if index <= 0:
+            continue
+        flat = np.flatnonzero(seg == index)
+        if flat.size > MAX_LOCATIONS_PER_CLASS:
+            flat = np.sort(rng.choice(flat, MAX_LOCATIONS_PER_CLASS, replace=False))
+        locations[str(int(index))] = np.stack(np.unravel_index(flat, seg.shape), axis=1).tolist()
+    return locations
+
+
+def _preprocess_one(args) -> str | None:
+    case, spec, plans, configuration, output, digest = args
+    loaded = read_case(case, spec)
+    if loaded.problems:
+        return "; ".join(loaded.problems)
+    result = preprocess_arrays(loaded.image, loaded.label, loaded.geometry, plans, configuration)
+    properties = CaseProperties(
+        schema_version=CASE_SCHEMA_VERSION, case_id=case.case_id, plans_digest=digest,
+        source_images=list(case.images), source_label=case.label, original_geometry=loaded.geometry,
+        original_spacing=loaded.geometry.array_spacing, crop_box=result.crop_box,
+        shape_after_crop=result.shape_after_crop, shape_after_resampling=list(result.image.shape[1:]),
+        spacing_after_resampling=result.target_spacing,
+        class_locations=sample_class_locations(result.seg, case.case_id))
+    save_case(output, properties, result.image, result.seg)
+    return None
+
+
+def preprocess_dataset(spec: DatasetSpec, plans: Plans, configuration: str, output_root: Path,
+                       num_processes: int = 2, progress: bool = True) -> tuple[int, int]:
+    """Preprocess every labelled case into ``output_root/<data_identifier>``; returns (done, skipped).
+
+    Cases whose properties file records the same preprocessing digest are skipped, so an
+    interrupted run continues where it stopped.
+    """
+    config = plans.configuration(configuration)
+    output = output_root / config.data_identifier
+    digest = preprocessing_digest(plans, configuration)
+    finished = set(list_finished_cases(output))
+    todo, skipped = [], 0
+    for case in spec.cases:
+        if case.label is None or not case.images:
+            continue
+        if case.case_id in finished and _digest_of(output, case.case_id) == digest:
+            skipped += 1
+            continue
+        todo.append((case, spec, plans, configuration, output, digest))
+    problems = [p for p in map_with_progress(_preprocess_one, todo, num_processes, f"preprocess {configuration}",
+                                             progress) if p]
+    if problems:
+        raise DatasetError("; ".join(problems[:5]), spec.root)
+    return len(todo), skipped
+
+
+def _digest_of(folder: Path, case_id: str) -> str | None:
+    import json
+
+    try:
+        return json.loads((folder / f"{case_id}.json").read_text()).get("plans_digest")
+    except (OSError, ValueError):
+        return None
