@@ -1,0 +1,91 @@
+"""autoseg plan-and-preprocess -d DATASET: check + fingerprint, plan, preprocess."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+
+from autoseg.cli import add_common
+from autoseg.errors import UsageError
+from autoseg.paths import Roots
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("plan-and-preprocess", help="check, fingerprint, plan and preprocess a dataset")
+    parser.add_argument("-d", "--dataset", required=True, nargs="+", help="dataset id(s) or name(s)")
+    parser.add_argument("-c", "--configurations", nargs="+", help="configurations to preprocess (default: all planned)")
+    parser.add_argument("-np", "--num-processes", type=int, default=2)
+    parser.add_argument("--gpu-memory-gb", type=float, default=8.0, help="memory budget the plan is sized for")
+    parser.add_argument("-a", "--architectures", nargs="+", help="architectures to plan (default: all available)")
+    parser.add_argument("--no-preprocess", action="store_true", help="stop after writing plans.json")
+    parser.add_argument("--keep-plans", action="store_true", help="keep an existing (possibly edited) plans.json")
+    parser.add_argument("--summary", action="store_true", help="print parameters and memory per architecture")
+    add_common(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    if args.num_processes < 1:
+        raise UsageError("-np must be at least 1")
+    roots = Roots.resolve(args.raw, args.preprocessed, args.results)
+    for dataset in args.dataset:
+        plan_and_preprocess_one(roots, roots.find_dataset(dataset), args)
+    return 0
+
+
+def plan_and_preprocess_one(roots: Roots, name: str, args) -> None:
+    # Imported here so that `autoseg --help` and other commands start without loading torch.
+    from autoseg.dataset.spec import load_dataset_spec
+    from autoseg.fingerprint import compute_fingerprint, save_fingerprint
+    from autoseg.planning.planner import plan_dataset
+    from autoseg.planning.plans import load_plans, save_plans
+    from autoseg.preprocessing.preprocess import preprocess_dataset
+
+    raw = roots.raw_dataset(name)
+    spec = load_dataset_spec(raw)
+    start = time.perf_counter()
+    fingerprint = compute_fingerprint(raw, args.num_processes)
+    out = roots.preprocessed_dataset(name)
+    save_fingerprint(fingerprint, roots.fingerprint_file(name))
+    shutil.copyfile(raw / "dataset.json", out / "dataset.json")
+    say(f"{name}: {len(fingerprint.cases)} cases checked and fingerprinted in {time.perf_counter() - start:.1f} s "
+        f"-> {roots.fingerprint_file(name)}")
+    plans_file = roots.plans_file(name)
+    if args.keep_plans and plans_file.exists():
+        plans = load_plans(plans_file)
+        say(f"{name}: keeping {plans_file}")
+    else:
+        plans = plan_dataset(fingerprint, spec.labels, args.gpu_memory_gb, args.architectures)
+        save_plans(plans, plans_file)
+        say(f"{name}: planned {', '.join(plans.configurations)} -> {plans_file}")
+    for config in plans.configurations.values():
+        arch = config.architectures[config.default_architecture]
+        say(f"  {config.name:11s} spacing {_fmt(config.spacing)}  patch {'x'.join(map(str, arch.patch_size))}  "
+            f"batch {arch.batch_size}  stages {len(arch.strides)}  ~{arch.estimated_memory_gb:.1f} GB")
+    if args.summary:
+        print_summary(plans)
+    if args.no_preprocess:
+        return
+    for configuration in args.configurations or list(plans.configurations):
+        plans.configuration(configuration)
+        start = time.perf_counter()
+        done, skipped = preprocess_dataset(spec, plans, configuration, out, args.num_processes)
+        say(f"{name}: {configuration}: {done} case(s) preprocessed, {skipped} already done, "
+            f"{time.perf_counter() - start:.1f} s -> {out / plans.configurations[configuration].data_identifier}")
+
+
+def print_summary(plans) -> None:
+    say(f"{'configuration':13s} {'architecture':14s} {'patch':>14s} {'batch':>5s} {'params (M)':>10s} {'memory (GB)':>11s}")
+    for config in plans.configurations.values():
+        for arch in config.architectures.values():
+            say(f"{config.name:13s} {arch.name:14s} {'x'.join(map(str, arch.patch_size)):>14s} {arch.batch_size:5d} "
+                f"{arch.num_parameters / 1e6:10.2f} {arch.estimated_memory_gb:11.2f}")
+
+
+def _fmt(values) -> str:
+    return "x".join(f"{v:.3g}" for v in values)
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stdout, flush=True)
