@@ -102,6 +102,8 @@ def read_header(path: str | Path) -> tuple[Geometry, int]:
     if any(s < 1 for s in size) or voxels > MAX_VOXELS:
         raise ImageReadError(f"header claims size {size} x {components} component(s), refused "
                              f"(limit {MAX_VOXELS} voxels, set AUTOSEG_MAX_VOXELS to change)", path)
+    if path.name.lower().endswith(".nii.gz"):
+        _check_gzip_complete(path)
     spacing = list(reader.GetSpacing())[:dimension]
     origin = list(reader.GetOrigin())[:dimension]
     full_direction = np.array(reader.GetDirection()).reshape(reader.GetDimension(), reader.GetDimension())
@@ -121,12 +123,15 @@ def read_image(path: str | Path, dtype=np.float32) -> tuple[np.ndarray, Geometry
     """Pixels as ``(C, Z, Y, X)`` of ``dtype`` and the geometry; header checked first."""
     path = Path(path)
     geometry, components = read_header(path)
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        raise ImageReadError(f"pixels cannot be read ({_sitk_reason(exc)})", path) from None
-    # A copy, not a view: a view's buffer dies with ``image`` when this function returns.
-    array = sitk.GetArrayFromImage(image)
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        array = _read_nifti_pixels(path)
+    else:
+        try:
+            image = sitk.ReadImage(str(path))
+        except RuntimeError as exc:
+            raise ImageReadError(f"pixels cannot be read ({_sitk_reason(exc)})", path) from None
+        # A copy, not a view: a view's buffer dies with ``image`` when this function returns.
+        array = sitk.GetArrayFromImage(image)
     if components == 1 and array.ndim == len(geometry.shape):
         array = array[None]
     else:  # vector pixels (RGB PNG): components are the last axis
@@ -221,6 +226,51 @@ def _write_nifti_like(array_zyx: np.ndarray, path: Path, reference: Path) -> Non
     if path.name.lower().endswith(".gz"):
         raw = gzip.compress(raw, compresslevel=1, mtime=0)
     atomic_write_bytes(path, raw)
+
+
+def _read_nifti_pixels(path: Path) -> np.ndarray:
+    """NIfTI voxels through nibabel, in SimpleITK's array order.
+
+    Not SimpleITK: its NIfTI reader turns NaN voxels into numbers, which would hide exactly
+    the corrupt data the check must find. nibabel also decodes a little faster.
+    """
+    import nibabel as nib
+
+    try:
+        data = np.asanyarray(nib.load(str(path)).dataobj)
+    except (OSError, EOFError, ValueError, nib.filebasedimages.ImageFileError) as exc:
+        raise ImageReadError(f"pixels cannot be read ({exc})", path) from None
+    return data.transpose(tuple(reversed(range(data.ndim))))
+
+
+def _check_gzip_complete(path: Path) -> None:
+    """Refuse a truncated ``.nii.gz``: SimpleITK would silently fill the missing voxels with zeros.
+
+    The gzip trailer stores the uncompressed size (mod 2^32); a complete file's equals the
+    NIfTI header's vox_offset plus the voxel bytes. Checking it costs two small reads.
+    """
+    import gzip
+    import struct
+
+    try:
+        with gzip.open(path, "rb") as handle:
+            header = handle.read(352)
+        with open(path, "rb") as handle:
+            handle.seek(-4, os.SEEK_END)
+            stored = struct.unpack("<I", handle.read(4))[0]
+    except (OSError, EOFError) as exc:
+        raise ImageReadError(f"is not a valid gzip file ({exc})", path) from None
+    if len(header) < 348:
+        raise ImageReadError("is truncated (shorter than a NIfTI header)", path)
+    endian = "<" if struct.unpack("<i", header[:4])[0] == 348 else ">"
+    dims = struct.unpack(endian + "8h", header[40:56])
+    bitpix = struct.unpack(endian + "h", header[72:74])[0]
+    vox_offset = struct.unpack(endian + "f", header[108:112])[0]
+    voxels = int(np.prod([max(1, d) for d in dims[1 : 1 + max(1, min(7, dims[0]))]], dtype=np.int64))
+    expected = int(vox_offset) + voxels * bitpix // 8
+    if stored != expected % 2**32:
+        raise ImageReadError("is truncated or corrupt: the compressed stream does not hold all voxels "
+                             "the header announces", path)
 
 
 def _check_file(path: Path) -> None:
