@@ -119,7 +119,8 @@ def fingerprint_case(args: tuple[CaseFiles, DatasetSpec]) -> tuple[list[str], Ca
         classes[str(value)] = ClassStats(voxels, int(count), sizes[:MAX_COMPONENT_SIZES].tolist())
     fingerprint = CaseFingerprint(
         case_id=case.case_id,
-        spacing=[float(s) for s in geometry.array_spacing],
+        # Rounded as the JSON file rounds it, so a plan from the saved fingerprint is the same.
+        spacing=[float(f"{s:.10g}") for s in geometry.array_spacing],
         shape_before_crop=list(geometry.array_shape),
         shape_after_crop=list(label.shape),
         crop_box=box,

@@ -39,6 +39,9 @@ LOWRES_COVERAGE = 0.25  # plan 3d_lowres when the fullres patch covers less than
 LOWRES_STEP = 1.03
 
 
+_ESTIMATES: dict[tuple, MemoryEstimate] = {}
+
+
 @dataclass
 class PlanningContext:
     gpu_memory_gb: float
@@ -121,11 +124,12 @@ def _plan_lowres(target, spacings, shapes, names, gpu_memory_gb, in_channels, nu
         case_shapes = np.array([resampled_shape(list(sh), list(sp), lowres) for sh, sp in zip(shapes, spacings)])
         median = [int(v) for v in np.median(case_shapes, axis=0)]
         ctx = PlanningContext(gpu_memory_gb, in_channels, num_classes, float(np.sum(np.prod(case_shapes, axis=1))))
-        config = _plan_configuration("3d_lowres", 3, lowres, median, ctx, names, anisotropic_axis(lowres))
-        patch = config.architectures[config.default_architecture].patch_size
+        # Search with the CNN U-Net alone, then plan every architecture at the spacing found.
+        search = _plan_configuration("3d_lowres", 3, lowres, median, ctx, names[:1], anisotropic_axis(lowres))
+        patch = search.architectures[search.default_architecture].patch_size
         if np.prod(patch) / np.prod(median) >= LOWRES_COVERAGE:
-            return config
-    return config
+            break
+    return _plan_configuration("3d_lowres", 3, lowres, median, ctx, names, anisotropic_axis(lowres))
 
 
 def _plan_configuration(name: str, dims: int, spacing: list[float], median_shape: list[int], ctx: PlanningContext,
@@ -140,7 +144,7 @@ def _plan_configuration(name: str, dims: int, spacing: list[float], median_shape
             notes.append(f"{arch_name} not planned: {exc}")
     default = "unet" if "unet" in planned else next(iter(planned))
     return ConfigurationPlan(
-        name=name, dimensions=dims, spacing=[float(s) for s in spacing], median_shape=list(median_shape),
+        name=name, dimensions=dims, spacing=[float(f"{s:.10g}") for s in spacing], median_shape=list(median_shape),
         image_resampling_order=3, label_resampling_order=1, anisotropic_axis=aniso_axis,
         architectures=planned, default_architecture=default, data_identifier="", notes=notes)
 
@@ -149,15 +153,20 @@ def plan_architecture(spec: ArchitectureSpec, dims: int, spacing: list[float], m
                       ctx: PlanningContext) -> ArchitecturePlan:
     budget = ctx.gpu_memory_gb * 2**30
     patch = _initial_patch(dims, spacing, median_shape)
-    estimates: dict[tuple, MemoryEstimate] = {}
 
     def estimate(topology) -> MemoryEstimate:
-        key = (tuple(topology.patch_size), tuple(map(tuple, topology.strides)), tuple(topology.features))
-        if key not in estimates:
+        # Saved activations grow exactly linearly with the voxels of a patch for a fixed
+        # topology (see networks/memory.py), so one measurement serves every patch of it.
+        key = (spec.name, dims, ctx.in_channels, ctx.num_classes, repr(spec.default_options),
+               tuple(map(tuple, topology.strides)), tuple(map(tuple, topology.kernel_sizes)), tuple(topology.features))
+        if key not in _ESTIMATES:
             plan = _arch_plan(spec, topology, 1)
-            estimates[key] = measure(lambda: spec.build(plan, ctx.in_channels, ctx.num_classes, dims, True),
-                                     ctx.in_channels, topology.patch_size)
-        return estimates[key]
+            # A fixed probe per topology (twice the stride product) keeps the result independent
+            # of which patch happened to be measured first.
+            probe = [2 * d for d in topology.divisor()]
+            _ESTIMATES[key] = measure(lambda: spec.build(plan, ctx.in_channels, ctx.num_classes, dims, True),
+                                      ctx.in_channels, probe)
+        return _ESTIMATES[key]
 
     topology = spec.topology(patch, spacing)
     while estimate(topology).training_bytes(MIN_BATCH, math.prod(topology.patch_size)) > budget:

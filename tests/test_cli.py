@@ -1,0 +1,36 @@
+import json
+import subprocess
+import sys
+
+from autoseg.cli import main
+from tests.conftest import shared_dataset
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "autoseg", "demo", "-o", str(tmp_path / "demo"), "--cases", "6",
+                             "--quick"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "no problems found" in result.stdout and "demo: done" in result.stdout
+    plans = json.loads((tmp_path / "demo" / "preprocessed" / "Dataset999_Synthetic" / "plans.json").read_text())
+    assert plans["configurations"]["3d_fullres"]["spacing"] == [3.0, 1.0, 1.0]
+
+
+def test_hippocampus_plan_and_preprocess_from_the_command_line(tmp_path, capsys):
+    raw = shared_dataset("Dataset004_Hippocampus")
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / raw.name).symlink_to(raw)
+    code = main(["plan-and-preprocess", "-d", "4", "-c", "3d_fullres", f"--raw={tmp_path / 'raw'}",
+                 f"--preprocessed={tmp_path / 'pre'}", f"--results={tmp_path / 'res'}"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "3d_fullres  spacing 1x1x1  patch 40x56x40  batch 7  stages 4" in out
+    folder = next((tmp_path / "pre" / raw.name).glob("3d_fullres_*"))
+    assert len(list(folder.glob("*_seg.npy"))) == 200
+
+
+def test_unknown_dataset_and_bad_usage_exit_2_with_one_line(tmp_path, capsys):
+    assert main(["check", "-d", "17", f"--raw={tmp_path}", f"--preprocessed={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "no dataset with id 17" in err and "Traceback" not in err
+    result = subprocess.run([sys.executable, "-m", "autoseg", "plan-and-preprocess"], capture_output=True, text=True)
+    assert result.returncode == 2 and "required" in result.stderr

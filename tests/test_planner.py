@@ -1,0 +1,94 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from autoseg.dataset.spec import load_dataset_spec
+from autoseg.errors import PlanError
+from autoseg.fingerprint import compute_fingerprint, load_fingerprint
+from autoseg.planning.planner import PlanningContext, plan_architecture, plan_dataset
+from autoseg.planning.plans import load_plans, save_plans
+from autoseg.planning.spacing import fullres_spacing
+from autoseg.networks.registry import ARCHITECTURES
+from autoseg.records import dumps
+from tests.conftest import edit_json, shared_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["Dataset004_Hippocampus", "Dataset027_ACDC", "Dataset999_Synthetic"])
+def test_planner_reproduces_the_committed_plans(name):
+    """The committed fingerprint, planned again, gives the committed plans byte for byte."""
+    fingerprint = load_fingerprint(REPO / "dataset_fingerprints" / f"{name}.json")
+    committed = load_plans(REPO / "plans" / f"{name}.json")
+    plans = plan_dataset(fingerprint, committed.labels, committed.gpu_memory_gb)
+    assert dumps(plans) == (REPO / "plans" / f"{name}.json").read_text()
+
+
+def test_hippocampus_plan_matches_nnunet_in_substance():
+    plans = load_plans(REPO / "plans" / "Dataset004_Hippocampus.json")
+    full = plans.configurations["3d_fullres"]
+    unet = full.architectures["unet"]
+    assert full.spacing == [1.0, 1.0, 1.0]
+    assert unet.patch_size == [40, 56, 40] and len(unet.strides) == 4
+    assert unet.features == [32, 64, 128, 256] and unet.batch_size == 7
+    assert plans.normalization[0].scheme == "zscore" and "3d_lowres" not in plans.configurations
+
+
+def test_hippocampus_fingerprint_is_reproduced():
+    raw = shared_dataset("Dataset004_Hippocampus")
+    fingerprint = compute_fingerprint(raw, num_processes=2, progress=False)
+    assert dumps(fingerprint) == (REPO / "dataset_fingerprints" / "Dataset004_Hippocampus.json").read_text()
+
+
+def test_anisotropic_rule_keeps_thin_slices_and_pools_in_plane_first():
+    rng = np.random.default_rng(0)
+    spacings = np.column_stack([rng.choice([5.0, 6.0, 8.0, 10.0], 50), np.full(50, 0.8), np.full(50, 0.8)])
+    shapes = np.column_stack([rng.integers(8, 16, 50), np.full(50, 300), np.full(50, 280)])
+    target = fullres_spacing(spacings, shapes)
+    assert target[0] == pytest.approx(np.percentile(spacings[:, 0], 10))
+    assert target[1:] == [0.8, 0.8]
+    ctx = PlanningContext(8.0, 1, 3, dataset_voxels=1e9)
+    plan = plan_architecture(ARCHITECTURES["unet"], 3, target, [12, 300 * 0.8 / 0.8, 280], ctx)
+    assert plan.strides[1][0] == 1 and plan.strides[1][1:] == [2, 2], "the thick-slice axis is not pooled first"
+    assert plan.kernel_sizes[0][0] == 1, "no 3-voxel kernel across thick slices"
+    assert all(p % np.prod([s[a] for s in plan.strides]) == 0 for a, p in enumerate(plan.patch_size))
+    assert plan.estimated_memory_gb <= 8.0
+
+
+def test_memory_budget_shrinks_patch_and_batch():
+    ctx_small = PlanningContext(2.0, 1, 2, dataset_voxels=1e10)
+    ctx_large = PlanningContext(16.0, 1, 2, dataset_voxels=1e10)
+    small = plan_architecture(ARCHITECTURES["unet"], 3, [1.0, 1.0, 1.0], [200, 200, 200], ctx_small)
+    large = plan_architecture(ARCHITECTURES["unet"], 3, [1.0, 1.0, 1.0], [200, 200, 200], ctx_large)
+    assert np.prod(small.patch_size) < np.prod(large.patch_size)
+    assert small.estimated_memory_gb <= 2.0 and large.estimated_memory_gb <= 16.0
+    assert small.batch_size >= 2
+
+
+def test_lowres_is_planned_for_large_images(synthetic_raw):
+    fingerprint = compute_fingerprint(synthetic_raw, 1, False)
+    for case in fingerprint.cases:  # pretend every image is 8x larger along each in-plane axis
+        case.shape_after_crop = [case.shape_after_crop[0] * 8, case.shape_after_crop[1] * 8, case.shape_after_crop[2] * 8]
+    plans = plan_dataset(fingerprint, load_dataset_spec(synthetic_raw, False).labels, gpu_memory_gb=4.0)
+    assert "3d_lowres" in plans.configurations
+    low, full = plans.configurations["3d_lowres"], plans.configurations["3d_fullres"]
+    assert all(lo >= fu for lo, fu in zip(low.spacing, full.spacing)) and low.spacing != full.spacing
+
+
+def test_edited_plans_are_validated(tmp_path):
+    source = REPO / "plans" / "Dataset999_Synthetic.json"
+    plans = load_plans(source)
+    plans.configurations["3d_fullres"].architectures["unet"].patch_size = [15, 56, 56]
+    save_plans(plans, tmp_path / "plans.json")
+    with pytest.raises(PlanError, match="divisible"):
+        load_plans(tmp_path / "plans.json")
+    (tmp_path / "p2.json").write_text(source.read_text())
+    edit_json(tmp_path / "p2.json", network_class_name="evil.module.Class")
+    with pytest.raises(PlanError, match="unknown field"):
+        load_plans(tmp_path / "p2.json")
+    plans = load_plans(source)
+    plans.configurations["3d_fullres"].architectures["unet"].name = "os.system"
+    save_plans(plans, tmp_path / "p3.json")
+    with pytest.raises(PlanError, match="unknown architecture 'os.system'"):
+        load_plans(tmp_path / "p3.json")

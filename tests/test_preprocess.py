@@ -1,0 +1,65 @@
+import numpy as np
+import pytest
+
+from autoseg.cli import main
+from autoseg.dataset.check import read_case
+from autoseg.dataset.spec import load_dataset_spec
+from autoseg.fingerprint import compute_fingerprint
+from autoseg.planning.planner import plan_dataset
+from autoseg.preprocessing.crop import uncrop
+from autoseg.preprocessing.preprocess import class_values, preprocess_arrays
+from autoseg.preprocessing.resample import resample_labels, resample_probabilities
+from autoseg.preprocessing.store import list_finished_cases, load_arrays, load_properties
+
+
+@pytest.fixture(scope="module")
+def planned(synthetic_raw):
+    spec = load_dataset_spec(synthetic_raw)
+    return spec, plan_dataset(compute_fingerprint(synthetic_raw, 1, False), spec.labels)
+
+
+def test_label_resampling_never_invents_values():
+    labels = np.zeros((6, 20, 20), np.int16)
+    labels[:, 5:10, 5:10] = 1
+    labels[:, 10:15, 10:15] = 3
+    for shape in ([6, 31, 27], [6, 9, 13], [11, 20, 20]):
+        out = resample_labels(labels, shape, order=1, aniso_axis=0)
+        assert list(out.shape) == shape
+        assert set(np.unique(out)) <= {0, 1, 3}
+        assert set(np.unique(out)) == {0, 1, 3}
+
+
+def test_preprocess_then_invert_gives_back_the_original_geometry_and_labels(planned):
+    spec, plans = planned
+    case = next(c for c in spec.cases if c.case_id == "synth_002")  # a case with a flipped direction
+    loaded = read_case(case, spec)
+    result = preprocess_arrays(loaded.image, loaded.label, loaded.geometry, plans, "3d_fullres")
+    assert result.image.dtype == np.float32 and result.image.shape[1:] == result.seg.shape
+    assert abs(float(result.image.mean())) < 0.2 and abs(float(result.image.std()) - 1) < 0.2
+    # The inverse that prediction uses: one-hot -> resample back -> uncrop.
+    one_hot = np.stack([(result.seg == k).astype(np.float32) for k in range(3)])
+    back = resample_probabilities(one_hot, result.shape_after_crop, plans.configurations["3d_fullres"].anisotropic_axis)
+    restored = uncrop(np.array(class_values(plans))[back.argmax(0)], result.crop_box, loaded.geometry.array_shape)
+    assert list(restored.shape) == loaded.geometry.array_shape
+    agreement = (restored == loaded.label).mean()
+    assert agreement > 0.99
+
+
+def test_plan_and_preprocess_resumes_and_skips_finished_cases(synthetic_raw, tmp_path, capsys):
+    flags = [f"--raw={synthetic_raw.parent}", f"--preprocessed={tmp_path / 'pre'}", f"--results={tmp_path / 'res'}"]
+    assert main(["plan-and-preprocess", "-d", "999", "-c", "3d_fullres", "-np", "1"] + flags) == 0
+    folder = next((tmp_path / "pre" / synthetic_raw.name).glob("3d_fullres_*"))
+    cases = list_finished_cases(folder)
+    assert len(cases) == 6
+    before = (folder / f"{cases[0]}.npy").read_bytes()
+    # Simulate an interrupted run: one case lost its properties (the last file written).
+    (folder / f"{cases[1]}.json").unlink()
+    capsys.readouterr()
+    assert main(["plan-and-preprocess", "-d", "999", "-c", "3d_fullres", "-np", "1"] + flags) == 0
+    assert "1 case(s) preprocessed, 5 already done" in capsys.readouterr().out
+    assert (folder / f"{cases[0]}.npy").read_bytes() == before
+    props = load_properties(folder, cases[0])
+    image, seg = load_arrays(folder, cases[0])
+    assert list(image.shape[1:]) == props.shape_after_resampling == list(seg.shape)
+    assert set(props.class_locations) == {"1", "2"}
+    assert not list(folder.glob(".*tmp")), "no temporary file is left behind"
