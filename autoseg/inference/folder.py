@@ -1,0 +1,139 @@
+"""Predicting a folder of images: case listing, read-ahead, resumable atomic output.
+
+The next case is read and decoded in a background thread while the current one is
+predicted. A case that cannot be read is reported (file and reason) and skipped; the
+others are still predicted and the caller exits non-zero at the end. Each output is
+written under a temporary name and renamed, and cases whose output exists are skipped
+unless ``overwrite``, so an interrupted run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from autoseg.errors import AutosegError, UsageError
+from autoseg.inference.model import TrainedModel
+from autoseg.inference.predictor import PredictionSettings, predict_case
+from autoseg.io.images import SUPPORTED_ENDINGS, read_image
+from autoseg.records import atomic_write_bytes
+
+_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+@dataclass
+class InputCase:
+    case_id: str
+    files: list[Path]
+    ending: str
+
+
+@dataclass
+class FolderResult:
+    written: list[str] = field(default_factory=list)
+    skipped_existing: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)  # one line each: file and reason
+
+
+def _ending(name: str) -> str | None:
+    lower = name.lower()
+    return next((e for e in sorted(SUPPORTED_ENDINGS, key=len, reverse=True) if lower.endswith(e)), None)
+
+
+def list_input_cases(folder: Path, num_channels: int) -> list[InputCase]:
+    """Cases by ``_XXXX`` channel suffix; a plain ``case.nii.gz`` is accepted for one-channel models."""
+    if not folder.is_dir():
+        raise UsageError("input folder does not exist", folder)
+    grouped: dict[str, dict[int, Path]] = {}
+    endings: dict[str, str] = {}
+    for path in sorted(folder.iterdir()):
+        ending = _ending(path.name)
+        if ending is None or path.name.startswith("."):
+            continue
+        stem = path.name[: -len(ending)]
+        match = _CHANNEL.match(stem)
+        case, channel = (match["case"], int(match["channel"])) if match else (stem, 0)
+        if not match and num_channels != 1:
+            continue
+        grouped.setdefault(case, {})[channel] = path
+        endings[case] = ending
+    if not grouped:
+        raise UsageError(f"no image files ({', '.join(SUPPORTED_ENDINGS)}) in the input folder", folder)
+    return [InputCase(case, [files[c] for c in sorted(files)], endings[case]) for case, files in sorted(grouped.items())]
+
+
+def _read(case: InputCase, num_channels: int):
+    arrays, geometry = [], None
+    for file in case.files:
+        array, geometry_of_file = read_image(file)
+        if geometry is not None and geometry_of_file.matches(geometry):
+            raise AutosegError(f"geometry differs from {case.files[0].name}: "
+                               f"{'; '.join(geometry_of_file.matches(geometry))}", file)
+        geometry = geometry or geometry_of_file
+        arrays.append(array)
+    image = np.concatenate(arrays, axis=0)
+    if image.shape[0] != num_channels:
+        raise AutosegError(f"case {case.case_id} has {image.shape[0]} channel(s), the model expects {num_channels}",
+                           case.files[0])
+    if not np.all(np.isfinite(image)):
+        raise AutosegError("image contains NaN or Inf values", case.files[0])
+    return image, geometry
+
+
+def predict_folder(model: TrainedModel, input_dir: Path, output_dir: Path, settings: PredictionSettings,
+                   device: torch.device, overwrite: bool = False, progress: bool = True) -> FolderResult:
+    from autoseg.io.images import write_label
+
+    input_dir, output_dir = Path(input_dir).resolve(), Path(output_dir).resolve()
+    if input_dir == output_dir:
+        raise UsageError("output folder must differ from the input folder (predictions would mix with images)",
+                         output_dir)
+    channels = model.plans.num_input_channels
+    cases = list_input_cases(input_dir, channels)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / ".autoseg-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"output folder is not writable ({exc.strerror})", output_dir) from None
+    result = FolderResult()
+    todo = []
+    for case in cases:
+        if (output_dir / f"{case.case_id}{case.ending}").exists() and not overwrite:
+            result.skipped_existing.append(case.case_id)
+        else:
+            todo.append(case)
+    bar = tqdm(total=len(todo), desc="predict", unit="case", disable=not (progress and sys.stderr.isatty()))
+    with ThreadPoolExecutor(1) as reader:
+        pending = reader.submit(_read, todo[0], channels) if todo else None
+        for index, case in enumerate(todo):
+            current = pending
+            pending = reader.submit(_read, todo[index + 1], channels) if index + 1 < len(todo) else None
+            try:
+                image, geometry = current.result()
+            except AutosegError as exc:
+                result.failed.append(exc.one_line())
+                print(f"autoseg: error: {exc.one_line()}; skipped", file=sys.stderr)
+                bar.update()
+                continue
+            prediction = predict_case(model, image, geometry, settings, device)
+            target = output_dir / f"{case.case_id}{case.ending}"
+            if settings.save_probabilities:
+                import io
+
+                buffer = io.BytesIO()
+                np.savez_compressed(buffer, probabilities=prediction.probabilities)
+                atomic_write_bytes(output_dir / f"{case.case_id}.npz", buffer.getvalue())
+            write_label(prediction.labels, target, geometry, reference_file=case.files[0])
+            result.written.append(case.case_id)
+            bar.update()
+    bar.close()
+    return result

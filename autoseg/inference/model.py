@@ -1,0 +1,87 @@
+"""Finding and loading trained models: plans, checkpoints (``weights_only=True``), networks.
+
+A trained model of configuration C and architecture A is the folder
+``AUTOSEG_RESULTS/DatasetNNN_Name/C__A/`` with one ``fold_N/`` per trained fold, each
+holding ``checkpoint_final.pt`` (or ``checkpoint_best.pt``/``checkpoint_latest.pt`` while
+training runs) and a copy of ``plans.json``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from autoseg.errors import CheckpointError, PlanError
+from autoseg.networks.registry import build_network
+from autoseg.planning.plans import Plans, load_plans
+
+CHECKPOINT_PREFERENCE = ("checkpoint_final.pt", "checkpoint_best.pt", "checkpoint_latest.pt")
+
+
+@dataclass
+class TrainedModel:
+    plans: Plans
+    configuration: str
+    architecture: str
+    networks: list[nn.Module]
+    folds: list[str]
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The network weights of a checkpoint; anything but plain tensors is refused, never executed."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError("checkpoint does not exist", path)
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - pickle, zip and weights-only errors all mean the same to a user
+        raise CheckpointError(f"not a valid autoseg checkpoint ({exc.__class__.__name__}: "
+                              f"{str(exc).splitlines()[0][:200]})", path) from None
+    state = content.get("model") if isinstance(content, dict) and "model" in content else content
+    if not isinstance(state, dict) or not state or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise CheckpointError("does not hold a state dict of network weights", path)
+    return state
+
+
+def find_checkpoint(fold_dir: Path, name: str | None = None) -> Path:
+    for candidate in ([name] if name else CHECKPOINT_PREFERENCE):
+        if (fold_dir / candidate).is_file():
+            return fold_dir / candidate
+    raise CheckpointError(f"no checkpoint ({', '.join([name] if name else CHECKPOINT_PREFERENCE)}) in the fold folder",
+                          fold_dir)
+
+
+def model_plans(model_dir: Path, fold_dirs: list[Path], fallback: Path | None) -> Plans:
+    for candidate in [d / "plans.json" for d in fold_dirs] + [model_dir / "plans.json"] + ([fallback] if fallback else []):
+        if candidate.is_file():
+            return load_plans(candidate)
+    raise PlanError("no plans.json beside the trained model", model_dir)
+
+
+def load_trained_model(model_dir: str | Path, folds: list[str], configuration: str, architecture: str | None,
+                       device: torch.device, plans_fallback: Path | None = None,
+                       checkpoint_name: str | None = None) -> TrainedModel:
+    model_dir = Path(model_dir)
+    fold_dirs = [model_dir / f"fold_{f}" for f in folds]
+    missing = [str(d) for d in fold_dirs if not d.is_dir()]
+    if missing:
+        raise CheckpointError(f"fold folder(s) missing: {', '.join(missing)}", model_dir)
+    plans = model_plans(model_dir, fold_dirs, plans_fallback)
+    config = plans.configuration(configuration)
+    arch_plan = plans.architecture(configuration, architecture)
+    networks = []
+    for fold_dir in fold_dirs:
+        network = build_network(arch_plan, plans.num_input_channels, plans.num_segmentation_heads,
+                                config.dimensions, deep_supervision=False)
+        checkpoint = find_checkpoint(fold_dir, checkpoint_name)
+        try:
+            network.load_state_dict(load_state_dict(checkpoint))
+        except RuntimeError as exc:
+            raise CheckpointError(f"weights do not fit the planned network ({str(exc).splitlines()[0][:200]})",
+                                  checkpoint) from None
+        networks.append(network.to(device).eval())
+    return TrainedModel(plans, configuration, arch_plan.name, networks, list(folds))

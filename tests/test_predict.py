@@ -1,0 +1,139 @@
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from autoseg.cli import main
+from autoseg.dataset.spec import load_dataset_spec
+from autoseg.errors import CheckpointError
+from autoseg.fingerprint import compute_fingerprint
+from autoseg.inference.folder import predict_folder
+from autoseg.inference.model import TrainedModel, load_state_dict
+from autoseg.inference.predictor import PredictionSettings
+from autoseg.inference.sliding_window import predict_probabilities
+from autoseg.io.images import read_image, read_label
+from autoseg.networks.registry import build_network
+from autoseg.planning.planner import plan_dataset
+from autoseg.planning.plans import save_plans
+from autoseg.preprocessing.preprocess import preprocess_arrays
+
+
+class NearestIntensity(torch.nn.Module):
+    """Logits that pick, per voxel, the class whose (normalised) intensity is nearest."""
+
+    def __init__(self, centres):
+        super().__init__()
+        self.register_buffer("centres", torch.tensor(centres, dtype=torch.float32).view(1, -1, 1, 1, 1))
+
+    def forward(self, x):
+        return -1000.0 * (x - self.centres) ** 2
+
+
+@pytest.fixture(scope="module")
+def plans(synthetic_raw):
+    spec = load_dataset_spec(synthetic_raw)
+    return plan_dataset(compute_fingerprint(synthetic_raw, 1, False), spec.labels, architectures=["unet"])
+
+
+def test_sliding_window_of_an_identity_network_returns_the_input():
+    labels = torch.randint(0, 3, (13, 37, 29))
+    one_hot = torch.nn.functional.one_hot(labels, 3).permute(3, 0, 1, 2).float()
+    identity = lambda x: x * 50.0  # noqa: E731 - logits whose softmax is the input one-hot
+    for patch in ([8, 16, 16], [16, 16]):
+        probabilities = predict_probabilities([identity], one_hot, patch, mirror=True)
+        assert probabilities.shape == one_hot.shape
+        assert torch.allclose(probabilities, one_hot, atol=1e-4)
+
+
+def test_known_mask_comes_back_voxel_identical_in_the_original_geometry(synthetic_raw, plans, tmp_path):
+    """Images whose intensity is their label map: the written prediction must equal the label exactly."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    from autoseg.io.images import write_image
+
+    cases = ["synth_002", "synth_005"]  # flipped and rotated directions, 3 mm slices
+    for case in cases:
+        label, geometry = read_label(synthetic_raw / "labelsTr" / f"{case}.nii.gz")
+        write_image((label.astype(np.float32) * 10.0 + 5.0), inputs / f"{case}_0000.nii.gz", geometry)
+    image, geometry = read_image(inputs / f"{cases[0]}_0000.nii.gz")
+    pre = preprocess_arrays(image, None, geometry, plans, "3d_fullres")
+    raw_values = np.array([5.0, 15.0, 25.0])
+    original = image[0]
+    centres = (raw_values - original.mean()) / original.std()
+    model = TrainedModel(plans, "3d_fullres", "unet", [NearestIntensity(centres.tolist())], ["0"])
+    assert pre.image.shape[0] == 1
+    # z-score statistics differ per case; make each case use its own centres by predicting one at a time.
+    for case in cases:
+        image, _ = read_image(inputs / f"{case}_0000.nii.gz")
+        model.networks = [NearestIntensity(((raw_values - image[0].mean()) / image[0].std()).tolist())]
+        one = tmp_path / f"one_{case}"
+        one.mkdir()
+        shutil.copy(inputs / f"{case}_0000.nii.gz", one)
+        predict_folder(model, one, tmp_path / "out", PredictionSettings(mirror=True), torch.device("cpu"))
+        predicted, predicted_geometry = read_label(tmp_path / "out" / f"{case}.nii.gz")
+        truth, truth_geometry = read_label(synthetic_raw / "labelsTr" / f"{case}.nii.gz")
+        assert predicted_geometry == truth_geometry
+        assert np.array_equal(predicted, truth)
+
+
+def _trained_model(results, plans, dataset):
+    fold = results / dataset / "3d_fullres__unet" / "fold_0"
+    fold.mkdir(parents=True)
+    arch = plans.architecture("3d_fullres")
+    torch.manual_seed(0)
+    network = build_network(arch, 1, 3, 3, deep_supervision=False)
+    torch.save({"model": network.state_dict()}, fold / "checkpoint_final.pt")
+    save_plans(plans, fold / "plans.json")
+    return fold
+
+
+def test_predict_command_skips_an_unreadable_case_writes_the_rest_and_exits_2(synthetic_raw, plans, tmp_path, capsys):
+    _trained_model(tmp_path / "res", plans, synthetic_raw.name)
+    inputs = tmp_path / "in"
+    shutil.copytree(synthetic_raw / "imagesTs", inputs)
+    (inputs / "broken_0000.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
+    flags = [f"--raw={synthetic_raw.parent}", f"--preprocessed={tmp_path / 'pre'}", f"--results={tmp_path / 'res'}"]
+    code = main(["predict", "-i", str(inputs), "-o", str(tmp_path / "out"), "-d", "999", "-c", "3d_fullres",
+                 "-f", "0", "--disable-tta"] + flags)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "broken_0000.nii.gz" in err and "skipped" in err
+    for case in ("synth_006", "synth_007"):
+        label, geometry = read_label(tmp_path / "out" / f"{case}.nii.gz")
+        _, image_geometry = read_image(inputs / f"{case}_0000.nii.gz")
+        assert geometry == image_geometry and list(label.shape) == image_geometry.shape
+    assert not (tmp_path / "out" / "broken.nii.gz").exists()
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
+    # Re-running skips what is there.
+    assert main(["predict", "-i", str(inputs), "-o", str(tmp_path / "out"), "-d", "999", "-c", "3d_fullres",
+                 "-f", "0", "--disable-tta"] + flags) == 2
+    assert "0 written, 2 already there, 1 failed" in capsys.readouterr().out
+
+
+def test_output_folder_equal_to_input_is_refused(synthetic_raw, plans, tmp_path, capsys):
+    _trained_model(tmp_path / "res", plans, synthetic_raw.name)
+    inputs = tmp_path / "in"
+    shutil.copytree(synthetic_raw / "imagesTs", inputs)
+    code = main(["predict", "-i", str(inputs), "-o", str(inputs), "-d", "999", "-c", "3d_fullres", "-f", "0",
+                 f"--raw={synthetic_raw.parent}", f"--results={tmp_path / 'res'}", f"--preprocessed={tmp_path}"])
+    assert code == 2 and "must differ from the input folder" in capsys.readouterr().err
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+@pytest.mark.parametrize("content", ["pickled object", "truncated", "bare tensor"])
+def test_tampered_checkpoints_are_refused(tmp_path, content):
+    path = tmp_path / "checkpoint_final.pt"
+    if content == "pickled object":
+        torch.save({"model": Evil()}, path)
+    elif content == "truncated":
+        torch.save({"model": {"w": torch.zeros(100)}}, path)
+        path.write_bytes(path.read_bytes()[:200])
+    else:
+        torch.save(torch.zeros(3), path)
+    with pytest.raises(CheckpointError, match="checkpoint_final.pt"):
+        load_state_dict(path)
