@@ -22,6 +22,7 @@ COMMANDS = [
     "convert_msd",
     "demo",
     "predict",
+    "evaluate",
 ]
 
 

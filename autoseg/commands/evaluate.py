@@ -1,0 +1,53 @@
+"""autoseg evaluate REFERENCES PREDICTIONS -d DATASET: Dice, IoU, HD95, NSD per case and class."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from autoseg.cli import add_common
+from autoseg.errors import UsageError
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("evaluate", help="compare predictions with reference label maps")
+    parser.add_argument("references")
+    parser.add_argument("predictions")
+    parser.add_argument("-d", "--dataset", help="dataset whose dataset.json names the labels")
+    parser.add_argument("--dataset-json", help="a dataset.json to take labels and file ending from instead")
+    parser.add_argument("--tolerance", type=float, default=1.0, help="NSD tolerance in mm (default 1)")
+    parser.add_argument("--class-tolerance", nargs="*", default=[], metavar="NAME=MM",
+                        help="per-class NSD tolerance, e.g. liver=2 vessel=0.5")
+    parser.add_argument("-o", "--output", help="folder for summary.json and per_case.csv (default: predictions)")
+    parser.add_argument("-np", "--num-processes", type=int, default=2)
+    add_common(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from autoseg.dataset.spec import load_dataset_spec
+    from autoseg.evaluation.evaluate import evaluate_folder, format_table
+    from autoseg.paths import Roots
+
+    if args.dataset_json:
+        spec = load_dataset_spec(Path(args.dataset_json).parent, with_cases=False)
+    elif args.dataset:
+        roots = Roots.resolve(args.raw, args.preprocessed, args.results)
+        name = roots.find_dataset(args.dataset)
+        folder = roots.raw_dataset(name) if roots.raw_dataset(name).is_dir() else roots.preprocessed_dataset(name)
+        spec = load_dataset_spec(folder, with_cases=False)
+    else:
+        raise UsageError("give -d DATASET or --dataset-json FILE so that the labels are known")
+    tolerance: float | dict[str, float] = args.tolerance
+    if args.class_tolerance:
+        tolerance = {name: args.tolerance for name in spec.labels}
+        for item in args.class_tolerance:
+            name, _, value = item.partition("=")
+            if name not in spec.labels or not value:
+                raise UsageError(f"--class-tolerance {item}: expected NAME=MM with NAME one of {sorted(spec.labels)}")
+            tolerance[name] = float(value)
+    output = Path(args.output or args.predictions)
+    summary = evaluate_folder(args.references, args.predictions, spec.labels, spec.file_ending, tolerance,
+                              args.num_processes, output)
+    print(format_table(summary))
+    print(f"-> {output / 'summary.json'}, {output / 'per_case.csv'}")
+    return 0

@@ -1,0 +1,146 @@
+"""Evaluating a folder of predictions against a folder of references.
+
+Per case and per class (or region: a set of label values evaluated as one mask) Dice,
+IoU, HD95 and NSD in mm (see ``metrics.py`` for definitions and the empty-mask rules);
+per class mean and std over cases; ``summary.json``, ``per_case.csv`` and a table.
+Voxels under the reference's ``ignore`` label are excluded from both masks.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from autoseg.errors import DatasetError
+from autoseg.evaluation.metrics import pair_metrics
+from autoseg.io.images import read_label
+from autoseg.parallel import map_with_progress
+from autoseg.records import atomic_write_bytes, save_json
+
+METRICS = ("dice", "iou", "hd95", "nsd")
+EMPTY_MASK_RULES = ("both masks empty: dice 1, iou 1, nsd 1, hd95 0; exactly one empty: dice 0, iou 0, nsd 0, "
+                    "hd95 null (undefined; counted in n_undefined_hd95, left out of its mean)")
+
+
+@dataclass
+class ClassSummary:
+    mean: dict[str, float | None]
+    std: dict[str, float | None]
+    n_undefined_hd95: int
+
+
+@dataclass
+class EvaluationSummary:
+    reference_dir: str
+    prediction_dir: str
+    tolerance_mm: dict[str, float]
+    empty_mask_rules: str
+    per_class: dict[str, ClassSummary]
+    mean_foreground: dict[str, float | None]
+    per_case: list[dict[str, Any]] = field(default_factory=list)
+
+
+def evaluation_classes(labels: dict[str, Any]) -> dict[str, list[int]]:
+    """Classes to evaluate: every label except background and ignore; regions as their value sets."""
+    return {name: (value if isinstance(value, list) else [value]) for name, value in labels.items()
+            if name not in ("background", "ignore")}
+
+
+def evaluate_case(args) -> dict[str, Any]:
+    reference_path, prediction_path, classes, tolerances, ignore = args
+    reference, ref_geometry = read_label(reference_path)
+    prediction, pred_geometry = read_label(prediction_path)
+    problems = pred_geometry.matches(ref_geometry)
+    if problems:
+        raise DatasetError(f"does not match its reference {reference_path}: {'; '.join(problems)}", prediction_path)
+    valid = reference != ignore if ignore is not None else None
+    spacing = ref_geometry.array_spacing
+    row: dict[str, Any] = {"case": Path(reference_path).name}
+    for name, values in classes.items():
+        ref_mask, pred_mask = np.isin(reference, values), np.isin(prediction, values)
+        if valid is not None:
+            ref_mask &= valid
+            pred_mask &= valid
+        metrics = pair_metrics(ref_mask, pred_mask, spacing, tolerances[name])
+        for metric in METRICS:
+            row[f"{name}/{metric}"] = getattr(metrics, metric)
+    return row
+
+
+def evaluate_folder(reference_dir: str | Path, prediction_dir: str | Path, labels: dict[str, Any], file_ending: str,
+                    tolerance_mm: float | dict[str, float] = 1.0, num_processes: int = 2,
+                    output_dir: str | Path | None = None, progress: bool = True) -> EvaluationSummary:
+    reference_dir, prediction_dir = Path(reference_dir), Path(prediction_dir)
+    classes = evaluation_classes(labels)
+    tolerances = {name: float(tolerance_mm[name] if isinstance(tolerance_mm, dict) and name in tolerance_mm
+                              else tolerance_mm if not isinstance(tolerance_mm, dict) else 1.0) for name in classes}
+    references = sorted(p for p in reference_dir.iterdir() if p.name.endswith(file_ending) and not p.name.startswith("."))
+    if not references:
+        raise DatasetError(f"no reference files ending in {file_ending}", reference_dir)
+    missing = [p.name for p in references if not (prediction_dir / p.name).exists()]
+    if missing:
+        raise DatasetError(f"no prediction for {len(missing)} reference(s): {', '.join(missing[:5])}"
+                           f"{' ...' if len(missing) > 5 else ''}", prediction_dir)
+    ignore = labels.get("ignore")
+    jobs = [(p, prediction_dir / p.name, classes, tolerances, ignore) for p in references]
+    rows = map_with_progress(evaluate_case, jobs, num_processes, "evaluate", progress)
+    per_class = {}
+    for name in classes:
+        mean, std = {}, {}
+        for metric in METRICS:
+            values = np.array([row[f"{name}/{metric}"] for row in rows], dtype=float)
+            defined = values[~np.isnan(values)]
+            mean[metric] = float(defined.mean()) if defined.size else None
+            std[metric] = float(defined.std()) if defined.size else None
+        undefined = int(sum(math.isnan(row[f"{name}/hd95"]) for row in rows))
+        per_class[name] = ClassSummary(mean, std, undefined)
+    mean_foreground = {}
+    for metric in METRICS:
+        means = [c.mean[metric] for c in per_class.values() if c.mean[metric] is not None]
+        mean_foreground[metric] = float(np.mean(means)) if means else None
+    summary = EvaluationSummary(str(reference_dir), str(prediction_dir), tolerances, EMPTY_MASK_RULES, per_class,
+                                mean_foreground, [_json_row(r) for r in rows])
+    if output_dir is not None:
+        output_dir = Path(output_dir)
+        save_json(summary, output_dir / "summary.json")
+        atomic_write_bytes(output_dir / "per_case.csv", per_case_csv(rows).encode())
+    return summary
+
+
+def _json_row(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+
+
+def per_case_csv(rows: list[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else
+                             f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    return buffer.getvalue()
+
+
+def format_table(summary: EvaluationSummary) -> str:
+    def cell(c: ClassSummary, metric: str, digits: int) -> str:
+        if c.mean[metric] is None:
+            return "n/a"
+        return f"{c.mean[metric]:.{digits}f} ± {c.std[metric]:.{digits}f}"
+
+    header = f"{'class':16s} {'Dice':>15s} {'IoU':>15s} {'HD95 (mm)':>15s} {'NSD':>15s}"
+    lines = [header, "-" * len(header)]
+    for name, c in summary.per_class.items():
+        lines.append(f"{name[:16]:16s} {cell(c, 'dice', 4):>15s} {cell(c, 'iou', 4):>15s} "
+                     f"{cell(c, 'hd95', 2):>15s} {cell(c, 'nsd', 4):>15s}")
+    m = summary.mean_foreground
+    fmt = lambda v, d: "n/a" if v is None else f"{v:.{d}f}"  # noqa: E731
+    lines.append(f"{'mean':16s} {fmt(m['dice'], 4):>15s} {fmt(m['iou'], 4):>15s} {fmt(m['hd95'], 2):>15s} "
+                 f"{fmt(m['nsd'], 4):>15s}")
+    lines.append(f"{len(summary.per_case)} case(s); NSD tolerance {summary.tolerance_mm} mm")
+    return "\n".join(lines)
