@@ -21,6 +21,7 @@ COMMANDS = [
     "plan_and_preprocess",
     "convert_msd",
     "demo",
+    "train",
     "predict",
     "evaluate",
 ]

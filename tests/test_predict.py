@@ -82,7 +82,7 @@ def _trained_model(results, plans, dataset):
     fold.mkdir(parents=True)
     arch = plans.architecture("3d_fullres")
     torch.manual_seed(0)
-    network = build_network(arch, 1, 3, 3, deep_supervision=False)
+    network = build_network(arch, 1, 3, 3, deep_supervision=True)
     torch.save({"model": network.state_dict()}, fold / "checkpoint_final.pt")
     save_plans(plans, fold / "plans.json")
     return fold

@@ -39,7 +39,15 @@ def run(args) -> int:
 
 
 def demo_steps(args: argparse.Namespace, work: Path) -> list[tuple[str, list[str]]]:
+    epochs = (["--epochs", "2", "--iters-per-epoch", "4", "--val-iters", "2"] if args.quick
+                     else ["--epochs", "10", "--iters-per-epoch", "25", "--val-iters", "5"])
+    raw = work / "raw" / "Dataset999_Synthetic"
     return [
         ("check the dataset", ["check", "-d", "999"]),
         ("fingerprint, plan and preprocess", ["plan-and-preprocess", "-d", "999", "-c", "3d_fullres", "--summary"]),
+        ("train fold 0 (a short schedule; a real run is 1000 epochs x 250 iterations)",
+         ["train", "999", "3d_fullres", "0", *epochs, "--seed", "0"]),
+        ("predict the test images", ["predict", "-i", str(raw / "imagesTs"), "-o", str(work / "predictions"),
+                                     "-d", "999", "-c", "3d_fullres", "-f", "0"]),
+        ("evaluate the predictions", ["evaluate", str(raw / "labelsTs"), str(work / "predictions"), "-d", "999"]),
     ]

@@ -75,8 +75,10 @@ def load_trained_model(model_dir: str | Path, folds: list[str], configuration: s
     arch_plan = plans.architecture(configuration, architecture)
     networks = []
     for fold_dir in fold_dirs:
+        # Built as trained (with its deep-supervision heads, so the weights fit); in eval mode
+        # every architecture returns the full-resolution logits only.
         network = build_network(arch_plan, plans.num_input_channels, plans.num_segmentation_heads,
-                                config.dimensions, deep_supervision=False)
+                                config.dimensions, deep_supervision=True)
         checkpoint = find_checkpoint(fold_dir, checkpoint_name)
         try:
             network.load_state_dict(load_state_dict(checkpoint))
