@@ -55,8 +55,8 @@ class DeepSupervisionLoss(nn.Module):
         outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
         total = outputs[0].new_zeros((), dtype=torch.float32)
         for weight, output in zip(deep_supervision_weights(len(outputs)), outputs):
-            if weight == 0:
-                continue
+            # A zero weight is still applied (not skipped): the head then stays in the graph,
+            # which DistributedDataParallel requires of every parameter.
             scaled = target
             if output.shape[2:] != target.shape[1:]:
                 scaled = F.interpolate(target[:, None].float(), size=output.shape[2:], mode="nearest")[:, 0].long()
