@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""Training speed of autoseg against nnU-Net v2 on Hippocampus 3d_fullres, same machine, same run.
+
+    python scripts/bench_train.py [--iters 20] [--skip-nnunet]
+
+autoseg: ``train_fold`` with the planned patch (40x56x40) and batch (7), two epochs of
+``--iters`` iterations; the second epoch's time (workers warm) gives seconds per
+iteration, in fp32 and with ``--cpu-bf16``. nnU-Net: ``nnUNetv2_train`` with a trainer of
+one epoch of ``--iters`` iterations (written into the peers environment, the way nnU-Net
+takes custom trainers), its logged epoch time; it is stopped before its final validation.
+Prints iterations per second of each and the ratio autoseg / nnU-Net (target >= 1.5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+sys.path.insert(0, str(REPO))
+
+TRAINER = '''
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+
+class nnUNetTrainer_autosegBench(nnUNetTrainer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.num_epochs = 1
+        self.num_iterations_per_epoch = {iters}
+        self.num_val_iterations_per_epoch = 1
+'''
+
+
+def autoseg_seconds_per_iteration(roots, name: str, iters: int, bf16: bool, workers: int) -> float:
+    from autoseg.training.loop import TrainingOptions, train_fold
+
+    options = TrainingOptions(epochs=2, iters_per_epoch=iters, val_iters=1, num_workers=workers, seed=0,
+                              cpu_bf16=bf16, validate_at_end=False, progress=False)
+    output = train_fold(roots, name, "3d_fullres", "0", options=options)
+    history = [json.loads(line) for line in (output / "training_log.jsonl").read_text().splitlines()]
+    return history[-1]["epoch_seconds"] / iters
+
+
+def nnunet_seconds_per_iteration(work: Path, name: str, iters: int) -> float | None:
+    venv = Path(os.environ.get("PEERS_VENV", "/tmp/peers-venv"))
+    if not (venv / "bin" / "nnUNetv2_train").exists():
+        print(f"nnU-Net: not installed at {venv} (run {SHARED / 'peers' / 'setup.sh'})")
+        return None
+    site = next((venv / "lib").glob("python3*/site-packages/nnunetv2/training/nnUNetTrainer"))
+    (site / "nnUNetTrainer_autosegBench.py").write_text(TRAINER.format(iters=iters))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", nnUNet_raw=str(work / "raw"), nnUNet_preprocessed=str(work / "nn_pre"),
+               nnUNet_results=str(work / "nn_res"), PATH=f"{venv / 'bin'}:{os.environ['PATH']}")
+    number = str(int(re.match(r"Dataset(\d+)_", name).group(1)))
+    subprocess.run(["nnUNetv2_plan_and_preprocess", "-d", number, "-c", "3d_fullres", "-np", "2"], env=env,
+                   check=True, capture_output=True)
+    process = subprocess.Popen(["nnUNetv2_train", number, "3d_fullres", "0", "-tr", "nnUNetTrainer_autosegBench",
+                                "-device", "cpu"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    epoch_time = None
+    for line in process.stdout:
+        match = re.search(r"Epoch time: ([\d.]+) s", line)
+        if match:
+            epoch_time = float(match.group(1))
+            break
+    process.kill()
+    process.wait()
+    return None if epoch_time is None else epoch_time / iters
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--skip-nnunet", action="store_true")
+    parser.add_argument("--only-nnunet", action="store_true", help="measure nnU-Net alone")
+    args = parser.parse_args()
+    name = "Dataset004_Hippocampus"
+    source = SHARED / "data" / name
+    if not source.is_dir():
+        sys.exit(f"skipped: {source} is missing")
+    from autoseg.cli import main as autoseg_main
+    from autoseg.paths import Roots
+
+    work = Path(tempfile.mkdtemp(prefix="bench_train_"))
+    (work / "raw").mkdir()
+    (work / "raw" / name).symlink_to(source)
+    roots = Roots(work / "raw", work / "pre", work / "res")
+    if not args.only_nnunet:
+        autoseg_main(["plan-and-preprocess", "-d", name, "-c", "3d_fullres", "-a", "unet", f"--raw={roots.raw}",
+                      f"--preprocessed={roots.preprocessed}", f"--results={roots.results}"])
+    results = {}
+    for label, bf16 in () if args.only_nnunet else (("fp32", False), ("bf16", True)):
+        start = time.perf_counter()
+        results[label] = autoseg_seconds_per_iteration(roots, name, args.iters, bf16, args.workers)
+        print(f"autoseg {label}: {results[label]:.2f} s/iteration ({1 / results[label]:.3f} it/s), "
+              f"bench step {time.perf_counter() - start:.0f} s", flush=True)
+    if args.skip_nnunet:
+        return
+    reference = nnunet_seconds_per_iteration(work, name, args.iters)
+    if reference is None:
+        return
+    print(f"nnU-Net (fp32, its default on the CPU): {reference:.2f} s/iteration ({1 / reference:.3f} it/s)")
+    for label, seconds in results.items():
+        print(f"ratio autoseg {label} / nnU-Net iterations per second: {reference / seconds:.2f} (target >= 1.5)")
+
+
+if __name__ == "__main__":
+    main()
