@@ -41,7 +41,7 @@ class nnUNetTrainer_autosegBench(nnUNetTrainer):
 
 
 def autoseg_seconds_per_iteration(roots, name: str, iters: int, bf16: bool, workers: int) -> float:
-    from autoseg.training.loop import TrainingOptions, train_fold
+    from autoseg.training import TrainingOptions, train_fold
 
     options = TrainingOptions(epochs=2, iters_per_epoch=iters, val_iters=1, num_workers=workers, seed=0,
                               cpu_bf16=bf16, validate_at_end=False, progress=False)

@@ -1,20 +1,26 @@
+import json
 import os
+import pickle
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from autoseg.cli import main
-from autoseg.errors import CheckpointError
+from autoseg.errors import CheckpointError, UsageError
 from autoseg.networks.registry import build_network
 from autoseg.paths import Roots
 from autoseg.planning.plans import load_plans, save_plans
-from autoseg.training import loop
-from autoseg.training.loop import TrainingOptions, train_fold
+from autoseg.training import TrainingOptions, train_fold
+from autoseg.training.data import PatchSampler
 from autoseg.training.loss import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights
-from autoseg.training.splits import make_splits
+from autoseg.training.schedule import PolySchedule
+from autoseg.training.splits import load_or_create_splits, make_splits
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +45,13 @@ def _options(**changes):
     return TrainingOptions(**values)
 
 
+def _folder(roots, name):
+    plans = load_plans(roots.plans_file(name))
+    return plans, roots.preprocessed_dataset(name) / plans.configurations["3d_fullres"].data_identifier
+
+
+# ---- splits -------------------------------------------------------------------------------------------------
+
 def test_splits_are_deterministic_cover_every_case_once_and_keep_patients_together():
     cases = [f"patient{p:03d}_frame{f:02d}" for p in range(12) for f in (1, 12)]
     splits = make_splits(cases)
@@ -47,9 +60,29 @@ def test_splits_are_deterministic_cover_every_case_once_and_keep_patients_togeth
     assert sorted(validation) == sorted(cases)
     for split in splits:
         assert not set(split["train"]) & set(split["val"])
+        assert sorted(split["train"] + split["val"]) == sorted(cases)
         patients = {c.split("_")[0] for c in split["val"]}
         assert all(c.split("_")[0] not in patients for c in split["train"])
 
+
+def test_splits_take_a_grouping_pattern_and_validate_edited_files(tmp_path):
+    cases = [f"site{s}_case{c}" for s in range(6) for c in range(3)]
+    for split in make_splits(cases, group_pattern=r"^(site\d)_"):
+        sites = {c[:5] for c in split["val"]}
+        assert len(sites) in (1, 2) and all(c[:5] not in sites for c in split["train"])
+    path = tmp_path / "splits.json"
+    assert load_or_create_splits(path, cases) == json.loads(path.read_text())  # written, then read back
+    path.write_text(json.dumps([{"train": cases[:3], "val": cases[2:5]}]))
+    with pytest.raises(UsageError, match="both train and val"):
+        load_or_create_splits(path, cases)
+    path.write_text(json.dumps([{"train": ["nope"], "val": cases[:2]}]))
+    with pytest.raises(UsageError, match="not preprocessed"):
+        load_or_create_splits(path, cases)
+    with pytest.raises(UsageError, match="fewer than 5 groups"):
+        load_or_create_splits(tmp_path / "other.json", [f"patient00{p}_frame0{f}" for p in range(3) for f in (1, 2)])
+
+
+# ---- loss ---------------------------------------------------------------------------------------------------
 
 def test_loss_rewards_the_right_answer_and_ignores_ignored_voxels():
     target = torch.randint(0, 3, (2, 8, 8, 8))
@@ -63,17 +96,45 @@ def test_loss_rewards_the_right_answer_and_ignores_ignored_voxels():
     changed[:, :, :2] = torch.randn_like(changed[:, :, :2]) * 50  # garbage where the target is ignored
     assert loss(changed, ignored) == pytest.approx(float(loss(perfect, ignored)), abs=1e-6)
     assert deep_supervision_weights(3) == pytest.approx([2 / 3, 1 / 3, 0.0])
+    assert deep_supervision_weights(4) == pytest.approx([4 / 7, 2 / 7, 1 / 7, 0.0])
 
+
+def test_deep_supervision_downsamples_the_target_and_keeps_ignore():
+    target = torch.randint(0, 2, (1, 8, 8, 8))
+    target[:, :4] = -1
+    full = torch.nn.functional.one_hot(target.clamp_min(0), 2).movedim(-1, 1).float() * 20
+    half = full[:, :, ::2, ::2, ::2]
+    garbage = torch.randn(1, 2, 2, 2, 2)  # the lowest level has weight 0
+    loss = DeepSupervisionLoss(DiceCELoss())
+    full[:, :, :4] = torch.randn_like(full[:, :, :4]) * 50
+    half = half.clone()
+    half[:, :, :2] = torch.randn_like(half[:, :, :2]) * 50
+    assert float(loss([full, half, garbage], target)) < 0.01
+
+
+# ---- data ---------------------------------------------------------------------------------------------------
+
+def test_patches_larger_than_the_image_are_padded_and_foreground_is_oversampled(tiny):
+    roots, name = tiny
+    _, folder = _folder(roots, name)
+    np.random.seed(0)
+    sampler = PatchSampler(folder, ["synth_000"], [64, 64, 64], 3, augment=False)
+    image, seg = sampler.batch()
+    assert image.shape == (3, 1, 64, 64, 64) and seg.shape == (3, 64, 64, 64) and seg.dtype == torch.int64
+    assert (seg[-1] > 0).any(), "the last third of a batch is centred on foreground"
+    augmented = PatchSampler(folder, ["synth_000", "synth_001"], [8, 32, 32], 2, augment=True, anisotropic_axis=0)
+    image, seg = augmented.batch()
+    assert image.shape == (2, 1, 8, 32, 32) and set(seg.unique().tolist()) <= {-1, 0, 1, 2}
+
+
+# ---- the loop -----------------------------------------------------------------------------------------------
 
 def test_a_few_iterations_decrease_the_loss(tiny):
     roots, name = tiny
-    plans = load_plans(roots.plans_file(name))
+    plans, folder = _folder(roots, name)
     arch = plans.architecture("3d_fullres")
     torch.manual_seed(0)
     network = build_network(arch, 1, 3, 3, True)
-    from autoseg.training.data import PatchSampler
-
-    folder = roots.preprocessed_dataset(name) / plans.configurations["3d_fullres"].data_identifier
     np.random.seed(0)
     image, target = PatchSampler(folder, ["synth_000", "synth_001"], arch.patch_size, 2, augment=False).batch()
     optimizer = torch.optim.Adam(network.parameters(), 1e-2)
@@ -88,57 +149,148 @@ def test_a_few_iterations_decrease_the_loss(tiny):
     assert losses[-1] < 0.6 * losses[0]
 
 
-def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny, monkeypatch):
+class _Kill:
+    """Stands for SIGKILL after the checkpoint of epoch ``after`` was written."""
+
+    def __init__(self, after):
+        self.after = after
+
+    def on_epoch_end(self, loop, entry):
+        if entry["epoch"] + 1 == self.after:
+            raise KeyboardInterrupt("simulated kill")
+
+
+def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny):
     roots, name = tiny
     straight = Roots(roots.raw, roots.preprocessed, roots.results.parent / "straight")
     out = train_fold(straight, name, "3d_fullres", "0", options=_options())
-    reference = torch.load(out / "checkpoint_latest.pt", weights_only=True)
+    reference = torch.load(out / "checkpoint_final.pt", weights_only=True)
 
     killed = Roots(roots.raw, roots.preprocessed, roots.results.parent / "killed")
-    real_draw = loop.draw_progress
-
-    def die_after_second_epoch(path, history):
-        real_draw(path, history)
-        if len(history) == 2:
-            raise KeyboardInterrupt("simulated kill")
-
-    monkeypatch.setattr(loop, "draw_progress", die_after_second_epoch)
     with pytest.raises(KeyboardInterrupt):
-        train_fold(killed, name, "3d_fullres", "0", options=_options())
-    monkeypatch.setattr(loop, "draw_progress", real_draw)
+        train_fold(killed, name, "3d_fullres", "0", options=_options(), callbacks=[_Kill(after=2)])
+    assert not (killed.training_output(name, "3d_fullres", "unet", 0) / "checkpoint_final.pt").exists()
     out = train_fold(killed, name, "3d_fullres", "0", options=_options(resume=True))
-    resumed = torch.load(out / "checkpoint_latest.pt", weights_only=True)
+    resumed = torch.load(out / "checkpoint_final.pt", weights_only=True)
     assert resumed["epoch"] == reference["epoch"] == 3
     for key, value in reference["model"].items():
         assert torch.allclose(resumed["model"][key], value, atol=1e-6), key
     strip = lambda h: [{k: v for k, v in e.items() if k != "epoch_seconds"} for e in h]  # noqa: E731
     assert strip(resumed["history"]) == strip(reference["history"])
+    assert resumed["split"]["fold"] == "0" and resumed["plan"]["patch_size"] == [8, 32, 32]
     assert (out / "progress.png").stat().st_size > 1000 and len((out / "training_log.jsonl").read_text().splitlines()) == 3
+    assert (out / "plans.json").is_file() and (out / "dataset.json").is_file()
 
 
-def test_tampered_checkpoint_is_refused_on_continue(tiny, tmp_path):
+class _Custom:  # a pickled object of a class: what weights_only refuses to build
+    pass
+
+
+def test_tampered_checkpoints_are_refused_on_continue(tiny, tmp_path):
     roots, name = tiny
     roots = Roots(roots.raw, roots.preprocessed, tmp_path / "res")
     fold = roots.training_output(name, "3d_fullres", "unet", 0)
     fold.mkdir(parents=True)
-    torch.save(torch.zeros(3), fold / "checkpoint_latest.pt")
-    with pytest.raises(CheckpointError, match="does not hold a training state"):
-        train_fold(roots, name, "3d_fullres", "0", options=_options(resume=True))
-    (fold / "checkpoint_latest.pt").write_bytes(b"PK\x03\x04 truncated zip")
-    with pytest.raises(CheckpointError, match="not a valid autoseg checkpoint"):
-        train_fold(roots, name, "3d_fullres", "0", options=_options(resume=True))
+    latest = fold / "checkpoint_latest.pt"
+    cases = [
+        (lambda: torch.save(torch.zeros(3), latest), "does not hold a training state"),
+        (lambda: latest.write_bytes(b"PK\x03\x04 truncated zip"), "not a valid autoseg checkpoint"),
+        (lambda: torch.save({"model": _Custom()}, latest), "not a valid autoseg checkpoint"),
+        (lambda: latest.write_bytes(pickle.dumps(_Custom())), "not a valid autoseg checkpoint"),
+    ]
+    for write, message in cases:
+        write()
+        with pytest.raises(CheckpointError, match=message) as error:
+            train_fold(roots, name, "3d_fullres", "0", options=_options(resume=True))
+        assert str(latest) in str(error.value)
 
 
-def test_ddp_with_gloo_on_two_cpu_processes(tiny, tmp_path):
+def test_continue_refuses_a_checkpoint_of_another_patch(tiny, tmp_path):
     roots, name = tiny
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29731",
-               "-m", "autoseg", "train", name, "3d_fullres", "0", "--epochs", "1", "--iters-per-epoch", "2",
-               "--val-iters", "1", "--num-workers", "0", "--no-validation", "--seed", "1",
-               f"--raw={roots.raw}", f"--preprocessed={roots.preprocessed}", f"--results={tmp_path / 'res'}"]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    roots = Roots(roots.raw, roots.preprocessed, tmp_path / "res")
+    out = train_fold(roots, name, "3d_fullres", "0", options=_options(epochs=1, iters_per_epoch=1))
+    content = torch.load(out / "checkpoint_latest.pt", weights_only=True)
+    content["plan"]["patch_size"] = [16, 32, 32]
+    torch.save(content, out / "checkpoint_latest.pt")
+    with pytest.raises(CheckpointError, match="different plan"):
+        train_fold(roots, name, "3d_fullres", "0", options=_options(resume=True))
+
+
+def test_time_budget_fits_the_schedule():
+    schedule = PolySchedule(total_epochs=1000, iters_per_epoch=250)
+    schedule.fit_from_iterations(budget_s=600, seconds_per_iteration=0.2, val_iters=50)
+    assert schedule.total_epochs == int(600 // (0.2 * (250 + 0.4 * 50) + 2.0)) and schedule.iters_per_epoch == 250
+    schedule.fit_from_iterations(budget_s=30, seconds_per_iteration=0.5, val_iters=10)  # not one epoch fits
+    assert schedule.total_epochs == 1 and schedule.iters_per_epoch == int((30 - 2.0 - 0.5 * 0.4 * 10) // 0.5)
+    schedule.fit_from_epoch(budget_s=600, epoch_seconds=70)
+    assert schedule.total_epochs == 8
+    assert schedule.lr(0) == pytest.approx(1e-2) and schedule.lr(8) == 0.0
+
+
+def test_time_budget_run_ends_within_the_budget(tiny, tmp_path):
+    roots, name = tiny
+    roots = Roots(roots.raw, roots.preprocessed, tmp_path / "res")
+    out = train_fold(roots, name, "3d_fullres", "0",
+                     options=_options(epochs=1000, iters_per_epoch=1000, time_budget_minutes=0.15))
+    content = torch.load(out / "checkpoint_final.pt", weights_only=True)
+    seconds = sum(entry["epoch_seconds"] for entry in content["history"])
+    assert content["scheduler"]["total_epochs"] == content["epoch"] >= 1
+    assert content["scheduler"]["iters_per_epoch"] < 1000 and seconds < 0.15 * 60 * 1.3
+
+
+# ---- DDP ----------------------------------------------------------------------------------------------------
+
+_DDP_SCRIPT = '''
+import hashlib, sys
+from pathlib import Path
+from autoseg.paths import Roots
+from autoseg.training import TrainingOptions, train_fold
+
+raw, pre, res, name, record = sys.argv[1:]
+
+class Record:
+    def on_iteration_end(self, loop, iteration, loss, seconds):
+        image, _ = loop.last_batch
+        with open(f"{record}.{loop.rank}", "a") as handle:
+            handle.write(f"{hashlib.sha1(image.numpy().tobytes()).hexdigest()} {image.shape[0]}\\n")
+
+options = TrainingOptions(epochs=1, iters_per_epoch=2, val_iters=1, num_workers=0, seed=1, validate_at_end=False,
+                          progress=False)
+train_fold(Roots(Path(raw), Path(pre), Path(res)), name, "3d_fullres", "0", options=options, callbacks=[Record()])
+'''
+
+
+def _torchrun(arguments, tmp_path, port):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
+    result = subprocess.run(command + arguments, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_ddp_with_gloo_on_two_cpu_processes_sees_different_batches_and_writes_once(tiny, tmp_path):
+    roots, name = tiny
+    script = tmp_path / "ddp_train.py"
+    script.write_text(_DDP_SCRIPT)
+    record = tmp_path / "batches"
+    result = _torchrun([str(script), str(roots.raw), str(roots.preprocessed), str(tmp_path / "res"), name,
+                        str(record)], tmp_path, 29731)
     assert result.stdout.count("epoch 0: train loss") == 1, "only rank 0 reports"
+    rank0, rank1 = (Path(f"{record}.{r}").read_text().splitlines() for r in (0, 1))
+    assert len(rank0) == len(rank1) == 2
+    assert not set(rank0) & set(rank1), "each rank draws its own patches"
+    assert [line.split()[1] for line in rank0 + rank1] == ["1"] * 4, "the planned batch of 2 is split across 2 ranks"
     fold = tmp_path / "res" / name / "3d_fullres__unet" / "fold_0"
     assert sorted(p.name for p in fold.glob("checkpoint_*.pt")) == ["checkpoint_best.pt", "checkpoint_final.pt",
                                                                     "checkpoint_latest.pt"]
+    assert not list(fold.glob(".*.tmp")), "no leftovers of a second writer"
+    assert len(torch.load(fold / "checkpoint_latest.pt", weights_only=True)["rng_per_rank"]) == 2
+
+
+def test_torchrun_runs_the_train_command(tiny, tmp_path):
+    roots, name = tiny
+    result = _torchrun(["-m", "autoseg", "train", name, "3d_fullres", "0", "--epochs", "1", "--iters-per-epoch", "1",
+                        "--val-iters", "1", "--num-workers", "0", "--no-validation", "--seed", "1",
+                        f"--raw={roots.raw}", f"--preprocessed={roots.preprocessed}",
+                        f"--results={tmp_path / 'res'}"], tmp_path, 29732)
+    assert result.stdout.count("train: done") == 1

@@ -1,8 +1,12 @@
 """Checkpoints that load with ``weights_only=True``: tensors and plain containers only.
 
-A checkpoint holds everything ``--continue`` needs (model, optimiser, gradient scaler,
-epoch, schedule length, RNG states, history, split), so a killed run loses at most the
-epoch in flight. It is written under a temporary name and renamed.
+A checkpoint holds everything ``--continue`` needs: model, optimiser, gradient scaler,
+schedule (``scheduler``), epoch, RNG states of python, numpy, torch and CUDA for every
+rank, the logging history, the split and the plan identity (dataset, configuration,
+architecture, patch, batch). It is written under a temporary name and renamed, so a
+kill leaves the previous one intact and loses at most the epoch in flight. Anything
+else found under a checkpoint's name (a pickled object, a truncated file, a bare
+tensor) is refused with ``CheckpointError`` naming the file; nothing in it is executed.
 """
 
 from __future__ import annotations
@@ -18,18 +22,23 @@ import torch
 from autoseg.errors import CheckpointError
 from autoseg.records import atomic_write_bytes
 
+REQUIRED = ("model", "optimizer", "scheduler", "epoch", "rng", "history", "plan", "split")
+
 
 def rng_state() -> dict[str, Any]:
+    """Every generator's state as tensors, ints and tuples (numpy's key array as an int64 tensor)."""
     kind, keys, position, has_gauss, cached = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss,
-                                                    cached], "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
+    state = {"python": random.getstate(),
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached)],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(tuple(state["python"]) if not isinstance(state["python"], tuple) else state["python"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
     kind, keys, position, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
     torch.set_rng_state(state["torch"])
@@ -44,14 +53,28 @@ def save_checkpoint(path: Path, content: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A training checkpoint, loaded without executing anything; else ``CheckpointError``."""
+    path = Path(path)
     if not path.is_file():
         raise CheckpointError("checkpoint does not exist (nothing to continue from)", path)
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - every failure here means a file that is not ours
+    except Exception as exc:  # noqa: BLE001 - pickle, zip and weights-only errors all mean "not ours"
         raise CheckpointError(f"not a valid autoseg checkpoint ({exc.__class__.__name__}: "
-                              f"{str(exc).splitlines()[0][:200]})", path) from None
-    needed = {"model", "optimizer", "epoch", "total_epochs", "rng", "history"}
-    if not isinstance(content, dict) or not needed <= set(content):
-        raise CheckpointError(f"does not hold a training state (needs {sorted(needed)})", path)
+                              f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''})", path) from None
+    if not isinstance(content, dict) or not set(REQUIRED) <= set(content):
+        found = sorted(content)[:8] if isinstance(content, dict) else type(content).__name__
+        raise CheckpointError(f"does not hold a training state (needs {list(REQUIRED)}, found {found})", path)
+    if not isinstance(content["model"], dict) or not all(isinstance(v, torch.Tensor) for v in content["model"].values()):
+        raise CheckpointError("its 'model' is not a state dict of tensors", path)
     return content
+
+
+def check_identity(content: dict[str, Any], plan: dict[str, Any], split: dict[str, Any], path: Path) -> None:
+    """Refuse to continue from a checkpoint written for another plan or split."""
+    for what, expected in (("plan", plan), ("split", split)):
+        found = content.get(what)
+        if found != expected:
+            differing = sorted(k for k in set(expected) | set(found or {}) if (found or {}).get(k) != expected.get(k))
+            raise CheckpointError(f"was written for a different {what} (differs in {differing}); "
+                                  "start without --continue or restore the original plans/splits", path)

@@ -30,14 +30,17 @@ FOREGROUND_FRACTION = 0.33
 CONTEXT = 1.2  # drawn patch / network patch, for augmentation
 
 
-def augmentation(patch_size: list[int], anisotropic: bool) -> Compose:
+def augmentation(patch_size: list[int], anisotropic_axis: int | None = None) -> Compose:
+    """nnU-Net's augmentation; a 3D patch with a much coarser ``anisotropic_axis`` is rotated
+    only about that axis (in-plane, any angle), and never resampled along it."""
     dims = len(patch_size)
-    rotation = (-math.pi / 6, math.pi / 6) if dims == 3 and not anisotropic else (-math.pi, math.pi)
-    in_plane_only = dims == 3 and anisotropic
+    in_plane_only = dims == 3 and anisotropic_axis is not None
+    rotation = (-math.pi / 6, math.pi / 6) if dims == 3 and not in_plane_only else (-math.pi, math.pi)
+    # batchgenerators' angle_x/y/z rotate about array axis 0/1/2.
+    angles = [rotation if not in_plane_only or axis == anisotropic_axis else (0.0, 0.0) for axis in range(3)]
     return Compose([
         SpatialTransform(patch_size, patch_center_dist_from_border=None, do_elastic_deform=False,
-                         do_rotation=True, angle_x=rotation, angle_y=(0, 0) if in_plane_only else rotation,
-                         angle_z=(0, 0) if in_plane_only else rotation, p_rot_per_axis=1,
+                         do_rotation=True, angle_x=angles[0], angle_y=angles[1], angle_z=angles[2], p_rot_per_axis=1,
                          do_scale=True, scale=(0.7, 1.4), border_mode_data="constant", border_cval_data=0,
                          order_data=3, border_mode_seg="constant", border_cval_seg=0, order_seg=0,
                          random_crop=False, p_el_per_sample=0, p_scale_per_sample=0.2, p_rot_per_sample=0.2),
@@ -46,7 +49,8 @@ def augmentation(patch_size: list[int], anisotropic: bool) -> Compose:
         BrightnessMultiplicativeTransform((0.75, 1.25), p_per_sample=0.15),
         ContrastAugmentationTransform(p_per_sample=0.15),
         SimulateLowResolutionTransform(zoom_range=(0.5, 1), per_channel=True, p_per_channel=0.5, order_downsample=0,
-                                       order_upsample=3, p_per_sample=0.25, ignore_axes=(0,) if in_plane_only else None),
+                                       order_upsample=3, p_per_sample=0.25,
+                                       ignore_axes=(anisotropic_axis,) if in_plane_only else None),
         GammaTransform((0.7, 1.5), invert_image=True, per_channel=True, retain_stats=True, p_per_sample=0.1),
         GammaTransform((0.7, 1.5), invert_image=False, per_channel=True, retain_stats=True, p_per_sample=0.3),
         MirrorTransform(axes=tuple(range(dims))),
@@ -57,11 +61,11 @@ class PatchSampler:
     """Draws batches ``(image (B, C, *patch), seg (B, *patch))`` from preprocessed cases."""
 
     def __init__(self, folder: Path, case_ids: list[str], patch_size: list[int], batch_size: int,
-                 augment: bool, anisotropic: bool = False):
+                 augment: bool, anisotropic_axis: int | None = None):
         self.folder, self.case_ids = Path(folder), list(case_ids)
         self.patch_size, self.batch_size, self.dims = list(patch_size), batch_size, len(patch_size)
         self.draw_size = [int(math.ceil(p * CONTEXT)) for p in patch_size] if augment else list(patch_size)
-        self.transform = augmentation(self.patch_size, anisotropic) if augment else None
+        self.transform = augmentation(self.patch_size, anisotropic_axis) if augment else None
         self.properties = {c: load_properties(self.folder, c) for c in self.case_ids}
         self._arrays: dict[str, tuple] = {}
 
@@ -72,11 +76,11 @@ class PatchSampler:
 
     def _patch(self, case_id: str, force_foreground: bool) -> tuple[np.ndarray, np.ndarray]:
         image, seg = self.arrays(case_id)
-        locations = self.properties[case_id].class_locations
+        present = [points for points in self.properties[case_id].class_locations.values() if points]
         shape = list(seg.shape)
         centre = None
-        if force_foreground and locations:
-            points = locations[list(locations)[np.random.randint(len(locations))]]
+        if force_foreground and present:  # a random present class, then a random voxel of it
+            points = present[np.random.randint(len(present))]
             centre = points[np.random.randint(len(points))]
         if self.dims == 2:  # a slice along axis 0, then a 2D patch in it
             z = centre[0] if centre is not None else np.random.randint(shape[0])

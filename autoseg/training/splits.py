@@ -25,7 +25,8 @@ def make_splits(case_ids: list[str], seed: int = 12345, group_pattern: str = DEF
     groups: dict[str, list[str]] = {}
     for case in sorted(case_ids):
         match = pattern.match(case)
-        groups.setdefault(match.group(1) if match else case, []).append(case)
+        key = (match.group(1) if match.groups() else match.group(0)) if match else case
+        groups.setdefault(key, []).append(case)
     keys = sorted(groups)
     order = np.random.default_rng(seed).permutation(len(keys))
     folds = [order[i::NUM_FOLDS] for i in range(NUM_FOLDS)]
@@ -36,16 +37,37 @@ def make_splits(case_ids: list[str], seed: int = 12345, group_pattern: str = DEF
     return splits
 
 
-def load_or_create_splits(path: Path, case_ids: list[str]) -> list[dict]:
+def load_or_create_splits(path: Path, case_ids: list[str], group_pattern: str = DEFAULT_GROUP_PATTERN) -> list[dict]:
+    """The splits in ``path`` (validated), or new ones written there. Users may edit the file:
+    any number of folds, any assignment, as long as each fold's lists are disjoint and name
+    preprocessed cases."""
     if path.exists():
         splits = read_json(path, UsageError)
-        if not isinstance(splits, list) or not all(isinstance(s, dict) and {"train", "val"} <= set(s) for s in splits):
-            raise UsageError("must be a list of {\"train\": [...], \"val\": [...]}", path)
+        if not isinstance(splits, list) or not splits or not all(
+                isinstance(s, dict) and set(s) == {"train", "val"}
+                and all(isinstance(v, list) and all(isinstance(c, str) for c in v) for v in s.values())
+                for s in splits):
+            raise UsageError("must be a non-empty list of {\"train\": [case ids], \"val\": [case ids]}", path)
         unknown = sorted({c for s in splits for c in s["train"] + s["val"]} - set(case_ids))
         if unknown:
             raise UsageError(f"names cases that are not preprocessed: {unknown[:5]}", path)
+        for index, split in enumerate(splits):
+            if set(split["train"]) & set(split["val"]):
+                raise UsageError(f"fold {index} has cases in both train and val: "
+                                 f"{sorted(set(split['train']) & set(split['val']))[:5]}", path)
+            if not split["train"] or not split["val"]:
+                raise UsageError(f"fold {index} has an empty train or val list", path)
         return splits
-    splits = make_splits(case_ids)
+    if len(case_ids) < NUM_FOLDS:
+        raise UsageError(f"{len(case_ids)} cases cannot be split into {NUM_FOLDS} folds; train fold 'all' "
+                         f"or write {path.name} by hand", path)
+    try:
+        splits = make_splits(case_ids, group_pattern=group_pattern)
+    except re.error as exc:
+        raise UsageError(f"the case grouping pattern {group_pattern!r} is not a regular expression: {exc}") from None
+    if any(not split["val"] for split in splits):
+        raise UsageError(f"the cases form fewer than {NUM_FOLDS} groups (patients); train fold 'all' "
+                         f"or write {path.name} by hand", path)
     save_json(splits, path)
     return splits
 

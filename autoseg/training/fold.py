@@ -1,0 +1,191 @@
+"""``train_fold``: one fold of a planned configuration, from preprocessed cases to checkpoints.
+
+    from autoseg.paths import Roots
+    from autoseg.training import TrainingOptions, train_fold
+
+    output = train_fold(Roots.resolve(), "Dataset004_Hippocampus", "3d_fullres", "0",
+                        options=TrainingOptions(epochs=50, time_budget_minutes=30))
+
+This wires the parts (plan, split, network, loss, patch streams, optimiser, schedule,
+callbacks) into ``TrainingLoop``; each part lives in its own module. The output folder,
+``Roots.training_output(dataset, configuration, architecture, fold)``, receives the
+checkpoints, ``training_log.jsonl``, ``progress.png`` and copies of ``plans.json`` and
+``dataset.json`` (what the predictor needs besides the weights).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from autoseg.errors import PlanError, UsageError
+from autoseg.networks.registry import build_network
+from autoseg.paths import Roots
+from autoseg.planning.plans import load_plans, save_plans
+from autoseg.preprocessing.store import list_finished_cases
+from autoseg.training.callbacks import CheckpointWriter, EpochReport, ProgressWriter, TimeBudget
+from autoseg.training.checkpoints import check_identity, load_checkpoint, set_rng_state
+from autoseg.training.data import PatchSampler, batch_iterator
+from autoseg.training.distributed import barrier, init_distributed, select_device
+from autoseg.training.loop import TrainingLoop, TrainingState
+from autoseg.training.loss import DeepSupervisionLoss, DiceCELoss
+from autoseg.training.schedule import PolySchedule
+from autoseg.training.splits import DEFAULT_GROUP_PATTERN, cases_for_fold, load_or_create_splits
+
+
+def default_workers() -> int:
+    return min(4, os.cpu_count() or 1)
+
+
+@dataclass
+class TrainingOptions:
+    epochs: int = 1000
+    iters_per_epoch: int = 250
+    val_iters: int = 50
+    time_budget_minutes: float | None = None
+    device: str = "auto"  # auto | cuda | cpu | mps
+    amp: bool = True  # autocast on CUDA (bf16, or fp16 with a gradient scaler)
+    cpu_bf16: bool = False  # bf16 autocast on the CPU (opt-in: faster on CPUs with bf16 units)
+    num_workers: int | None = None  # augmentation processes; None: min(4, cores); 0: in-process
+    seed: int | None = None
+    resume: bool = False
+    initial_lr: float = 1e-2
+    validate_at_end: bool = True
+    progress: bool = True
+    group_pattern: str = DEFAULT_GROUP_PATTERN  # cases whose first group matches share a fold
+
+    def check(self) -> None:
+        if self.epochs < 1 or self.iters_per_epoch < 1 or self.val_iters < 0:
+            raise UsageError("epochs and iterations per epoch must be at least 1, validation iterations at least 0")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise UsageError("--num-workers must be at least 0")
+        if self.time_budget_minutes is not None and self.time_budget_minutes <= 0:
+            raise UsageError("--time-budget must be a positive number of minutes")
+
+
+def autocast_dtype(device: torch.device, options: TrainingOptions) -> torch.dtype | None:
+    if device.type == "cuda" and options.amp:
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and options.cpu_bf16:
+        return torch.bfloat16
+    return None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def train_fold(roots: Roots, dataset_name: str, configuration: str, fold: int | str, architecture: str | None = None,
+               options: TrainingOptions | None = None, callbacks: list[Any] | None = None) -> Path:
+    """Train one fold (``0``-``4`` or ``all``); returns the output folder. ``callbacks`` run after the built-in ones."""
+    options = options or TrainingOptions()
+    options.check()
+    fold = str(fold)
+    rank, world = init_distributed()
+    plans_file = roots.plans_file(dataset_name)
+    plans = load_plans(plans_file)
+    if plans.has_regions:
+        raise PlanError("region-based training is not supported yet; use plain labels", plans_file)
+    config = plans.configuration(configuration)
+    arch = plans.architecture(configuration, architecture)
+    data_folder = roots.preprocessed_dataset(dataset_name) / config.data_identifier
+    case_ids = list_finished_cases(data_folder)
+    if len(case_ids) < 2:
+        raise UsageError(f"{len(case_ids)} preprocessed case(s) in {data_folder}; run "
+                         f"`autoseg plan-and-preprocess -d {dataset_name} -c {configuration}` first")
+    splits = load_or_create_splits(roots.preprocessed_dataset(dataset_name) / "splits.json", case_ids,
+                                   options.group_pattern)
+    train_ids, val_ids = cases_for_fold(splits, fold, case_ids)
+    output = roots.training_output(dataset_name, configuration, arch.name, fold)
+    device = select_device(options.device)
+    seed = options.seed if options.seed is not None else int.from_bytes(os.urandom(4), "little")
+    seed_everything(seed + 1000 * rank)  # every rank its own patches
+
+    network = build_network(arch, plans.num_input_channels, plans.num_segmentation_heads, config.dimensions, True)
+    network.to(device)
+    optimizer = torch.optim.SGD(network.parameters(), lr=options.initial_lr, momentum=0.99, nesterov=True,
+                                weight_decay=3e-5)
+    amp_dtype = autocast_dtype(device, options)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    schedule = PolySchedule(options.initial_lr, 0.9, options.epochs, options.iters_per_epoch)
+    state = TrainingState(seed=seed)
+    identity = {"plan": {"dataset": dataset_name, "configuration": configuration, "architecture": arch.name,
+                         "data_identifier": config.data_identifier, "patch_size": list(arch.patch_size),
+                         "batch_size": arch.batch_size, "num_classes": plans.num_segmentation_heads},
+                "split": {"fold": fold, "train": train_ids, "val": val_ids}}
+    if options.resume:
+        latest = output / "checkpoint_latest.pt"
+        checkpoint = load_checkpoint(latest)
+        check_identity(checkpoint, identity["plan"], identity["split"], latest)
+        network.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if checkpoint.get("grad_scaler"):
+            scaler.load_state_dict(checkpoint["grad_scaler"])
+        schedule.load_state_dict(checkpoint["scheduler"])
+        state.load_state_dict(checkpoint)
+        per_rank = checkpoint.get("rng_per_rank") or [checkpoint["rng"]]
+        if rank < len(per_rank):
+            set_rng_state(per_rank[rank])
+        else:  # more ranks than when saved: a fresh, distinct stream for the new ones
+            seed_everything(state.seed + 1000 * rank + 7919 * state.epoch)
+        if rank == 0:
+            print(f"train: continuing from epoch {state.epoch} of {schedule.total_epochs}", flush=True)
+    elif rank == 0:
+        _write_model_files(roots, dataset_name, plans, output)
+    barrier()
+
+    model = network
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            network, device_ids=[device.index] if device.type == "cuda" else None)
+    anisotropic_axis = config.anisotropic_axis if config.dimensions == 3 else None
+    # The planned batch split across ranks (7 on 2 ranks: 4 + 3).
+    per_rank_batch = max(1, arch.batch_size // world + (1 if rank < arch.batch_size % world else 0))
+    workers = default_workers() if options.num_workers is None else options.num_workers
+    train_sampler = PatchSampler(data_folder, train_ids, arch.patch_size, per_rank_batch, True, anisotropic_axis)
+    val_sampler = PatchSampler(data_folder, val_ids, arch.patch_size, per_rank_batch, False)
+    loop_callbacks: list[Any] = []
+    if options.time_budget_minutes and not options.resume:
+        loop_callbacks.append(TimeBudget(options.time_budget_minutes))
+    elif options.time_budget_minutes and rank == 0:
+        print("train: --time-budget is ignored with --continue (the schedule was fitted when the run started)")
+    loop_callbacks += [CheckpointWriter(output, identity), ProgressWriter(output), EpochReport()]
+    loop = TrainingLoop(
+        network=network, model=model, loss=DeepSupervisionLoss(DiceCELoss()),
+        train_batches=batch_iterator(train_sampler, workers, seed + 1000 * rank + 7919 * state.epoch),
+        val_batches=batch_iterator(val_sampler, 0, seed), optimizer=optimizer, schedule=schedule,
+        num_classes=plans.num_segmentation_heads, val_iters=options.val_iters, device=device, amp_dtype=amp_dtype,
+        scaler=scaler, callbacks=loop_callbacks + list(callbacks or []), state=state, rank=rank,
+        progress=options.progress)
+    try:
+        loop.run()
+    finally:
+        close = getattr(loop.train_batches, "close", None)
+        if close:
+            close()  # stops the worker processes
+    barrier()
+    if rank == 0 and options.validate_at_end and fold != "all":
+        # ---- HOOK: final validation of the fold with the predictor (sliding window on the original images) ----
+        from autoseg.training.validation import validate_fold
+
+        validate_fold(roots, dataset_name, configuration, arch.name, fold, val_ids, device)
+    return output
+
+
+def _write_model_files(roots: Roots, dataset_name: str, plans, output: Path) -> None:
+    """plans.json and dataset.json beside the checkpoints (fold folder and model folder): what prediction reads."""
+    output.mkdir(parents=True, exist_ok=True)
+    dataset_json = roots.preprocessed_dataset(dataset_name) / "dataset.json"
+    for folder in (output, output.parent):
+        save_plans(plans, folder / "plans.json")
+        if dataset_json.is_file():
+            shutil.copyfile(dataset_json, folder / "dataset.json")
