@@ -3,10 +3,10 @@
 
     python scripts/bench_train.py [--iters 20] [--skip-nnunet]
 
-autoseg: ``train_fold`` with the planned patch (40x56x40) and batch (7), two epochs of
-``--iters`` iterations; the second epoch's time (workers warm) gives seconds per
-iteration, in fp32 and with ``--cpu-bf16``. nnU-Net: ``nnUNetv2_train`` with a trainer of
-one epoch of ``--iters`` iterations (written into the peers environment, the way nnU-Net
+autoseg: ``train_fold`` with the planned patch (40x56x40) and batch (7), one epoch of
+``--iters`` + 2 iterations; the median iteration after two warm-up ones gives seconds per
+iteration, in fp32 and with ``--cpu-bf16``, and the share of time spent waiting for
+batches. nnU-Net: ``nnUNetv2_train`` with a trainer of one epoch of ``--iters`` iterations (written into the peers environment, the way nnU-Net
 takes custom trainers), its logged epoch time; it is stopped before its final validation.
 Prints iterations per second of each and the ratio autoseg / nnU-Net (target >= 1.5).
 """
@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -40,14 +41,25 @@ class nnUNetTrainer_autosegBench(nnUNetTrainer):
 '''
 
 
-def autoseg_seconds_per_iteration(roots, name: str, iters: int, bf16: bool, workers: int) -> float:
+class _IterationTimes:
+    def __init__(self):
+        self.seconds: list[float] = []
+
+    def on_iteration_end(self, loop, iteration, loss, seconds):
+        self.seconds.append(seconds)
+
+
+def autoseg_seconds_per_iteration(roots, name: str, iters: int, bf16: bool, workers: int) -> tuple[float, float]:
+    """(median seconds of an iteration after two warm-up ones, fraction of the epoch spent waiting for data)."""
     from autoseg.training import TrainingOptions, train_fold
 
-    options = TrainingOptions(epochs=2, iters_per_epoch=iters, val_iters=1, num_workers=workers, seed=0,
+    times = _IterationTimes()
+    options = TrainingOptions(epochs=1, iters_per_epoch=iters + 2, val_iters=1, num_workers=workers, seed=0,
                               cpu_bf16=bf16, validate_at_end=False, progress=False)
-    output = train_fold(roots, name, "3d_fullres", "0", options=options)
-    history = [json.loads(line) for line in (output / "training_log.jsonl").read_text().splitlines()]
-    return history[-1]["epoch_seconds"] / iters
+    output = train_fold(roots, name, "3d_fullres", "0", options=options, callbacks=[times])
+    entry = json.loads((output / "training_log.jsonl").read_text().splitlines()[-1])
+    steady = sorted(times.seconds[2:])
+    return steady[len(steady) // 2], entry["data_wait_seconds"] / entry["epoch_seconds"]
 
 
 def nnunet_seconds_per_iteration(work: Path, name: str, iters: int) -> float | None:
@@ -62,15 +74,17 @@ def nnunet_seconds_per_iteration(work: Path, name: str, iters: int) -> float | N
     number = str(int(re.match(r"Dataset(\d+)_", name).group(1)))
     subprocess.run(["nnUNetv2_plan_and_preprocess", "-d", number, "-c", "3d_fullres", "-np", "2"], env=env,
                    check=True, capture_output=True)
+    # In its own session: nnU-Net's data-loader workers are killed with it (they outlive a plain kill).
     process = subprocess.Popen(["nnUNetv2_train", number, "3d_fullres", "0", "-tr", "nnUNetTrainer_autosegBench",
-                                "-device", "cpu"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                "-device", "cpu"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
     epoch_time = None
     for line in process.stdout:
         match = re.search(r"Epoch time: ([\d.]+) s", line)
         if match:
             epoch_time = float(match.group(1))
             break
-    process.kill()
+    os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     return None if epoch_time is None else epoch_time / iters
 
@@ -99,9 +113,10 @@ def main() -> None:
     results = {}
     for label, bf16 in () if args.only_nnunet else (("fp32", False), ("bf16", True)):
         start = time.perf_counter()
-        results[label] = autoseg_seconds_per_iteration(roots, name, args.iters, bf16, args.workers)
+        results[label], waiting = autoseg_seconds_per_iteration(roots, name, args.iters, bf16, args.workers)
         print(f"autoseg {label}: {results[label]:.2f} s/iteration ({1 / results[label]:.3f} it/s), "
-              f"bench step {time.perf_counter() - start:.0f} s", flush=True)
+              f"{100 * waiting:.1f}% of the epoch waiting for batches, bench step {time.perf_counter() - start:.0f} s",
+              flush=True)
     if args.skip_nnunet:
         return
     reference = nnunet_seconds_per_iteration(work, name, args.iters)

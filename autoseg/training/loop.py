@@ -97,10 +97,11 @@ class TrainingLoop:
         losses = []
         show = self.progress and self.rank == 0 and sys.stderr.isatty()
         bar = tqdm(total=self.schedule.iters_per_epoch, desc=f"epoch {epoch}", leave=False, disable=not show)
-        iteration = 0
+        iteration, data_wait = 0, 0.0
         while iteration < self.schedule.iters_per_epoch:  # a time budget may shorten the first epoch
             tick = time.perf_counter()
             image, target = next(self.train_batches)
+            data_wait += time.perf_counter() - tick  # the model waiting for augmentation: should stay near 0
             self.last_batch = (image, target)
             losses.append(self.train_step(image, target))
             bar.update()
@@ -114,7 +115,7 @@ class TrainingLoop:
         ema = EMA_ALPHA * history[-1]["pseudo_dice_ema"] + (1 - EMA_ALPHA) * mean_dice if history else mean_dice
         entry = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": val_loss, "pseudo_dice": dice,
                  "pseudo_dice_mean": mean_dice, "pseudo_dice_ema": ema, "lr": lr, "iterations": iteration,
-                 "epoch_seconds": time.perf_counter() - start}
+                 "data_wait_seconds": data_wait, "epoch_seconds": time.perf_counter() - start}
         history.append(entry)
         self.state.epoch = epoch + 1
         self._call("on_epoch_end", entry)
