@@ -125,6 +125,9 @@ def test_patches_larger_than_the_image_are_padded_and_foreground_is_oversampled(
     augmented = PatchSampler(folder, ["synth_000", "synth_001"], [8, 32, 32], 2, augment=True, anisotropic_axis=0)
     image, seg = augmented.batch()
     assert image.shape == (2, 1, 8, 32, 32) and set(seg.unique().tolist()) <= {-1, 0, 1, 2}
+    slices = PatchSampler(folder, ["synth_000", "synth_001"], [32, 32], 3, augment=True)  # a 2d configuration
+    image, seg = slices.batch()
+    assert image.shape == (3, 1, 32, 32) and seg.shape == (3, 32, 32) and (seg[-1] > 0).any()
 
 
 # ---- the loop -----------------------------------------------------------------------------------------------

@@ -96,11 +96,16 @@ class PatchSampler:
     def _window(self, shape: list[int], centre) -> list[tuple[int, int]]:
         window = []
         for axis, size in enumerate(self.draw_size):
-            if centre is not None:
-                start = int(centre[axis]) - size // 2
+            # Placed by the network patch, the centre of the drawn one (the spatial transform crops
+            # it back to that centre): starts that keep as much of the image in it as possible (all
+            # of it where the patch is larger: the rest is padding on both sides).
+            patch = self.patch_size[axis]
+            low, high = min(0, shape[axis] - patch), max(0, shape[axis] - patch)
+            if centre is not None:  # centred on the voxel, moved inwards as far as that range asks
+                patch_start = int(np.clip(int(centre[axis]) - patch // 2, low, high))
             else:
-                low, high = min(0, shape[axis] - size), max(0, shape[axis] - size)
-                start = np.random.randint(low, high + 1)
+                patch_start = np.random.randint(low, high + 1)
+            start = patch_start - (size - patch) // 2
             window.append((start, start + size))
         return window
 
