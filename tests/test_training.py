@@ -238,7 +238,7 @@ def test_time_budget_run_ends_within_the_budget(tiny, tmp_path):
     content = torch.load(out / "checkpoint_final.pt", weights_only=True)
     seconds = sum(entry["epoch_seconds"] for entry in content["history"])
     assert content["scheduler"]["total_epochs"] == content["epoch"] >= 1
-    assert content["scheduler"]["iters_per_epoch"] < 1000 and seconds < 0.15 * 60 * 1.3
+    assert content["scheduler"]["iters_per_epoch"] < 1000 and seconds < 0.15 * 60 * 2
 
 
 # ---- DDP ----------------------------------------------------------------------------------------------------
