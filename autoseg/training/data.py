@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from batchgenerators.transforms.abstract_transforms import Compose
+from batchgenerators.transforms.abstract_transforms import AbstractTransform, Compose
 from batchgenerators.transforms.color_transforms import (BrightnessMultiplicativeTransform,
                                                          ContrastAugmentationTransform, GammaTransform)
 from batchgenerators.transforms.noise_transforms import GaussianBlurTransform, GaussianNoiseTransform
@@ -31,19 +31,20 @@ CONTEXT = 1.2  # drawn patch / network patch, for augmentation
 
 
 def augmentation(patch_size: list[int], anisotropic_axis: int | None = None) -> Compose:
-    """nnU-Net's augmentation; a 3D patch with a much coarser ``anisotropic_axis`` is rotated
-    only about that axis (in-plane, any angle), and never resampled along it."""
+    """nnU-Net's augmentation. A 3D patch with a much coarser ``anisotropic_axis`` gets
+    nnU-Net's "dummy 2D" spatial transform: each slice across that axis is rotated (any
+    angle) and scaled in-plane, nothing is interpolated along the coarse axis."""
     dims = len(patch_size)
     in_plane_only = dims == 3 and anisotropic_axis is not None
-    rotation = (-math.pi / 6, math.pi / 6) if dims == 3 and not in_plane_only else (-math.pi, math.pi)
-    # batchgenerators' angle_x/y/z rotate about array axis 0/1/2.
-    angles = [rotation if not in_plane_only or axis == anisotropic_axis else (0.0, 0.0) for axis in range(3)]
+    spatial_patch = [p for a, p in enumerate(patch_size) if not in_plane_only or a != anisotropic_axis]
+    rotation = (-math.pi / 6, math.pi / 6) if len(spatial_patch) == 3 else (-math.pi, math.pi)
+    spatial = SpatialTransform(spatial_patch, patch_center_dist_from_border=None, do_elastic_deform=False,
+                               do_rotation=True, angle_x=rotation, angle_y=rotation, angle_z=rotation, p_rot_per_axis=1,
+                               do_scale=True, scale=(0.7, 1.4), border_mode_data="constant", border_cval_data=0,
+                               order_data=3, border_mode_seg="constant", border_cval_seg=0, order_seg=0,
+                               random_crop=False, p_el_per_sample=0, p_scale_per_sample=0.2, p_rot_per_sample=0.2)
     return Compose([
-        SpatialTransform(patch_size, patch_center_dist_from_border=None, do_elastic_deform=False,
-                         do_rotation=True, angle_x=angles[0], angle_y=angles[1], angle_z=angles[2], p_rot_per_axis=1,
-                         do_scale=True, scale=(0.7, 1.4), border_mode_data="constant", border_cval_data=0,
-                         order_data=3, border_mode_seg="constant", border_cval_seg=0, order_seg=0,
-                         random_crop=False, p_el_per_sample=0, p_scale_per_sample=0.2, p_rot_per_sample=0.2),
+        SliceWise(spatial, anisotropic_axis) if in_plane_only else spatial,
         GaussianNoiseTransform(p_per_sample=0.1),
         GaussianBlurTransform((0.5, 1.0), different_sigma_per_channel=True, p_per_sample=0.2, p_per_channel=0.5),
         BrightnessMultiplicativeTransform((0.75, 1.25), p_per_sample=0.15),
@@ -57,6 +58,25 @@ def augmentation(patch_size: list[int], anisotropic_axis: int | None = None) -> 
     ])
 
 
+class SliceWise(AbstractTransform):
+    """Applies a 2D transform to every slice across ``axis`` of 3D batches (slices folded into channels)."""
+
+    def __init__(self, transform: AbstractTransform, axis: int):
+        self.transform, self.axis = transform, axis
+
+    def __call__(self, **data):
+        folded, shapes = {}, {}
+        for key in ("data", "seg"):
+            array = np.moveaxis(data[key], self.axis + 2, 2)
+            shapes[key] = array.shape
+            folded[key] = array.reshape(array.shape[0], -1, *array.shape[3:])
+        out = self.transform(**folded)
+        for key in ("data", "seg"):
+            b, c, n = shapes[key][:3]
+            data[key] = np.moveaxis(out[key].reshape(b, c, n, *out[key].shape[2:]), 2, self.axis + 2)
+        return data
+
+
 class PatchSampler:
     """Draws batches ``(image (B, C, *patch), seg (B, *patch))`` from preprocessed cases."""
 
@@ -65,6 +85,8 @@ class PatchSampler:
         self.folder, self.case_ids = Path(folder), list(case_ids)
         self.patch_size, self.batch_size, self.dims = list(patch_size), batch_size, len(patch_size)
         self.draw_size = [int(math.ceil(p * CONTEXT)) for p in patch_size] if augment else list(patch_size)
+        if augment and self.dims == 3 and anisotropic_axis is not None:
+            self.draw_size[anisotropic_axis] = patch_size[anisotropic_axis]  # never resampled along it
         self.transform = augmentation(self.patch_size, anisotropic_axis) if augment else None
         self.properties = {c: load_properties(self.folder, c) for c in self.case_ids}
         self._arrays: dict[str, tuple] = {}
