@@ -78,15 +78,19 @@ def nnunet_seconds_per_iteration(work: Path, name: str, iters: int) -> float | N
     process = subprocess.Popen(["nnUNetv2_train", number, "3d_fullres", "0", "-tr", "nnUNetTrainer_autosegBench",
                                 "-device", "cpu"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)
-    epoch_time = None
+    epoch_time, lines = None, []
     for line in process.stdout:
+        lines.append(line)
         match = re.search(r"Epoch time: ([\d.]+) s", line)
         if match:
             epoch_time = float(match.group(1))
             break
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    return None if epoch_time is None else epoch_time / iters
+    if epoch_time is None:
+        print("nnU-Net: no epoch time in its output; its last lines:\n" + "".join(lines[-15:]))
+        return None
+    return epoch_time / iters
 
 
 def main() -> None:
