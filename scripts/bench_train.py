@@ -29,12 +29,16 @@ SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
 
 TRAINER = '''
+import torch
+
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 
 class nnUNetTrainer_autosegBench(nnUNetTrainer):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    # nnU-Net reads its constructor's arguments by name: the signature must be spelled out.
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs = 1
         self.num_iterations_per_epoch = {iters}
         self.num_val_iterations_per_epoch = 1
