@@ -53,8 +53,9 @@ class _IterationTimes:
         self.seconds.append(seconds)
 
 
-def autoseg_seconds_per_iteration(roots, name: str, iters: int, bf16: bool, workers: int) -> tuple[float, float]:
-    """(median seconds of an iteration after two warm-up ones, fraction of the epoch spent waiting for data)."""
+def autoseg_seconds_per_iteration(roots, name: str, iters: int, bf16: bool, workers: int) -> tuple[float, float, float]:
+    """(median seconds of an iteration after two warm-up ones, fraction of the epoch spent waiting for data,
+    the whole epoch's seconds per iteration: warm-up and validation included, as nnU-Net's epoch time)."""
     from autoseg.training import TrainingOptions, train_fold
 
     times = _IterationTimes()
@@ -63,7 +64,8 @@ def autoseg_seconds_per_iteration(roots, name: str, iters: int, bf16: bool, work
     output = train_fold(roots, name, "3d_fullres", "0", options=options, callbacks=[times])
     entry = json.loads((output / "training_log.jsonl").read_text().splitlines()[-1])
     steady = sorted(times.seconds[2:])
-    return steady[len(steady) // 2], entry["data_wait_seconds"] / entry["epoch_seconds"]
+    return (steady[len(steady) // 2], entry["data_wait_seconds"] / entry["epoch_seconds"],
+            entry["epoch_seconds"] / (iters + 2))
 
 
 def nnunet_seconds_per_iteration(work: Path, name: str, iters: int) -> float | None:
@@ -121,10 +123,10 @@ def main() -> None:
     results = {}
     for label, bf16 in () if args.only_nnunet else (("fp32", False), ("bf16", True)):
         start = time.perf_counter()
-        results[label], waiting = autoseg_seconds_per_iteration(roots, name, args.iters, bf16, args.workers)
-        print(f"autoseg {label}: {results[label]:.2f} s/iteration ({1 / results[label]:.3f} it/s), "
-              f"{100 * waiting:.1f}% of the epoch waiting for batches, bench step {time.perf_counter() - start:.0f} s",
-              flush=True)
+        results[label], waiting, whole = autoseg_seconds_per_iteration(roots, name, args.iters, bf16, args.workers)
+        print(f"autoseg {label}: {results[label]:.2f} s/iteration ({1 / results[label]:.3f} it/s; whole epoch "
+              f"{whole:.2f} s/iteration), {100 * waiting:.1f}% of the epoch waiting for batches, "
+              f"bench step {time.perf_counter() - start:.0f} s", flush=True)
     if args.skip_nnunet:
         return
     reference = nnunet_seconds_per_iteration(work, name, args.iters)
