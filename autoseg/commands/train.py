@@ -26,7 +26,8 @@ def register(subparsers) -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu", "mps"])
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                         help="mixed precision on CUDA (bf16, or fp16 with a gradient scaler); default on")
-    parser.add_argument("--cpu-bf16", action="store_true", help="bf16 autocast on the CPU (opt-in)")
+    parser.add_argument("--cpu-bf16", action="store_true",
+                        help="bf16 autocast on the CPU (opt-in; about 2x faster where the CPU has bf16 units)")
     parser.add_argument("--num-workers", type=int, help="augmentation processes (default min(4, cores); 0 in-process)")
     parser.add_argument("--seed", type=int, help="with --num-workers 0 on the CPU, a run is repeatable")
     parser.add_argument("--group-cases", metavar="REGEX",
