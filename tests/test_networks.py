@@ -12,6 +12,10 @@ import torch
 from autoseg.networks.registry import ARCHITECTURES, build_network
 from autoseg.planning.plans import ArchitecturePlan
 
+# Tiny convolutions gain nothing from a second thread, and on a loaded 2-core machine OpenMP
+# spin-waiting made a 30 ms training step take over 2 s.
+torch.set_num_threads(1)
+
 IN_CHANNELS, NUM_CLASSES, BATCH = 2, 3, 2
 # Per architecture, options that keep CPU tests small (the planner would set these for real data).
 SMALL_OPTIONS = {
