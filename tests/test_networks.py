@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from autoseg.networks import selective_scan as scan_module
 from autoseg.networks.registry import ARCHITECTURES, build_network
 from autoseg.planning.plans import ArchitecturePlan
 
@@ -21,6 +22,8 @@ IN_CHANNELS, NUM_CLASSES, BATCH = 2, 3, 2
 SMALL_OPTIONS = {
     "swin_unetr": {"feature_size": 12},
     "resenc_unet": {"blocks_per_stage": [1, 2, 2, 2]},
+    "umamba_bot": {"blocks_per_stage": [1], "d_state": 8},
+    "umamba_enc": {"blocks_per_stage": [1], "d_state": 8},
 }
 
 
@@ -132,3 +135,24 @@ def test_swin_check_refuses_patch_not_divisible_by_32() -> None:
     assert spec.topology([20, 30, 25], [1.0] * 3).patch_size == [32, 64, 32]
     plan.patch_size = [32, 32, 32]
     assert "bottleneck" in spec.check_plan(plan, 3)
+
+
+@pytest.mark.parametrize("length,chunk", [(100, 8), (37, 16), (64, 32)])
+def test_chunked_selective_scan_matches_sequential(length: int, chunk: int, monkeypatch) -> None:
+    gen = torch.Generator().manual_seed(length)
+    batch, d_inner, d_state = 2, 6, 4
+    u = torch.randn(batch, length, d_inner, generator=gen, requires_grad=True)
+    delta = torch.nn.functional.softplus(torch.randn(batch, length, d_inner, generator=gen)).requires_grad_()
+    A = -torch.rand(d_inner, d_state, generator=gen) * 4
+    B, C = torch.randn(2, batch, length, d_state, generator=gen)
+    D = torch.randn(d_inner, generator=gen)
+    # Blocks of 24 tokens: exercises padding, several chunks, several checkpointed blocks.
+    monkeypatch.setattr(scan_module, "BLOCK_ELEMENTS", 24 * batch * d_inner * d_state)
+    fast = scan_module.selective_scan(u, delta, A, B, C, D, chunk_size=chunk)
+    reference = scan_module.selective_scan_reference(u, delta, A, B, C, D)
+    assert fast.shape == reference.shape == (batch, length, d_inner)
+    assert (fast - reference).abs().max().item() < 1e-4
+    grads_fast = torch.autograd.grad(fast.square().sum(), [u, delta])
+    grads_ref = torch.autograd.grad(reference.square().sum(), [u, delta])
+    for g_fast, g_ref in zip(grads_fast, grads_ref):
+        assert torch.allclose(g_fast, g_ref, atol=1e-4, rtol=1e-4)

@@ -21,6 +21,7 @@ from torch import nn
 from autoseg.networks.resenc_unet import RESENC_BLOCKS_PER_STAGE, build_resenc_unet
 from autoseg.networks.swin_unetr import DEFAULT_FEATURE_SIZE, build_swin_unetr, check_swin_plan, swin_topology
 from autoseg.networks.topology import UNetTopology, unet_topology
+from autoseg.networks.umamba import UMAMBA_BLOCKS_PER_STAGE, build_umamba_bot, build_umamba_enc
 from autoseg.networks.unet import build_unet
 from autoseg.planning.plans import ArchitecturePlan
 
@@ -56,6 +57,8 @@ class ArchitectureSpec:
         return self.extra_check(plan, dimensions) if self.extra_check else None
 
 
+_UMAMBA_OPTIONS = {"blocks_per_stage": UMAMBA_BLOCKS_PER_STAGE, "d_state": 16, "d_conv": 4, "expand": 2}
+
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "unet": ArchitectureSpec("unet", "CNN U-Net (nnU-Net's dynamic U-Net, MONAI DynUNet)", build_unet),
     "resenc_unet": ArchitectureSpec("resenc_unet", "Residual-encoder U-Net (nnU-Net ResEnc, 1,3,4,6,6,... blocks)",
@@ -66,6 +69,10 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
                                    default_options={"feature_size": DEFAULT_FEATURE_SIZE},
                                    extra_check=check_swin_plan,
                                    available=lambda: importlib.util.find_spec("einops") is not None),
+    "umamba_bot": ArchitectureSpec("umamba_bot", "U-Mamba Bot: residual U-Net, Mamba layer at the bottleneck",
+                                   build_umamba_bot, default_options=_UMAMBA_OPTIONS),
+    "umamba_enc": ArchitectureSpec("umamba_enc", "U-Mamba Enc: residual U-Net, Mamba layer after every encoder stage",
+                                   build_umamba_enc, default_options=_UMAMBA_OPTIONS),
 }
 
 
