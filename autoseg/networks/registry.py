@@ -23,6 +23,7 @@ from autoseg.networks.swin_unetr import DEFAULT_FEATURE_SIZE, build_swin_unetr, 
 from autoseg.networks.topology import UNetTopology, unet_topology
 from autoseg.networks.umamba import UMAMBA_BLOCKS_PER_STAGE, build_umamba_bot, build_umamba_enc
 from autoseg.networks.unet import build_unet
+from autoseg.networks.xlstm_unet import XLSTM_BLOCKS_PER_STAGE, build_xlstm_unet
 from autoseg.planning.plans import ArchitecturePlan
 
 Builder = Callable[[ArchitecturePlan, int, int, int, bool], nn.Module]
@@ -73,6 +74,10 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
                                    build_umamba_bot, default_options=_UMAMBA_OPTIONS),
     "umamba_enc": ArchitectureSpec("umamba_enc", "U-Mamba Enc: residual U-Net, Mamba layer after every encoder stage",
                                    build_umamba_enc, default_options=_UMAMBA_OPTIONS),
+    "xlstm_unet": ArchitectureSpec("xlstm_unet", "xLSTM-UNet: residual U-Net, Vision-LSTM (mLSTM) blocks per encoder stage",
+                                   build_xlstm_unet,
+                                   default_options={"blocks_per_stage": XLSTM_BLOCKS_PER_STAGE, "vil_blocks": 2,
+                                                    "heads": 4, "expand": 2, "chunk_size": 64}),
 }
 
 
