@@ -12,17 +12,23 @@ planner should shape a patch for it. The network contract:
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from torch import nn
 
+from autoseg.networks.resenc_unet import RESENC_BLOCKS_PER_STAGE, build_resenc_unet
+from autoseg.networks.swin_unetr import DEFAULT_FEATURE_SIZE, build_swin_unetr, check_swin_plan, swin_topology
 from autoseg.networks.topology import UNetTopology, unet_topology
+from autoseg.networks.umamba import UMAMBA_BLOCKS_PER_STAGE, build_umamba_bot, build_umamba_enc
 from autoseg.networks.unet import build_unet
+from autoseg.networks.xlstm_unet import XLSTM_BLOCKS_PER_STAGE, build_xlstm_unet
 from autoseg.planning.plans import ArchitecturePlan
 
 Builder = Callable[[ArchitecturePlan, int, int, int, bool], nn.Module]
 TopologyRule = Callable[[list[int], list[float]], UNetTopology]
+PlanCheck = Callable[[ArchitecturePlan, int], "str | None"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,8 @@ class ArchitectureSpec:
     # The planner skips an architecture whose ``available()`` is False (say, an optional
     # package missing), and records why.
     available: Callable[[], bool] = lambda: True
+    # Constraints beyond the U-Net ones (say, a patch multiple of 32); returns a reason or None.
+    extra_check: PlanCheck | None = None
 
     def check_plan(self, plan: ArchitecturePlan, dimensions: int) -> str | None:
         """A reason the plan cannot be built, or None."""
@@ -47,11 +55,29 @@ class ArchitectureSpec:
         bad = [p for p, d in zip(plan.patch_size, divisor) if p % d]
         if bad:
             return f"patch_size {plan.patch_size} must be divisible by {divisor} (the product of the strides)"
-        return None
+        return self.extra_check(plan, dimensions) if self.extra_check else None
 
+
+_UMAMBA_OPTIONS = {"blocks_per_stage": UMAMBA_BLOCKS_PER_STAGE, "d_state": 16, "d_conv": 4, "expand": 2}
 
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "unet": ArchitectureSpec("unet", "CNN U-Net (nnU-Net's dynamic U-Net, MONAI DynUNet)", build_unet),
+    "resenc_unet": ArchitectureSpec("resenc_unet", "Residual-encoder U-Net (nnU-Net ResEnc, 1,3,4,6,6,... blocks)",
+                                    build_resenc_unet,
+                                    default_options={"blocks_per_stage": RESENC_BLOCKS_PER_STAGE}),
+    "swin_unetr": ArchitectureSpec("swin_unetr", "Swin UNETR (MONAI), patch multiple of 32, no deep supervision",
+                                   build_swin_unetr, topology=swin_topology,
+                                   default_options={"feature_size": DEFAULT_FEATURE_SIZE},
+                                   extra_check=check_swin_plan,
+                                   available=lambda: importlib.util.find_spec("einops") is not None),
+    "umamba_bot": ArchitectureSpec("umamba_bot", "U-Mamba Bot: residual U-Net, Mamba layer at the bottleneck",
+                                   build_umamba_bot, default_options=_UMAMBA_OPTIONS),
+    "umamba_enc": ArchitectureSpec("umamba_enc", "U-Mamba Enc: residual U-Net, Mamba layer after every encoder stage",
+                                   build_umamba_enc, default_options=_UMAMBA_OPTIONS),
+    "xlstm_unet": ArchitectureSpec("xlstm_unet", "xLSTM-UNet: residual U-Net, Vision-LSTM (mLSTM) blocks per encoder stage",
+                                   build_xlstm_unet,
+                                   default_options={"blocks_per_stage": XLSTM_BLOCKS_PER_STAGE, "vil_blocks": 2,
+                                                    "heads": 4, "expand": 2, "chunk_size": 64}),
 }
 
 

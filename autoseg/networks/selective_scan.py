@@ -1,0 +1,110 @@
+"""Mamba's selective scan (S6) without custom kernels, plus the step-by-step reference.
+
+The recurrence, per channel d and state n (A diagonal, everything else input-dependent):
+
+    h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t        y_t = <C_t, h_t> + D * u_t
+
+``selective_scan`` evaluates it without a Python loop over tokens:
+
+* tokens are split into chunks; inside every chunk at once, a Hillis-Steele doubling scan
+  composes the affine maps ``h -> a*h + b`` in log2(chunk) tensor steps. Only products of
+  decays (all in [0, 1]) are formed, never ``exp(-cumsum)``, so nothing overflows however
+  strong the decay;
+* the chunk end states are chained by the same doubling scan over chunks, and every token
+  then adds its chunk's incoming state times its cumulative decay;
+* long sequences (a whole 3D feature map at full resolution) are cut into blocks of a few
+  million state elements, scanned one after another with the state carried over, and each
+  block is gradient-checkpointed: memory stays O(block) instead of O(L * d_inner * d_state)
+  times the number of doubling steps.
+
+On CUDA with ``mamba_ssm`` installed, its fused kernel is used instead.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+try:  # optional fused CUDA kernel
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _mamba_ssm_scan
+except Exception:  # noqa: BLE001 - any import failure (missing package, CUDA mismatch) means "not available"
+    _mamba_ssm_scan = None
+
+# Elements (batch * tokens * d_inner * d_state) per checkpointed block: ~16 MB per float32 tensor.
+BLOCK_ELEMENTS = 4 * 2 ** 20
+
+
+def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                   D: torch.Tensor, chunk_size: int = 32) -> torch.Tensor:
+    """u, delta: (batch, L, d_inner); A: (d_inner, d_state); B, C: (batch, L, d_state); D: (d_inner,).
+
+    Returns y: (batch, L, d_inner). ``delta`` is used as given (softplus already applied).
+    """
+    if u.is_cuda and _mamba_ssm_scan is not None:
+        y = _mamba_ssm_scan(u.transpose(1, 2).contiguous(), delta.transpose(1, 2).contiguous(), A,
+                            B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(), D)
+        return y.transpose(1, 2)
+    batch, length, d_inner = u.shape
+    d_state = A.shape[1]
+    per_token = batch * d_inner * d_state
+    block = max(chunk_size, BLOCK_ELEMENTS // per_token // chunk_size * chunk_size)
+    state = u.new_zeros(batch, d_inner, d_state)
+    outputs = []
+    for start in range(0, length, block):
+        args = (u[:, start:start + block], delta[:, start:start + block], A,
+                B[:, start:start + block], C[:, start:start + block], state, chunk_size)
+        if torch.is_grad_enabled() and length > block:
+            y, state = checkpoint(_scan_block, *args, use_reentrant=False)
+        else:
+            y, state = _scan_block(*args)
+        outputs.append(y)
+    return torch.cat(outputs, dim=1) + u * D
+
+
+def _scan_block(u, delta, A, B, C, state, chunk: int):
+    batch, length, d_inner = u.shape
+    d_state = A.shape[1]
+    pad = (-length) % chunk
+    if pad:  # delta = 0 makes padded steps the identity (decay 1, no input)
+        u, delta, B, C = (F.pad(t, (0, 0, 0, pad)) for t in (u, delta, B, C))
+    n_chunks = (length + pad) // chunk
+    decay = torch.exp(delta.unsqueeze(-1) * A)                      # (b, L, d, n)
+    drive = (delta * u).unsqueeze(-1) * B.unsqueeze(2)               # (b, L, d, n)
+    shape = (batch, n_chunks, chunk, d_inner, d_state)
+    cum_decay, local = _doubling_scan(decay.reshape(shape), drive.reshape(shape), dim=2)
+    # Chain the chunks: the state entering chunk c is the scan of (end decay, end state) over c.
+    end_decay, end_state = cum_decay[:, :, -1], local[:, :, -1]     # (b, chunks, d, n)
+    first = end_state[:, :1] + end_decay[:, :1] * state.unsqueeze(1)
+    _, after = _doubling_scan(end_decay, torch.cat([first, end_state[:, 1:]], dim=1), dim=1)
+    entering = torch.cat([state.unsqueeze(1), after[:, :-1]], dim=1)
+    h = local + cum_decay * entering.unsqueeze(2)
+    y = torch.einsum("bcldn,bcln->bcld", h, C.reshape(batch, n_chunks, chunk, d_state))
+    return y.reshape(batch, -1, d_inner)[:, :length], after[:, -1]
+
+
+def _doubling_scan(a: torch.Tensor, b: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inclusive scan of h_t = a_t * h_{t-1} + b_t (h before the start = 0) along ``dim``.
+
+    Returns (prod of a up to t, h_t). Out-of-place so autograd can go through it.
+    """
+    n = a.shape[dim]
+    step = 1
+    while step < n:
+        a_head, a_tail, a_prev = a.narrow(dim, 0, step), a.narrow(dim, step, n - step), a.narrow(dim, 0, n - step)
+        b_head, b_tail, b_prev = b.narrow(dim, 0, step), b.narrow(dim, step, n - step), b.narrow(dim, 0, n - step)
+        b = torch.cat([b_head, b_tail + a_tail * b_prev], dim=dim)
+        a = torch.cat([a_head, a_tail * a_prev], dim=dim)
+        step *= 2
+    return a, b
+
+
+def selective_scan_reference(u, delta, A, B, C, D) -> torch.Tensor:
+    """The recurrence one token at a time: slow, obviously right, for tests only."""
+    batch, length, d_inner = u.shape
+    h = u.new_zeros(batch, d_inner, A.shape[1])
+    ys = []
+    for t in range(length):
+        h = torch.exp(delta[:, t, :, None] * A) * h + (delta[:, t] * u[:, t])[:, :, None] * B[:, t, None, :]
+        ys.append((h * C[:, t, None, :]).sum(-1))
+    return torch.stack(ys, dim=1) + u * D
