@@ -23,6 +23,8 @@ AMP_ACTIVATION_FACTOR = 0.6
 ALLOCATOR_OVERHEAD = 1.25
 # Workspace of the CUDA context and cuDNN, independent of the network.
 CONTEXT_BYTES = 0.5 * 2**30
+# Largest probe measured by a real CPU pass when the meta device cannot run a network.
+CPU_PROBE_MAX_VOXELS = 64**3
 
 
 @dataclass
@@ -42,6 +44,10 @@ class MemoryEstimate:
 def saved_activation_bytes(network: nn.Module, input_shape: tuple[int, ...], device: str = "meta") -> int:
     """Bytes autograd saves for backward in one forward pass of ``network`` on ``input_shape``."""
     seen: dict[int, int] = {}
+    # Hold every packed tensor until the pass ends: on the meta device the key is id(),
+    # and a freed temporary's id can be reused by the next one, which made the plan vary
+    # from run to run.
+    alive: list[torch.Tensor] = []
     network = network.to(device).train()
     # Layers save their weights for backward too; those are counted with the parameters.
     param_ids = {id(p) for p in network.parameters()}
@@ -57,6 +63,7 @@ def saved_activation_bytes(network: nn.Module, input_shape: tuple[int, ...], dev
             key = id(tensor)
         if key in param_ptrs:
             return tensor
+        alive.append(tensor)
         seen[key] = max(seen.get(key, 0), tensor.numel() * tensor.element_size())
         return tensor
 
@@ -72,13 +79,16 @@ def measure(build, input_channels: int, probe_patch: list[int]) -> MemoryEstimat
     """Measure a network built by ``build()`` on a probe patch (batch 1)."""
     network = build()
     params = sum(p.numel() for p in network.parameters())
-    try:
-        activation = saved_activation_bytes(network, (1, input_channels, *probe_patch), "meta")
-    except (NotImplementedError, RuntimeError):
-        # Some custom kernels have no meta implementation; a CPU pass on the small probe works everywhere.
-        network = build()
-        activation = saved_activation_bytes(network, (1, input_channels, *probe_patch), "cpu")
     voxels = 1
     for p in probe_patch:
         voxels *= p
+    try:
+        activation = saved_activation_bytes(network, (1, input_channels, *probe_patch), "meta")
+    except (NotImplementedError, RuntimeError):
+        # Some custom kernels have no meta implementation; a real CPU pass works everywhere,
+        # but only on a probe small enough not to exhaust memory itself.
+        if voxels > CPU_PROBE_MAX_VOXELS:
+            raise
+        network = build()
+        activation = saved_activation_bytes(network, (1, input_channels, *probe_patch), "cpu")
     return MemoryEstimate(activation / voxels, params)

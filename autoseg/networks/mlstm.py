@@ -15,8 +15,9 @@ so any consistent stabiliser gives the same h.
 * inside a chunk, the parallel (attention-like) form: log weights
   ``b_t - b_s + i_s`` (b = cumulative log-sigmoid forget gate) for s <= t, stabilised by
   their row max — a (chunk x chunk) matrix per chunk, so memory is O(L * chunk), not O(L^2);
-* between chunks, the matrix memory (d x d per head) is carried by a loop over *chunks*
-  (not tokens), and each token reads it with its decay exp(b_t).
+* between chunks, the matrix memory (d x d per head) is carried by a parallel prefix scan
+  over chunks (log2(chunks) vectorised steps, no Python loop over chunks or tokens), and
+  each token reads it with its decay exp(b_t).
 """
 
 from __future__ import annotations
@@ -50,19 +51,8 @@ def mlstm_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i_pre: to
     local_C = torch.einsum("bhcs,bhcsd,bhcse->bhcde", w, k, v)
     local_n = torch.einsum("bhcs,bhcsd->bhcd", w, k)
 
-    # Carry (C, n, m) across chunks; m starts at 0 with an empty memory (any start works).
-    C = q.new_zeros(batch, heads, d, d)
-    n = q.new_zeros(batch, heads, d)
-    m = q.new_zeros(batch, heads)
-    entering_C, entering_n, entering_m = [], [], []
-    for c in range(n_chunks):
-        entering_C.append(C), entering_n.append(n), entering_m.append(m)
-        m_new = torch.maximum(g[..., c] + m, local_max[..., c])
-        old, new = torch.exp(g[..., c] + m - m_new), torch.exp(local_max[..., c] - m_new)
-        C = old[..., None, None] * C + new[..., None, None] * local_C[:, :, c]
-        n = old[..., None] * n + new[..., None] * local_n[:, :, c]
-        m = m_new
-    C_in, n_in, m_in = (torch.stack(t, dim=2) for t in (entering_C, entering_n, entering_m))
+    # Memory entering each chunk: an exclusive scan over chunks, by doubling (log2(chunks) steps).
+    C_in, n_in, m_in = _entering_memory(g, local_C, local_n, local_max)
 
     # Per token: intra-chunk weights and the decayed entering memory, under one stabiliser.
     log_intra = b.unsqueeze(-1) - b.unsqueeze(-2) + i_pre.unsqueeze(-2)   # (b, h, c, t, s)
@@ -76,6 +66,35 @@ def mlstm_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i_pre: to
     denominator = scores.sum(-1) + inter * torch.einsum("bhctd,bhcd->bhct", q, n_in)
     h = numerator / torch.maximum(denominator.abs(), torch.exp(-m_t)).unsqueeze(-1)
     return h.reshape(batch, heads, -1, d)[:, :, :length]
+
+
+def _entering_memory(g, local_C, local_n, local_max):
+    """(C, n, m) entering each chunk, the true memory being exp(m) * C.
+
+    A chunk's update is linear: memory_after = exp(g) * memory_before + exp(local_max) * local.
+    Two consecutive segments (decay A1, memory M1 at scale s1) then (A2, M2, s2) combine into
+    decay A1 + A2 and memory exp(A2 + s1) M1 + exp(s2) M2, re-stabilised by its max exponent;
+    the combination is associative, so a Hillis-Steele scan computes every prefix.
+    """
+    d = local_C.shape[-2]
+    memory = torch.cat([local_C, local_n.unsqueeze(-1)], dim=-1)          # n rides as an extra column
+    decay, scale = g, local_max
+    n_chunks = g.shape[-1]
+    offset = 1
+    while offset < n_chunks:
+        prev_decay, prev_scale, prev_memory = decay[..., :-offset], scale[..., :-offset], memory[:, :, :-offset]
+        cur_decay, cur_scale, cur_memory = decay[..., offset:], scale[..., offset:], memory[:, :, offset:]
+        new_scale = torch.maximum(cur_decay + prev_scale, cur_scale)
+        old_w = torch.exp(cur_decay + prev_scale - new_scale)[..., None, None]
+        new_w = torch.exp(cur_scale - new_scale)[..., None, None]
+        memory = torch.cat([memory[:, :, :offset], old_w * prev_memory + new_w * cur_memory], dim=2)
+        scale = torch.cat([scale[..., :offset], new_scale], dim=-1)
+        decay = torch.cat([decay[..., :offset], prev_decay + cur_decay], dim=-1)
+        offset *= 2
+    # Exclusive: chunk c enters with the memory after chunk c-1; the first with an empty one.
+    memory = torch.cat([torch.zeros_like(memory[:, :, :1]), memory[:, :, :-1]], dim=2)
+    scale = torch.cat([torch.zeros_like(scale[..., :1]), scale[..., :-1]], dim=-1)
+    return memory[..., :d], memory[..., d], scale
 
 
 def mlstm_recurrent(q, k, v, i_pre, f_pre) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from autoseg.networks.precision import without_autocast
 from autoseg.networks.resenc_unet import ResidualEncoderUNet
 from autoseg.networks.selective_scan import selective_scan
 from autoseg.planning.plans import ArchitecturePlan
@@ -60,7 +61,7 @@ class MambaBlock(nn.Module):
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.softplus(self.dt_proj(dt))
         # The scan runs in float32 even under autocast: exp/cumulative products lose too much in bf16.
-        with torch.autocast(device_type=tokens.device.type, enabled=False):
+        with without_autocast(tokens.device):
             y = selective_scan(x.float(), delta.float(), -torch.exp(self.A_log.float()), B.float(), C.float(),
                                self.D.float(), chunk_size=self.chunk_size)
         return self.out_proj(y.to(z.dtype) * F.silu(z))

@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from autoseg.networks.mlstm import mlstm_chunkwise
+from autoseg.networks.precision import without_autocast
 from autoseg.networks.resenc_unet import ResidualEncoderUNet
 from autoseg.planning.plans import ArchitecturePlan
 
@@ -66,7 +67,7 @@ class MLSTMLayer(nn.Module):
         i_pre, f_pre = self.input_gate(gates_in).transpose(1, 2), self.forget_gate(gates_in).transpose(1, 2)
         q, k, v = (t.reshape(batch, length, self.heads, -1).transpose(1, 2) for t in (q, k, v))
         args = (q.float(), k.float(), v.float(), i_pre.float(), f_pre.float(), self.chunk_size)
-        with torch.autocast(device_type=tokens.device.type, enabled=False):  # exp gates need float32
+        with without_autocast(tokens.device):  # exp gates need float32
             if torch.is_grad_enabled() and batch * self.heads * length * self.chunk_size > CHECKPOINT_ENTRIES:
                 h = checkpoint(mlstm_chunkwise, *args, use_reentrant=False)
             else:
