@@ -44,27 +44,28 @@ class MemoryEstimate:
 def saved_activation_bytes(network: nn.Module, input_shape: tuple[int, ...], device: str = "meta") -> int:
     """Bytes autograd saves for backward in one forward pass of ``network`` on ``input_shape``."""
     seen: dict[int, int] = {}
-    # Hold every packed tensor until the pass ends: on the meta device the key is id(),
-    # and a freed temporary's id can be reused by the next one, which made the plan vary
-    # from run to run.
+    # Every packed tensor is held until the pass ends, so that no storage (or object) is
+    # freed and its address reused by a later one: keys stay unique and the plan repeatable.
     alive: list[torch.Tensor] = []
     network = network.to(device).train()
+
+    def storage_key(tensor: torch.Tensor) -> int:
+        # The StorageImpl's address: views of one storage share it, on the meta device too.
+        return tensor.untyped_storage()._cdata
+
     # Layers save their weights for backward too; those are counted with the parameters.
-    param_ids = {id(p) for p in network.parameters()}
-    param_ptrs = {p.untyped_storage().data_ptr() for p in network.parameters()} if device != "meta" else set()
+    param_keys = {storage_key(p) for p in network.parameters()}
 
     def pack(tensor: torch.Tensor):
-        if id(tensor) in param_ids:
-            return tensor
-        # Several ops save the same tensor (a conv's input is a norm's output): count storage once.
         try:
-            key = tensor.untyped_storage().data_ptr() if device != "meta" else id(tensor)
-        except (RuntimeError, NotImplementedError):
-            key = id(tensor)
-        if key in param_ptrs:
+            key, size = storage_key(tensor), tensor.untyped_storage().nbytes()
+        except (RuntimeError, NotImplementedError):  # tensors without a plain storage
+            key, size = id(tensor), tensor.numel() * tensor.element_size()
+        if key in param_keys:
             return tensor
         alive.append(tensor)
-        seen[key] = max(seen.get(key, 0), tensor.numel() * tensor.element_size())
+        # Several ops save the same storage (a conv's input is a norm's output): count it once.
+        seen[key] = size
         return tensor
 
     x = torch.zeros(input_shape, device=device, requires_grad=False)

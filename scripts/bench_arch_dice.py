@@ -1,0 +1,87 @@
+#!/usr/bin/env python3
+"""Every architecture trained for the same wall-clock budget on Hippocampus, fold 0: validation Dice.
+
+    python scripts/bench_arch_dice.py [--minutes 6] [--arch unet swin_unetr ...] [--work DIR] [--cpu-bf16]
+
+For each architecture the plan holds (3d_fullres, its own planned patch and batch), runs
+``autoseg train 4 3d_fullres 0 -a ARCH --time-budget MINUTES --iters-per-epoch 20 --seed 0``
+(the schedule fits the budget after a few iterations), then the end-of-fold validation
+predicts the 52 validation cases with the full sliding window + mirroring and evaluates them.
+Prints, per architecture: parameters, patch, batch, iterations done, seconds per iteration,
+and the mean validation Dice per class. The work folder is kept, so a rerun skips
+architectures already trained (delete it to start over).
+
+The budget counts training only (validation is after it). On a shared or loaded machine the
+same wall-clock budget buys different amounts of compute: compare runs made back to back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+NAME = "Dataset004_Hippocampus"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=6.0)
+    parser.add_argument("--arch", nargs="*", default=None, help="default: every architecture in the plan")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/autoseg_bench_arch_dice"))
+    parser.add_argument("--cpu-bf16", action="store_true")
+    args = parser.parse_args()
+    source = SHARED / "data" / NAME
+    if not source.is_dir():
+        sys.exit(f"skipped: {source} is missing")
+    raw, pre, res = args.work / "raw", args.work / "pre", args.work / "res"
+    raw.mkdir(parents=True, exist_ok=True)
+    if not (raw / NAME).exists():
+        (raw / NAME).symlink_to(source)
+    env = dict(os.environ, AUTOSEG_RAW=str(raw), AUTOSEG_PREPROCESSED=str(pre), AUTOSEG_RESULTS=str(res),
+               PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    autoseg = [sys.executable, "-m", "autoseg"]
+    if not (pre / NAME / "plans.json").exists():
+        subprocess.run(autoseg + ["plan-and-preprocess", "-d", NAME, "-c", "3d_fullres", "-np", "2"], env=env,
+                       check=True, capture_output=True)
+    plans = json.loads((pre / NAME / "plans.json").read_text())
+    planned = plans["configurations"]["3d_fullres"]["architectures"]
+    rows = []
+    for arch in args.arch or sorted(planned):
+        fold_dir = res / NAME / f"3d_fullres__{arch}" / "fold_0"
+        summary_file = fold_dir / "validation" / "summary.json"
+        if not summary_file.exists():
+            start = time.perf_counter()
+            command = autoseg + ["train", NAME, "3d_fullres", "0", "-a", arch, "--time-budget", str(args.minutes),
+                                 "--iters-per-epoch", "20", "--seed", "0"] + (["--cpu-bf16"] if args.cpu_bf16 else [])
+            fold_dir.mkdir(parents=True, exist_ok=True)
+            with open(fold_dir.parent / "bench_stdout.txt", "w") as log:
+                code = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+            print(f"{arch}: exit {code} after {time.perf_counter() - start:.0f} s (log {fold_dir.parent}/bench_stdout.txt)",
+                  flush=True)
+            if code:
+                continue
+        summary = json.loads(summary_file.read_text())
+        log = [json.loads(line) for line in (fold_dir / "training_log.jsonl").read_text().splitlines()]
+        iterations = sum(entry.get("iterations", 20) for entry in log)
+        train_seconds = sum(entry["epoch_seconds"] for entry in log)
+        dice = {name: values["mean"]["dice"] for name, values in summary["per_class"].items()}
+        rows.append((arch, planned[arch], iterations, train_seconds, dice, summary["mean_foreground"]["dice"]))
+    print(f"\nHippocampus 3d_fullres fold 0, {args.minutes:g} min training budget each, "
+          f"{'bf16' if args.cpu_bf16 else 'fp32'} on {os.cpu_count()} CPU cores")
+    header = f"{'architecture':<12} {'params':>11} {'patch':<10} {'batch':>5} {'iters':>6} {'s/iter':>7}  Dice per class  mean"
+    print(header + "\n" + "-" * len(header))
+    for arch, plan, iterations, seconds, dice, mean in rows:
+        per_class = " ".join(f"{v:.3f}" for v in dice.values())
+        print(f"{arch:<12} {plan['num_parameters']:>11,} {'x'.join(map(str, plan['patch_size'])):<10} "
+              f"{plan['batch_size']:>5} {iterations:>6} {seconds / max(iterations, 1):7.2f}  {per_class}  {mean:.3f}")
+
+
+if __name__ == "__main__":
+    main()
