@@ -1,9 +1,12 @@
 """Size, speed and memory of every registered architecture at the Hippocampus patch.
 
-Patch 40x56x40 (Swin UNETR: rounded up by its own rule to 64x64x64), 1 input channel,
-3 classes, batch 2, features from ``unet_topology([40, 56, 40], [1, 1, 1])``. Per
-architecture: parameters, forward+backward time (median of 3 after 1 warm-up) and peak
-RSS increase on CPU; on CUDA (bf16 autocast) also time and ``max_memory_allocated``.
+Each architecture at its planned 3d_fullres patch and topology in the committed
+``plans/Dataset004_Hippocampus.json`` (U-Nets 40x56x40; Swin UNETR 64x64x64 by its
+multiple-of-32 rule), 1 input channel, 3 classes, batch 2 for all. Per architecture:
+parameters, forward GFLOPs per patch, forward+backward time (median of 3 after 1 warm-up)
+and peak RSS increase on CPU next to the memory model's fp32 estimate of the same step
+(saved activations + weights, gradients; no allocator or CUDA-context terms); on CUDA
+(bf16 autocast) also time and ``max_memory_allocated`` against the model's AMP estimate.
 
 Each architecture runs in its own process so one's peak RSS does not hide another's. The
 child sets MALLOC_MMAP_THRESHOLD_=4 MiB: otherwise glibc keeps freed multi-MB blocks in its
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -24,22 +28,17 @@ import subprocess
 import sys
 import time
 
-PATCH, SPACING, BATCH, IN_CHANNELS, NUM_CLASSES = [40, 56, 40], [1.0, 1.0, 1.0], 2, 1, 3
+BATCH, IN_CHANNELS, NUM_CLASSES = 2, 1, 3
+REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
 def make_plan(name: str):
-    from autoseg.networks.registry import ARCHITECTURES
-    from autoseg.networks.topology import unet_topology
-    from autoseg.planning.plans import ArchitecturePlan
+    """The architecture's plan in the committed Hippocampus plans (its own patch and topology), at batch 2."""
+    from autoseg.planning.plans import load_plans
 
-    spec = ARCHITECTURES[name]
-    topo = spec.topology(PATCH, SPACING)
-    if spec.topology is not unet_topology:  # its own patch rule (swin); features as it describes them
-        return ArchitecturePlan(name, topo.patch_size, BATCH, topo.kernel_sizes, topo.strides, topo.features,
-                                dict(spec.default_options))
-    topo = unet_topology(PATCH, SPACING)
-    return ArchitecturePlan(name, topo.patch_size, BATCH, topo.kernel_sizes, topo.strides, topo.features,
-                            dict(spec.default_options))
+    plan = load_plans(os.path.join(REPO, "plans", "Dataset004_Hippocampus.json")).architecture("3d_fullres", name)
+    plan.batch_size = BATCH
+    return plan
 
 
 def step(model, x, y, device: str) -> float:
@@ -66,8 +65,22 @@ def measure(name: str, device: str, reps: int) -> dict:
     model = build_network(plan, IN_CHANNELS, NUM_CLASSES, 3, deep_supervision=True).to(device).train()
     x = torch.randn(BATCH, IN_CHANNELS, *plan.patch_size, device=device)
     y = torch.randint(0, NUM_CLASSES, (BATCH, *plan.patch_size), device=device)
+    from autoseg.networks.flops import forward_flops
+    from autoseg.networks.memory import measure as measure_memory
+    from autoseg.networks.topology import UNetTopology
+
+    divisor = UNetTopology(plan.patch_size, plan.kernel_sizes, plan.strides, plan.features).divisor()
+    estimate = measure_memory(lambda: build_network(plan, IN_CHANNELS, NUM_CLASSES, 3, True), IN_CHANNELS,
+                              [2 * d for d in divisor])
+    voxels = math.prod(plan.patch_size)
     result = {"name": name, "patch": plan.patch_size, "features": plan.features,
-              "params": sum(p.numel() for p in model.parameters())}
+              "params": sum(p.numel() for p in model.parameters()),
+              "gflops": forward_flops(build_network(plan, IN_CHANNELS, NUM_CLASSES, 3, False),
+                                      (1, IN_CHANNELS, *plan.patch_size)) / 1e9,
+              # weights + gradients (SGD momentum appears only after an optimiser step)
+              "estimate_cpu_mb": (estimate.activation_bytes_per_voxel * voxels * BATCH
+                                  + 2 * 4 * estimate.parameter_count) / 2**20,
+              "estimate_cuda_mb": estimate.training_bytes(BATCH, voxels, amp=True) / 2**20}
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -103,8 +116,9 @@ def main() -> None:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and not args.no_cuda else [])
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(4 * 2 ** 20)}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, batch {BATCH}, "
-          f"patch {PATCH} (swin rounded), fwd+bwd median of {args.reps} after 1 warm-up")
-    header = f"{'architecture':<12} {'device':<6} {'patch':<14} {'params':>11} {'s/step':>8} {'RSS+ MB':>8} {'CUDA MB':>8}"
+          f"planned Hippocampus patches, fwd+bwd median of {args.reps} after 1 warm-up")
+    header = (f"{'architecture':<12} {'device':<6} {'patch':<10} {'params':>11} {'GFLOPs':>7} {'s/step':>7} "
+              f"{'peak MB':>8} {'model MB':>8}")
     print(header + "\n" + "-" * len(header))
     for name in args.arch:
         for device in devices:
@@ -115,12 +129,13 @@ def main() -> None:
                 print(f"{name:<12} {device:<6} failed: {last}")
                 continue
             r = json.loads(proc.stdout.strip().splitlines()[-1])
-            cuda = f"{r['cuda_peak_mb']:8.0f}" if "cuda_peak_mb" in r else f"{'-':>8}"
+            peak, model = ((r["cuda_peak_mb"], r["estimate_cuda_mb"]) if device == "cuda"
+                           else (r["rss_increase_mb"], r["estimate_cpu_mb"]))
             patch = "x".join(map(str, r["patch"]))
-            print(f"{name:<12} {device:<6} {patch:<14} {r['params']:>11,} {r['seconds']:8.2f} "
-                  f"{r['rss_increase_mb']:8.0f} {cuda}", flush=True)
+            print(f"{name:<12} {device:<6} {patch:<10} {r['params']:>11,} {r['gflops']:7.1f} {r['seconds']:7.2f} "
+                  f"{peak:8.0f} {model:8.0f}  (model/peak {model / peak:.2f})", flush=True)
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    sys.path.insert(0, REPO)
     main()
