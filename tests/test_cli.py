@@ -34,3 +34,18 @@ def test_unknown_dataset_and_bad_usage_exit_2_with_one_line(tmp_path, capsys):
     assert "no dataset with id 17" in err and "Traceback" not in err
     result = subprocess.run([sys.executable, "-m", "autoseg", "plan-and-preprocess"], capture_output=True, text=True)
     assert result.returncode == 2 and "required" in result.stderr
+
+
+def test_summary_lists_every_planned_architecture_with_flops(synthetic_raw, tmp_path, capsys):
+    code = main(["plan-and-preprocess", "-d", "999", "--no-preprocess", "--summary", f"--raw={synthetic_raw.parent}",
+                 f"--preprocessed={tmp_path / 'pre'}", f"--results={tmp_path / 'res'}"])
+    assert code == 0
+    plans = json.loads((tmp_path / "pre" / synthetic_raw.name / "plans.json").read_text())
+    lines = capsys.readouterr().out.splitlines()
+    for config_name, config in plans["configurations"].items():
+        for arch_name, arch in config["architectures"].items():
+            row = next(line.split() for line in lines if line.split()[:2] == [config_name, arch_name])
+            patch, batch, params, gflops, memory = row[2:7]
+            assert patch == "x".join(map(str, arch["patch_size"])) and int(batch) == arch["batch_size"]
+            assert float(params) == round(arch["num_parameters"] / 1e6, 2)
+            assert float(gflops) > 0 and float(memory) == round(arch["estimated_memory_gb"], 2)

@@ -183,3 +183,11 @@ def test_chunkwise_mlstm_matches_recurrent(length: int, chunk: int, dtype: torch
     for g_fast, g_ref in zip(grads_fast, grads_ref):
         scale = g_ref.abs().max().item()
         assert (g_fast - g_ref).abs().max().item() < 1e-4 * max(1.0, scale)
+
+
+def test_flop_counter_counts_a_convolution_as_two_operations_per_multiply_add() -> None:
+    from autoseg.networks.flops import forward_flops
+
+    conv = torch.nn.Conv3d(4, 8, kernel_size=3, padding=1, bias=False)
+    # 8 outputs per voxel, each 4*27 multiply-adds, on 6*7*5 voxels
+    assert forward_flops(conv, (1, 4, 6, 7, 5)) == 2 * 8 * 4 * 27 * 6 * 7 * 5

@@ -76,11 +76,21 @@ def plan_and_preprocess_one(roots: Roots, name: str, args) -> None:
 
 
 def print_summary(plans) -> None:
-    say(f"{'configuration':13s} {'architecture':14s} {'patch':>14s} {'batch':>5s} {'params (M)':>10s} {'memory (GB)':>11s}")
+    """Per configuration and architecture: patch, batch, parameters, forward FLOPs per patch, memory."""
+    from autoseg.networks.flops import forward_flops
+    from autoseg.networks.registry import build_network
+
+    say(f"{'configuration':13s} {'architecture':14s} {'patch':>14s} {'batch':>5s} {'params (M)':>10s} "
+        f"{'GFLOPs/patch':>12s} {'memory (GB)':>11s}")
     for config in plans.configurations.values():
         for arch in config.architectures.values():
+            network = build_network(arch, plans.num_input_channels, plans.num_segmentation_heads, config.dimensions,
+                                    deep_supervision=False)
+            flops = forward_flops(network, (1, plans.num_input_channels, *arch.patch_size))
             say(f"{config.name:13s} {arch.name:14s} {'x'.join(map(str, arch.patch_size)):>14s} {arch.batch_size:5d} "
-                f"{arch.num_parameters / 1e6:10.2f} {arch.estimated_memory_gb:11.2f}")
+                f"{arch.num_parameters / 1e6:10.2f} {flops / 1e9:12.1f} {arch.estimated_memory_gb:11.2f}")
+    say("GFLOPs: one forward pass of one patch (convolutions and matrix products); memory: the planner's "
+        "estimate of one training step at that batch with mixed precision")
 
 
 def _fmt(values) -> str:
