@@ -5,7 +5,7 @@ Each architecture at its planned 3d_fullres patch and topology in the committed
 multiple-of-32 rule), 1 input channel, 3 classes, batch 2 for all. Per architecture:
 parameters, forward GFLOPs per patch, forward+backward time (median of 3 after 1 warm-up)
 and peak RSS increase on CPU next to the memory model's fp32 estimate of the same step
-(saved activations + weights, gradients; no allocator or CUDA-context terms); on CUDA
+(saved activations + gradients; no allocator or CUDA-context terms); on CUDA
 (bf16 autocast) also time and ``max_memory_allocated`` against the model's AMP estimate.
 
 Each architecture runs in its own process so one's peak RSS does not hide another's. The
@@ -77,9 +77,10 @@ def measure(name: str, device: str, reps: int) -> dict:
               "params": sum(p.numel() for p in model.parameters()),
               "gflops": forward_flops(build_network(plan, IN_CHANNELS, NUM_CLASSES, 3, False),
                                       (1, IN_CHANNELS, *plan.patch_size)) / 1e9,
-              # weights + gradients (SGD momentum appears only after an optimiser step)
+              # the weights are in RSS before the step; it adds activations and gradients
+              # (SGD momentum appears only after an optimiser step)
               "estimate_cpu_mb": (estimate.activation_bytes_per_voxel * voxels * BATCH
-                                  + 2 * 4 * estimate.parameter_count) / 2**20,
+                                  + 4 * estimate.parameter_count) / 2**20,
               "estimate_cuda_mb": estimate.training_bytes(BATCH, voxels, amp=True) / 2**20}
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if device == "cuda":
