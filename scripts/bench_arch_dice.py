@@ -4,7 +4,7 @@
     python scripts/bench_arch_dice.py [--minutes 6] [--arch unet swin_unetr ...] [--work DIR] [--cpu-bf16]
 
 For each architecture the plan holds (3d_fullres, its own planned patch and batch), runs
-``autoseg train 4 3d_fullres 0 -a ARCH --time-budget MINUTES --iters-per-epoch 20 --seed 0``
+``autoseg train 4 3d_fullres 0 -a ARCH --time-budget MINUTES --iters-per-epoch 25 --val-iters 5 --seed 0``
 (the schedule fits the budget after a few iterations), then the end-of-fold validation
 predicts the 52 validation cases with the full sliding window + mirroring and evaluates them.
 Prints, per architecture: parameters, patch, batch, iterations done, seconds per iteration,
@@ -59,7 +59,7 @@ def main() -> None:
         if not summary_file.exists():
             start = time.perf_counter()
             command = autoseg + ["train", NAME, "3d_fullres", "0", "-a", arch, "--time-budget", str(args.minutes),
-                                 "--iters-per-epoch", "20", "--seed", "0"] + (["--cpu-bf16"] if args.cpu_bf16 else [])
+                                 "--iters-per-epoch", "25", "--val-iters", "5", "--seed", "0"] + (["--cpu-bf16"] if args.cpu_bf16 else [])
             fold_dir.mkdir(parents=True, exist_ok=True)
             with open(fold_dir.parent / "bench_stdout.txt", "w") as log:
                 code = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
@@ -69,7 +69,7 @@ def main() -> None:
                 continue
         summary = json.loads(summary_file.read_text())
         log = [json.loads(line) for line in (fold_dir / "training_log.jsonl").read_text().splitlines()]
-        iterations = sum(entry.get("iterations", 20) for entry in log)
+        iterations = sum(entry.get("iterations", 25) for entry in log)
         train_seconds = sum(entry["epoch_seconds"] for entry in log)
         dice = {name: values["mean"]["dice"] for name, values in summary["per_class"].items()}
         rows.append((arch, planned[arch], iterations, train_seconds, dice, summary["mean_foreground"]["dice"]))
