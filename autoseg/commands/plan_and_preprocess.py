@@ -56,7 +56,8 @@ def plan_and_preprocess_one(roots: Roots, name: str, args) -> None:
         plans = load_plans(plans_file)
         say(f"{name}: keeping {plans_file}")
     else:
-        plans = plan_dataset(fingerprint, spec.labels, args.gpu_memory_gb, args.architectures)
+        plans = plan_dataset(fingerprint, spec.labels, args.gpu_memory_gb, args.architectures,
+                             spec.regions_class_order)
         save_plans(plans, plans_file)
         say(f"{name}: planned {', '.join(plans.configurations)} -> {plans_file}")
     for config in plans.configurations.values():

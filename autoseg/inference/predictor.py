@@ -16,6 +16,7 @@ import torch
 from autoseg.inference.model import TrainedModel
 from autoseg.inference.sliding_window import predict_probabilities
 from autoseg.io.images import Geometry
+from autoseg.planning.plans import Plans
 from autoseg.preprocessing.crop import uncrop
 from autoseg.preprocessing.preprocess import class_values, preprocess_arrays
 from autoseg.preprocessing.resample import resample_probabilities
@@ -45,16 +46,29 @@ def predict_case(model: TrainedModel, image: np.ndarray, geometry: Geometry, set
     amp_dtype = torch.bfloat16 if settings.amp and device.type == "cuda" else None
     probabilities = predict_probabilities(
         model.networks, torch.from_numpy(pre.image).to(device), arch.patch_size, settings.step,
-        settings.mirror, settings.windows_per_batch, amp_dtype)
+        settings.mirror, settings.windows_per_batch, amp_dtype, sigmoid=plans.has_regions)
     probabilities = probabilities.cpu().numpy()
     probabilities = resample_probabilities(probabilities, pre.shape_after_crop, config.anisotropic_axis)
-    values = np.asarray(class_values(plans), dtype=np.int16)
-    labels = uncrop(values[probabilities.argmax(0)], pre.crop_box, geometry.array_shape, fill=0)
+    labels = uncrop(probabilities_to_labels(probabilities, plans), pre.crop_box, geometry.array_shape, fill=0)
     full = None
     if settings.save_probabilities:
         full = uncrop(probabilities.astype(np.float16), pre.crop_box, geometry.array_shape, fill=0)
-        full[0][_outside(pre.crop_box, geometry.array_shape)] = 1.0  # background outside the crop
+        if not plans.has_regions:
+            full[0][_outside(pre.crop_box, geometry.array_shape)] = 1.0  # background outside the crop
     return CasePrediction(labels, full)
+
+
+def probabilities_to_labels(probabilities: np.ndarray, plans: Plans) -> np.ndarray:
+    """Label values from class probabilities (argmax), or from region probabilities as nnU-Net
+    does: each region above 0.5 writes its value of ``regions_class_order``, in that order, so
+    a nested region drawn later (say, enhancing tumour) overwrites the one containing it."""
+    if not plans.has_regions:
+        values = np.asarray(class_values(plans), dtype=np.int16)
+        return values[probabilities.argmax(0)]
+    labels = np.zeros(probabilities.shape[1:], dtype=np.int16)
+    for region_probability, value in zip(probabilities, plans.regions_class_order):
+        labels[region_probability > 0.5] = value
+    return labels
 
 
 def _outside(box: list[list[int]], shape: list[int]) -> np.ndarray:

@@ -23,12 +23,14 @@ def mirror_combinations(axes: Sequence[int]) -> list[tuple[int, ...]]:
 
 
 class EnsembleWindowFunction:
-    """softmax(network(window)) averaged over networks and mirror flips."""
+    """softmax(network(window)) averaged over networks and mirror flips (sigmoid for region outputs)."""
 
-    def __init__(self, networks: Sequence[nn.Module], mirror_axes: Sequence[int], amp_dtype: torch.dtype | None):
+    def __init__(self, networks: Sequence[nn.Module], mirror_axes: Sequence[int], amp_dtype: torch.dtype | None,
+                 sigmoid: bool = False):
         self.networks = list(networks)
         self.flips = mirror_combinations(mirror_axes)
         self.amp_dtype = amp_dtype
+        self.activation = torch.sigmoid if sigmoid else (lambda logits: torch.softmax(logits, dim=1))
 
     def __call__(self, window: torch.Tensor) -> torch.Tensor:
         total = None
@@ -37,7 +39,7 @@ class EnsembleWindowFunction:
                 x = torch.flip(window, flip) if flip else window
                 with torch.autocast(window.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                     logits = network(x)
-                probabilities = torch.softmax(logits.float(), dim=1)
+                probabilities = self.activation(logits.float())
                 if flip:
                     probabilities = torch.flip(probabilities, flip)
                 total = probabilities if total is None else total + probabilities
@@ -47,8 +49,10 @@ class EnsembleWindowFunction:
 @torch.inference_mode()
 def predict_probabilities(networks: Sequence[nn.Module], image: torch.Tensor, patch_size: Sequence[int],
                           step: float = 0.5, mirror: bool = True, windows_per_batch: int = 4,
-                          amp_dtype: torch.dtype | None = None, progress: bool = False) -> torch.Tensor:
+                          amp_dtype: torch.dtype | None = None, progress: bool = False,
+                          sigmoid: bool = False) -> torch.Tensor:
     """Class probabilities ``(K, *spatial)`` of ``image`` ``(C, *spatial)``; 2D or 3D after the channel axis.
+    ``sigmoid``: region-based outputs, each an independent probability instead of a softmax.
 
     For a 2D network on a 3D volume, pass ``image`` as ``(C, Z, Y, X)`` with a 2D
     ``patch_size``: slices along Z are predicted as a batch of 2D images.
@@ -61,7 +65,7 @@ def predict_probabilities(networks: Sequence[nn.Module], image: torch.Tensor, pa
     else:
         raise ValueError(f"image of shape {tuple(image.shape)} does not fit a {dims}D patch {list(patch_size)}")
     mirror_axes = list(range(2, 2 + dims)) if mirror else []
-    window_function = EnsembleWindowFunction(networks, mirror_axes, amp_dtype)
+    window_function = EnsembleWindowFunction(networks, mirror_axes, amp_dtype, sigmoid)
     outputs = []
     # Slices are predicted a few at a time so that the probability buffer stays small.
     chunk = batch.shape[0] if dims == 3 else max(1, windows_per_batch)

@@ -51,7 +51,7 @@ class PlanningContext:
 
 
 def plan_dataset(fingerprint: DatasetFingerprint, labels: dict, gpu_memory_gb: float = 8.0,
-                 architectures: list[str] | None = None) -> Plans:
+                 architectures: list[str] | None = None, regions_class_order: list[int] | None = None) -> Plans:
     names = architectures or [n for n, spec in ARCHITECTURES.items() if spec.available()]
     spacings = np.array([c.spacing for c in fingerprint.cases], dtype=float)
     shapes = np.array([c.shape_after_crop for c in fingerprint.cases], dtype=float)
@@ -108,6 +108,7 @@ def plan_dataset(fingerprint: DatasetFingerprint, labels: dict, gpu_memory_gb: f
         original_median_spacing=[float(v) for v in np.median(spacings, axis=0)],
         original_median_shape=[int(v) for v in np.median(shapes, axis=0)],
         notes=notes,
+        regions_class_order=list(regions_class_order) if has_regions and regions_class_order else None,
     )
     for config in plans.configurations.values():
         config.data_identifier = f"{config.name}_{preprocessing_digest(plans, config.name)[:8]}"

@@ -97,6 +97,15 @@ class Plans:
     original_median_spacing: list[float]
     original_median_shape: list[int]
     notes: list[str] = field(default_factory=list)
+    # Region-based plans: the label value each region writes, in order (later regions overwrite
+    # earlier ones), as in nnU-Net's dataset.json; None for plain labels.
+    regions_class_order: list[int] | None = None
+
+    @property
+    def regions(self) -> list[list[int]]:
+        """Region-based plans: the label values of each network output, in label order."""
+        return [list(v) if isinstance(v, list) else [v] for k, v in self.labels.items()
+                if k not in ("background", "ignore")]
 
     @property
     def num_input_channels(self) -> int:
@@ -143,6 +152,9 @@ def _validate(plans: Plans, path: Path) -> None:
             raise PlanError(f"unknown normalization scheme '{norm.scheme}'", path)
         if norm.scheme == "ct" and None in (norm.clip_low, norm.clip_high, norm.mean, norm.std):
             raise PlanError("ct normalization needs clip_low, clip_high, mean and std", path)
+    if plans.has_regions and (plans.regions_class_order is None
+                              or len(plans.regions_class_order) != len(plans.regions)):
+        raise PlanError("region-based plans need regions_class_order with one label value per region", path)
     if plans.default_configuration not in plans.configurations:
         raise PlanError(f"default_configuration '{plans.default_configuration}' is not planned", path)
     for cname, config in plans.configurations.items():

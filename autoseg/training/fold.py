@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from autoseg.errors import PlanError, UsageError
+from autoseg.errors import UsageError
 from autoseg.networks.registry import build_network
 from autoseg.paths import Roots
 from autoseg.planning.plans import load_plans, save_plans
@@ -35,7 +35,7 @@ from autoseg.training.checkpoints import check_identity, load_checkpoint, set_rn
 from autoseg.training.data import PatchSampler, batch_iterator
 from autoseg.training.distributed import barrier, init_distributed, select_device
 from autoseg.training.loop import TrainingLoop, TrainingState
-from autoseg.training.loss import DeepSupervisionLoss, DiceCELoss
+from autoseg.training.loss import DeepSupervisionLoss, DiceCELoss, RegionDiceBCELoss
 from autoseg.training.schedule import PolySchedule
 from autoseg.training.splits import DEFAULT_GROUP_PATTERN, cases_for_fold, load_or_create_splits
 
@@ -93,8 +93,6 @@ def train_fold(roots: Roots, dataset_name: str, configuration: str, fold: int | 
     rank, world = init_distributed()
     plans_file = roots.plans_file(dataset_name)
     plans = load_plans(plans_file)
-    if plans.has_regions:
-        raise PlanError("region-based training is not supported yet; use plain labels", plans_file)
     config = plans.configuration(configuration)
     arch = plans.architecture(configuration, architecture)
     data_folder = roots.preprocessed_dataset(dataset_name) / config.data_identifier
@@ -160,12 +158,13 @@ def train_fold(roots: Roots, dataset_name: str, configuration: str, fold: int | 
         print("train: --time-budget is ignored with --continue (the schedule was fitted when the run started)")
     loop_callbacks += [CheckpointWriter(output, identity), ProgressWriter(output), EpochReport()]
     loop = TrainingLoop(
-        network=network, model=model, loss=DeepSupervisionLoss(DiceCELoss()),
+        network=network, model=model,
+        loss=DeepSupervisionLoss(RegionDiceBCELoss(plans.regions) if plans.has_regions else DiceCELoss()),
         train_batches=batch_iterator(train_sampler, workers, seed + 1000 * rank + 7919 * state.epoch),
         val_batches=batch_iterator(val_sampler, 0, seed), optimizer=optimizer, schedule=schedule,
         num_classes=plans.num_segmentation_heads, val_iters=options.val_iters, device=device, amp_dtype=amp_dtype,
         scaler=scaler, callbacks=loop_callbacks + list(callbacks or []), state=state, rank=rank,
-        progress=options.progress)
+        progress=options.progress, regions=plans.regions if plans.has_regions else None)
     try:
         loop.run()
     finally:

@@ -25,6 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from autoseg.training.distributed import all_reduce_sum
+from autoseg.training.loss import region_masks
 from autoseg.training.schedule import PolySchedule
 
 EMA_ALPHA = 0.9
@@ -76,6 +77,8 @@ class TrainingLoop:
     state: TrainingState = field(default_factory=TrainingState)
     rank: int = 0
     progress: bool = True
+    # Region-based labels: the label values of each (sigmoid) output; None for softmax classes.
+    regions: list[list[int]] | None = None
     last_batch: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __post_init__(self):
@@ -139,7 +142,8 @@ class TrainingLoop:
     def validate(self) -> tuple[float, list[float]]:
         """Validation loss and pseudo-Dice per foreground class from TP/FP/FN summed over batches and ranks."""
         self.model.eval()
-        counts = torch.zeros(3, self.num_classes - 1, dtype=torch.float64)  # TP, FP, FN
+        num_foreground = len(self.regions) if self.regions else self.num_classes - 1
+        counts = torch.zeros(3, num_foreground, dtype=torch.float64)  # TP, FP, FN
         losses = []
         for _ in range(self.val_iters):
             image, target = next(self.val_batches)
@@ -149,13 +153,19 @@ class TrainingLoop:
                 logits = self.model(image)
             logits = logits[0] if isinstance(logits, (list, tuple)) else logits
             losses.append(float(self.loss(logits, target)))
-            predicted = logits.argmax(1)
             valid = target >= 0
-            for k in range(1, self.num_classes):
-                p, t = (predicted == k) & valid, target == k
-                counts[0, k - 1] += float((p & t).sum())
-                counts[1, k - 1] += float((p & ~t).sum())
-                counts[2, k - 1] += float((~p & t).sum())
+            if self.regions:
+                predicted_masks = logits > 0  # sigmoid > 0.5
+                target_masks = region_masks(target, self.regions) > 0
+            else:
+                predicted = logits.argmax(1)
+                predicted_masks = torch.stack([predicted == k for k in range(1, self.num_classes)], 1)
+                target_masks = torch.stack([target == k for k in range(1, self.num_classes)], 1)
+            for k in range(num_foreground):
+                p, t = predicted_masks[:, k] & valid, target_masks[:, k]
+                counts[0, k] += float((p & t).sum())
+                counts[1, k] += float((p & ~t).sum())
+                counts[2, k] += float((~p & t).sum())
         all_reduce_sum(counts)
         tp, fp, fn = counts
         dice = (2 * tp / (2 * tp + fp + fn).clamp_min(1)).tolist()

@@ -46,6 +46,41 @@ class DiceCELoss(nn.Module):
         return ce + (1.0 - dice[1:].mean())
 
 
+def region_masks(target: torch.Tensor, regions: list[list[int]]) -> torch.Tensor:
+    """(B, R, *spatial) float: voxel in region r when its label value is one of ``regions[r]``."""
+    values = torch.as_tensor([v for region in regions for v in region], device=target.device)
+    owner = torch.as_tensor([r for r, region in enumerate(regions) for _ in region], device=target.device)
+    masks = torch.zeros((target.shape[0], len(regions), *target.shape[1:]), device=target.device)
+    for value, r in zip(values.tolist(), owner.tolist()):
+        masks[:, r] += (target == value).float()
+    return masks.clamp_(max=1.0)
+
+
+class RegionDiceBCELoss(nn.Module):
+    """nnU-Net's loss for region-based labels (say, BraTS's nested tumour regions): one sigmoid
+    output per region, binary cross-entropy plus batch Dice of each region; regions overlap,
+    so a softmax over them would be wrong. Voxels marked -1 (ignore) count in neither term."""
+
+    def __init__(self, regions: list[list[int]], smooth: float = 1e-5):
+        super().__init__()
+        self.regions = regions
+        self.smooth = smooth
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``logits`` (B, R, *spatial), ``target`` (B, *spatial) label values with -1 for ignored voxels."""
+        valid = (target != IGNORE).unsqueeze(1).float()
+        masks = region_masks(target, self.regions)
+        bce = F.binary_cross_entropy_with_logits(logits.float(), masks, reduction="none")
+        bce = (bce * valid).sum() / (valid.sum() * logits.shape[1]).clamp_min(1)
+        probabilities = torch.sigmoid(logits.float()) * valid
+        masks = masks * valid
+        axes = [0] + list(range(2, logits.ndim))
+        intersection = (probabilities * masks).sum(axes)
+        denominator = probabilities.sum(axes) + masks.sum(axes)
+        dice = (2 * intersection + self.smooth) / (denominator + self.smooth).clamp_min(1e-8)
+        return bce + (1.0 - dice.mean())
+
+
 class DeepSupervisionLoss(nn.Module):
     def __init__(self, loss: nn.Module):
         super().__init__()
