@@ -14,8 +14,8 @@ The recurrence, per channel d and state n (A diagonal, everything else input-dep
   then adds its chunk's incoming state times its cumulative decay;
 * long sequences (a whole 3D feature map at full resolution) are cut into blocks of a few
   million state elements, scanned one after another with the state carried over, and each
-  block is gradient-checkpointed: memory stays O(block) instead of O(L * d_inner * d_state)
-  times the number of doubling steps.
+  block is gradient-checkpointed when training: memory stays O(block) instead of
+  O(L * d_inner * d_state) times the number of doubling steps.
 
 On CUDA with ``mamba_ssm`` installed, its fused kernel is used instead.
 """
@@ -54,7 +54,9 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     for start in range(0, length, block):
         args = (u[:, start:start + block], delta[:, start:start + block], A,
                 B[:, start:start + block], C[:, start:start + block], state, chunk_size)
-        if torch.is_grad_enabled() and length > block:
+        # Checkpointed whenever training, however short the sequence: memory then grows with the
+        # sequence the same way at every patch size, which the planner's memory model relies on.
+        if torch.is_grad_enabled():
             y, state = checkpoint(_scan_block, *args, use_reentrant=False)
         else:
             y, state = _scan_block(*args)

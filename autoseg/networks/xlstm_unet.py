@@ -9,7 +9,7 @@ whose code base xLSTM-UNet builds on.
 The mLSTM cell is our own chunkwise implementation (``mlstm.py``), not the ``xlstm`` /
 ``mlstm_kernels`` packages: those pull Triton/CUDA wheels and we need CPU training too.
 At full resolution a stage's sequence is every voxel of the patch; in training the cell is
-then gradient-checkpointed so its (L x chunk) score matrices are not kept for backward.
+gradient-checkpointed so its (L x chunk) score matrices are not kept for backward.
 """
 
 from __future__ import annotations
@@ -25,8 +25,6 @@ from autoseg.networks.resenc_unet import ResidualEncoderUNet
 from autoseg.planning.plans import ArchitecturePlan
 
 XLSTM_BLOCKS_PER_STAGE = [2]
-# Above this many score-matrix entries (batch * heads * L * chunk) the cell is checkpointed.
-CHECKPOINT_ENTRIES = 2 ** 22
 
 
 class MLSTMLayer(nn.Module):
@@ -68,7 +66,9 @@ class MLSTMLayer(nn.Module):
         q, k, v = (t.reshape(batch, length, self.heads, -1).transpose(1, 2) for t in (q, k, v))
         args = (q.float(), k.float(), v.float(), i_pre.float(), f_pre.float(), self.chunk_size)
         with without_autocast(tokens.device):  # exp gates need float32
-            if torch.is_grad_enabled() and batch * self.heads * length * self.chunk_size > CHECKPOINT_ENTRIES:
+            # Checkpointed whenever training, at every sequence length, so that memory is linear in
+            # the patch's voxels as the planner's memory model assumes.
+            if torch.is_grad_enabled():
                 h = checkpoint(mlstm_chunkwise, *args, use_reentrant=False)
             else:
                 h = mlstm_chunkwise(*args)
