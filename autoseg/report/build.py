@@ -8,6 +8,7 @@ a previous report stays intact until the new one is complete.
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 import shutil
@@ -109,7 +110,14 @@ def build_report(sources: ReportSources, folder: Path, num_worst: int = 10, num_
     jobs = [(case, sources.channel, classes, ignore, sources.window_rule, folder, Path(figure))
             for case, figure in zip(sources.cases, figures)]
     preload()  # imported once here, inherited by the forked workers
-    entries = sorted(map_with_progress(render_case, jobs, num_processes, "report", progress), key=worst_first_key)
+    # What exists now outlives the drawing: out of the collector's sight, the full collection
+    # after each figure (figures._png) walks that figure's objects only (80 ms -> 20 ms a case).
+    gc.freeze()
+    try:
+        entries = map_with_progress(render_case, jobs, num_processes, "report", progress)
+    finally:
+        gc.unfreeze()
+    entries.sort(key=worst_first_key)
     per_class, _ = summarize_rows([case.metrics for case in sources.cases], list(classes))
     atomic_write_bytes(folder / "boxplots.png", draw_metric_boxplots(
         {name: [e.dice[name] for e in entries] for name in classes},
