@@ -1,4 +1,4 @@
-"""The report's figures, drawn with matplotlib's Agg backend (no display needed) into PNG bytes.
+"""The report's figures, drawn on matplotlib's Agg canvas (no display needed) into PNG bytes.
 
 A case figure shows the chosen slices (``slices.py``) of one image channel in its
 intensity window, the reference as solid and the prediction as dashed outlines in one
@@ -24,18 +24,23 @@ TITLE_CLASSES = 6  # classes named in a figure's title; a report of 40 organs na
 DISAGREEMENT_COLOUR = "#ffd400"
 
 
-def _pyplot():
-    import matplotlib
+def _figure(width: float, height: float):
+    """A matplotlib Figure on the Agg canvas, outside pyplot.
 
-    matplotlib.use("Agg")  # before pyplot is imported: no display, no GUI toolkit
-    import matplotlib.pyplot as plt
+    No pyplot means no backend to choose, no display, no global list of open figures, and
+    nothing changed for a user who calls this from a notebook with an interactive backend.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    return plt
+    figure = Figure(figsize=(width, height))
+    FigureCanvasAgg(figure)
+    return figure
 
 
 def preload() -> None:
     """Import matplotlib now, so that forked worker processes inherit it instead of importing it each."""
-    _pyplot()
+    _figure(1, 1)
     import matplotlib.colors  # noqa: F401
     import matplotlib.lines  # noqa: F401
     import matplotlib.patches  # noqa: F401
@@ -43,18 +48,17 @@ def preload() -> None:
 
 def class_colours(names: list[str]) -> dict[str, tuple]:
     """One colour per class, stable across every figure of a report."""
-    plt = _pyplot()
-    palette = plt.get_cmap("tab10").colors
+    import matplotlib
+
+    palette = matplotlib.colormaps["tab10"].colors
     skip = {8}  # tab10's olive is too close to the disagreement tint
     usable = [c for i, c in enumerate(palette) if i not in skip]
     return {name: usable[i % len(usable)] for i, name in enumerate(names)}
 
 
 def _png(figure) -> bytes:
-    plt = _pyplot()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=DPI)
-    plt.close(figure)
     # A figure is a web of reference cycles holding its image arrays; Python's collector counts
     # objects, not bytes, and would let hundreds of figures pile up in a worker before it runs.
     gc.collect()
@@ -85,7 +89,6 @@ def draw_case(image: np.ndarray, reference: np.ndarray, prediction: np.ndarray, 
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    plt = _pyplot()
     perm, flips = display_transform(geometry)
     disagreement = disagreement_mask(reference, prediction, classes, ignore)
     volumes = [to_display(a, perm, flips) for a in (image, reference, prediction, disagreement)]
@@ -107,7 +110,7 @@ def draw_case(image: np.ndarray, reference: np.ndarray, prediction: np.ndarray, 
     bottom = 0.2 * math.ceil(len(handles) / columns) + 0.2
     fig_width = max(sum(widths) + GAP * (len(widths) + 1), 5.0)
     fig_height = height + top + bottom
-    figure = plt.figure(figsize=(fig_width, fig_height))
+    figure = _figure(fig_width, fig_height)
     left = (fig_width - sum(widths) - GAP * (len(widths) - 1)) / 2
     tint = ListedColormap([DISAGREEMENT_COLOUR])
     for panel, (pixels, _, _, wrong), panel_masks, width in zip(panels, cuts, masks, widths):
@@ -152,10 +155,10 @@ def _outline(ax, mask: np.ndarray, colour, style: str) -> None:
 
 def draw_metric_boxplots(dice: dict[str, list[float]], hd95: dict[str, list[float | None]]) -> bytes:
     """Box plots of Dice and HD95 per class over cases, every case drawn as a point."""
-    plt = _pyplot()
     names = list(dice)
     colours = class_colours(names)
-    figure, axes = plt.subplots(1, 2, figsize=(max(6.0, 1.6 * len(names) + 3.0), 3.6))
+    figure = _figure(max(6.0, 1.6 * len(names) + 3.0), 3.6)
+    axes = figure.subplots(1, 2)
     rng = np.random.default_rng(0)  # the same jitter every time: reports of the same data are the same
     for ax, values, title in ((axes[0], dice, "Dice"), (axes[1], hd95, "HD95 (mm)")):
         defined = [np.array([v for v in values[n] if v is not None], dtype=float) for n in names]

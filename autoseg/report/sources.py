@@ -178,6 +178,11 @@ def trained_sources(roots: Roots, dataset_name: str, configuration: str, archite
             raise UsageError("missing: the fold has not finished training and validation "
                              "(`autoseg train ... --continue` completes it)", summary_file)
         summary = load_record(EvaluationSummary, summary_file, DatasetError)
+        lacking = sorted({c for c in evaluation_classes(spec.labels) for row in summary.per_case
+                          if f"{c}/dice" not in row or f"{c}/hd95" not in row})
+        if lacking or not all("case" in row for row in summary.per_case):
+            raise DatasetError(f"per-case rows lack the case or class(es) {lacking} of dataset.json; re-evaluate "
+                               "the fold (autoseg evaluate)", summary_file)
         metrics_from.append(str(summary_file))
         if (fold_dir / "progress.png").is_file():
             curves[fold] = str(fold_dir / "progress.png")
