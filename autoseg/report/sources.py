@@ -175,7 +175,7 @@ def trained_sources(roots: Roots, dataset_name: str, configuration: str, archite
         fold_dir = model_dir / f"fold_{fold}"
         summary_file = fold_dir / "validation" / "summary.json"
         if not summary_file.is_file():
-            raise UsageError("missing: the fold has not finished training and validation "
+            raise UsageError(f"does not exist: fold {fold} was not trained or its training has not finished "
                              "(`autoseg train ... --continue` completes it)", summary_file)
         summary = load_record(EvaluationSummary, summary_file, DatasetError)
         lacking = sorted({c for c in evaluation_classes(spec.labels) for row in summary.per_case
