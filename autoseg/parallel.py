@@ -47,9 +47,8 @@ def map_with_progress(function: Callable[[T], R], items: Iterable[T], num_proces
 
 def _single_thread() -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
-    try:
-        import torch
-
+    # Only where torch is loaded already: importing it here would cost every worker seconds,
+    # and a worker that imports it later reads OMP_NUM_THREADS above.
+    torch = sys.modules.get("torch")
+    if torch is not None:
         torch.set_num_threads(1)
-    except ImportError:  # pragma: no cover
-        pass

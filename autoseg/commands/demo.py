@@ -50,4 +50,6 @@ def demo_steps(args: argparse.Namespace, work: Path) -> list[tuple[str, list[str
         ("predict the test images", ["predict", "-i", str(raw / "imagesTs"), "-o", str(work / "predictions"),
                                      "-d", "999", "-c", "3d_fullres", "-f", "0"]),
         ("evaluate the predictions", ["evaluate", str(raw / "labelsTs"), str(work / "predictions"), "-d", "999"]),
+        ("draw where fold 0 is wrong on its validation cases (open report_fold_0/index.html)",
+         ["report", "-d", "999", "-c", "3d_fullres", "-f", "0"]),
     ]

@@ -23,20 +23,25 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def run(args) -> int:
+def labels_spec(args):
+    """The DatasetSpec that names the labels: from --dataset-json, else the raw (or preprocessed) dataset of -d."""
     from autoseg.dataset.spec import load_dataset_spec
-    from autoseg.evaluation.evaluate import evaluate_folder, format_table
     from autoseg.paths import Roots
 
     if args.dataset_json:
-        spec = load_dataset_spec(Path(args.dataset_json).parent, with_cases=False)
-    elif args.dataset:
+        return load_dataset_spec(Path(args.dataset_json).parent, with_cases=False)
+    if args.dataset:
         roots = Roots.resolve(args.raw, args.preprocessed, args.results)
         name = roots.find_dataset(args.dataset)
         folder = roots.raw_dataset(name) if roots.raw_dataset(name).is_dir() else roots.preprocessed_dataset(name)
-        spec = load_dataset_spec(folder, with_cases=False)
-    else:
-        raise UsageError("give -d DATASET or --dataset-json FILE so that the labels are known")
+        return load_dataset_spec(folder, with_cases=False)
+    raise UsageError("give -d DATASET or --dataset-json FILE so that the labels are known")
+
+
+def run(args) -> int:
+    from autoseg.evaluation.evaluate import evaluate_folder, format_table
+
+    spec = labels_spec(args)
     tolerance: float | dict[str, float] = args.tolerance
     if args.class_tolerance:
         tolerance = {name: args.tolerance for name in spec.labels}

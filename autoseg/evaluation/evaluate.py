@@ -90,20 +90,7 @@ def evaluate_folder(reference_dir: str | Path, prediction_dir: str | Path, label
     ignore = labels.get("ignore")
     jobs = [(p, prediction_dir / p.name, classes, tolerances, ignore) for p in references]
     rows = map_with_progress(evaluate_case, jobs, num_processes, "evaluate", progress)
-    per_class = {}
-    for name in classes:
-        mean, std = {}, {}
-        for metric in METRICS:
-            values = np.array([row[f"{name}/{metric}"] for row in rows], dtype=float)
-            defined = values[~np.isnan(values)]
-            mean[metric] = float(defined.mean()) if defined.size else None
-            std[metric] = float(defined.std()) if defined.size else None
-        undefined = int(sum(math.isnan(row[f"{name}/hd95"]) for row in rows))
-        per_class[name] = ClassSummary(mean, std, undefined)
-    mean_foreground = {}
-    for metric in METRICS:
-        means = [c.mean[metric] for c in per_class.values() if c.mean[metric] is not None]
-        mean_foreground[metric] = float(np.mean(means)) if means else None
+    per_class, mean_foreground = summarize_rows(rows, list(classes))
     summary = EvaluationSummary(str(reference_dir), str(prediction_dir), tolerances, EMPTY_MASK_RULES, per_class,
                                 mean_foreground, [_json_row(r) for r in rows])
     if output_dir is not None:
@@ -111,6 +98,26 @@ def evaluate_folder(reference_dir: str | Path, prediction_dir: str | Path, label
         save_json(summary, output_dir / "summary.json")
         atomic_write_bytes(output_dir / "per_case.csv", per_case_csv(rows).encode())
     return summary
+
+
+def summarize_rows(rows: list[dict[str, Any]], classes: list[str]) -> tuple[dict[str, ClassSummary],
+                                                                             dict[str, float | None]]:
+    """Per-class mean and std over cases (undefined values, NaN or null, left out) and the mean over classes."""
+    per_class = {}
+    for name in classes:
+        mean, std = {}, {}
+        for metric in METRICS:
+            values = np.array([row[f"{name}/{metric}"] for row in rows], dtype=float)  # None becomes NaN
+            defined = values[~np.isnan(values)]
+            mean[metric] = float(defined.mean()) if defined.size else None
+            std[metric] = float(defined.std()) if defined.size else None
+        undefined = int(np.isnan(np.array([row[f"{name}/hd95"] for row in rows], dtype=float)).sum())
+        per_class[name] = ClassSummary(mean, std, undefined)
+    mean_foreground = {}
+    for metric in METRICS:
+        means = [c.mean[metric] for c in per_class.values() if c.mean[metric] is not None]
+        mean_foreground[metric] = float(np.mean(means)) if means else None
+    return per_class, mean_foreground
 
 
 def _json_row(row: dict[str, Any]) -> dict[str, Any]:
