@@ -1,16 +1,17 @@
 """Bad datasets: every problem is reported, naming the file, and nothing is written."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from autoseg.cli import main
 from autoseg.dataset.check import check_dataset
 from autoseg.dataset.spec import load_dataset_spec
-from autoseg.errors import DatasetError
 from tests.conftest import edit_json, write_nifti
+from tests.faults import (FILE_FAULTS, INTENSITY_FAULTS, LABEL_FAULTS, assert_refused, files_under, needs_permissions,
+                          run_cli)
 
 
 def _label(root, case="synth_000"):
@@ -40,35 +41,76 @@ def _set(path, **geometry):
     sitk.WriteImage(image, str(path))
 
 
+def _without_key(path, key):
+    data = json.loads(path.read_text())
+    del data[key]
+    path.write_text(json.dumps(data))
+
+
+def _dataset_json(change):
+    return lambda root: change(root / "dataset.json")
+
+
+def _second_channel_missing(root):
+    for image in (root / "imagesTr").glob("*_0000.nii.gz"):
+        if image.name != "synth_000_0000.nii.gz":
+            shutil.copy(image, image.with_name(image.name.replace("_0000", "_0001")))
+    edit_json(root / "dataset.json", channel_names={"0": "T1", "1": "T2"})
+
+
+IMAGE, LABEL, DATASET_JSON = "synth_000_0000.nii.gz", "synth_000.nii.gz", "dataset.json"
+# name -> (damage(dataset folder), file the error line names, problem in words)
 BREAKAGES = {
-    "missing channel": (lambda r: _image(r).unlink(), "label has no image"),
-    "label without image": (lambda r: _image(r, "synth_001").unlink(), "synth_001.nii.gz: label has no image"),
-    "image without label": (lambda r: _label(r, "synth_002").unlink(), "synth_002_0000.nii.gz: image has no label"),
-    "unknown label value": (lambda r: _rewrite(_label(r), lambda a: np.where(a == 2, 7, a).astype(a.dtype)),
-                            "label values [7] are not in dataset.json"),
-    "NaN intensities": (lambda r: _rewrite(_image(r), lambda a: np.where(a > 150, np.nan, a).astype(a.dtype)),
-                        "NaN or Inf"),
-    "shape mismatch": (lambda r: _rewrite(_image(r), lambda a: a[:-1]), "shape"),
-    "spacing mismatch": (lambda r: _set(_image(r), Spacing=(1.0, 1.0, 2.0)), "spacing"),
-    "origin mismatch": (lambda r: _set(_image(r), Origin=(500.0, 0.0, 0.0)), "origin"),
-    "direction mismatch": (lambda r: _set(_image(r), Direction=(0, 1, 0, 1, 0, 0, 0, 0, 1)), "direction"),
-    "empty file": (lambda r: _image(r).write_bytes(b""), "file is empty"),
-    "wrong magic bytes": (lambda r: _image(r).write_bytes(b"GIF89a" * 100), "cannot be read as an image"),
+    **{f"image: {name}": (lambda r, d=damage: d(_image(r)), IMAGE, problem)
+       for name, (damage, problem) in {**FILE_FAULTS, **INTENSITY_FAULTS}.items()},
+    **{f"label: {name}": (lambda r, d=damage: d(_label(r)), LABEL, problem)
+       for name, (damage, problem) in {**LABEL_FAULTS, **{k: FILE_FAULTS[k] for k in (
+           "truncated gzip", "wrong magic bytes", "empty file", "4D image", "no read permission")}}.items()},
+    "missing channel": (_second_channel_missing, IMAGE, "has 1 channel(s), dataset.json names 2"),
+    "label without image": (lambda r: _image(r, "synth_001").unlink(), "synth_001.nii.gz", "label has no image"),
+    "image without label": (lambda r: _label(r, "synth_002").unlink(), "synth_002_0000.nii.gz", "image has no label"),
+    "shape mismatch": (lambda r: _rewrite(_image(r), lambda a: a[:-1]), IMAGE, "shape"),
+    "spacing mismatch": (lambda r: _set(_image(r), Spacing=(1.0, 1.0, 2.0)), IMAGE, "spacing"),
+    "origin mismatch": (lambda r: _set(_image(r), Origin=(500.0, 0.0, 0.0)), IMAGE, "origin"),
+    "direction mismatch": (lambda r: _set(_image(r), Direction=(0, 1, 0, 1, 0, 0, 0, 0, 1)), IMAGE, "direction"),
+    "dataset.json: invalid JSON": (_dataset_json(lambda p: p.write_text("{not json")), DATASET_JSON, "invalid JSON"),
+    "dataset.json: missing key": (_dataset_json(lambda p: _without_key(p, "labels")), DATASET_JSON,
+                                  "missing key 'labels'"),
+    "dataset.json: no background": (_dataset_json(lambda p: edit_json(p, labels={"organ": 1})), DATASET_JSON,
+                                    "must contain \"background\": 0"),
+    "dataset.json: label of wrong type": (_dataset_json(lambda p: edit_json(p, labels={"background": 0, "a": "one"})),
+                                          DATASET_JSON, "must be an integer"),
+    "dataset.json: duplicate label value": (
+        _dataset_json(lambda p: edit_json(p, labels={"background": 0, "a": 1, "b": 1})), DATASET_JSON,
+        "the same value 1"),
+    "dataset.json: channel_names of wrong type": (_dataset_json(lambda p: edit_json(p, channel_names=["MRI"])),
+                                                  DATASET_JSON, "channel_names"),
+    "dataset.json: numTraining of wrong type": (_dataset_json(lambda p: edit_json(p, numTraining="six")),
+                                                DATASET_JSON, "numTraining"),
+    "dataset.json: file_ending not a format": (_dataset_json(lambda p: edit_json(p, file_ending="nii")), DATASET_JSON,
+                                               "file_ending"),
+    "dataset.json: file_ending that matches nothing": (_dataset_json(lambda p: edit_json(p, file_ending=".nrrd")),
+                                                       "imagesTr", "no file matches"),
+    "dataset.json: path escapes the dataset folder": (
+        _dataset_json(lambda p: edit_json(p, dataset={"x": {"images": ["../../etc/passwd"], "label": "labelsTr/x.nii.gz"}})),
+        DATASET_JSON, "path '../../etc/passwd' leaves the dataset folder"),
 }
 
 
+@pytest.mark.parametrize("command", ["check", "plan-and-preprocess"])
 @pytest.mark.parametrize("breakage", sorted(BREAKAGES))
-def test_each_bad_input_gets_one_clear_line_exit_2_and_nothing_written(dataset_copy, tmp_path, capsys, breakage):
-    damage, message = BREAKAGES[breakage]
+def test_each_bad_input_gets_one_clear_line_exit_2_and_nothing_written(dataset_copy, tmp_path, capsys, command,
+                                                                        breakage):
+    damage, file, problem = BREAKAGES[breakage]
     damage(dataset_copy)
-    preprocessed = tmp_path / "pre"
-    code = main(["plan-and-preprocess", "-d", dataset_copy.name, f"--raw={dataset_copy.parent}",
-                 f"--preprocessed={preprocessed}", f"--results={tmp_path / 'res'}", "-np", "1"])
-    err = capsys.readouterr().err
-    assert code == 2
-    assert message in err
-    assert "Traceback" not in err
-    assert not preprocessed.exists(), "nothing may be written for a dataset that fails its check"
+    roots = [tmp_path / "pre", tmp_path / "res"]
+    before = files_under(dataset_copy.parent, *roots)
+    with needs_permissions(breakage.partition(": ")[2]):
+        outcome = run_cli([command, "-d", dataset_copy.name, f"--raw={dataset_copy.parent}", f"--preprocessed={roots[0]}",
+                           f"--results={roots[1]}", "-np", "1"], capsys)
+    assert_refused(outcome, file, problem)
+    assert files_under(dataset_copy.parent, *roots) == before, "nothing may be written for a dataset that fails"
+    assert not roots[0].exists()
 
 
 def test_all_problems_are_reported_not_only_the_first(dataset_copy):
@@ -80,38 +122,6 @@ def test_all_problems_are_reported_not_only_the_first(dataset_copy):
     assert len(problems) >= 4  # three cases plus numTraining
     assert "synth_002_0000" in joined and "synth_003_0000" in joined and "synth_004.nii.gz" in joined
     assert "numTraining is 6 but 5" in joined
-
-
-@pytest.mark.parametrize("change, message", [
-    (lambda p: p.write_text("{not json"), "invalid JSON"),
-    (lambda p: edit_json(p, labels={"organ": 1}), "must contain \"background\": 0"),
-    (lambda p: edit_json(p, labels={"background": 0, "a": "one"}), "must be an integer"),
-    (lambda p: edit_json(p, labels={"background": 0, "a": 1, "b": 1}), "the same value 1"),
-    (lambda p: edit_json(p, channel_names=["MRI"]), "channel_names"),
-    (lambda p: edit_json(p, file_ending="nii"), "file_ending"),
-    (lambda p: edit_json(p, numTraining="six"), "numTraining"),
-    (lambda p: edit_json(p, dataset={"x": {"images": ["../../etc/passwd"], "label": "labelsTr/x.nii.gz"}}),
-     "leaves the dataset folder"),
-])
-def test_dataset_json_problems_name_the_file_and_the_key(dataset_copy, change, message):
-    change(dataset_copy / "dataset.json")
-    with pytest.raises(DatasetError, match="dataset.json") as info:
-        load_dataset_spec(dataset_copy)
-    assert message in str(info.value)
-
-
-def test_missing_key_is_named(dataset_copy):
-    data = json.loads((dataset_copy / "dataset.json").read_text())
-    del data["labels"]
-    (dataset_copy / "dataset.json").write_text(json.dumps(data))
-    with pytest.raises(DatasetError, match="missing key 'labels'"):
-        load_dataset_spec(dataset_copy)
-
-
-def test_file_ending_that_matches_nothing_is_a_problem(dataset_copy):
-    edit_json(dataset_copy / "dataset.json", file_ending=".nrrd")
-    problems = check_dataset(dataset_copy, num_processes=1, progress=False)
-    assert any("no file matches" in p for p in problems)
 
 
 def test_non_contiguous_labels_are_accepted(tmp_path):
@@ -127,8 +137,6 @@ def test_non_contiguous_labels_are_accepted(tmp_path):
 
 
 def test_paths_with_spaces_and_non_ascii_work(synthetic_raw, tmp_path):
-    import shutil
-
     raw = tmp_path / "données brutes"
     shutil.copytree(synthetic_raw, raw / synthetic_raw.name)
     assert check_dataset(raw / synthetic_raw.name, num_processes=1, progress=False) == []

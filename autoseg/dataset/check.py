@@ -13,7 +13,7 @@ import numpy as np
 
 from autoseg.dataset.spec import CaseFiles, DatasetSpec, load_dataset_spec
 from autoseg.errors import DatasetCheckFailed, ImageReadError
-from autoseg.io.images import Geometry, read_header, read_image, read_label
+from autoseg.io.images import Geometry, intensity_problem, read_header, read_image, read_label
 from autoseg.parallel import map_with_progress
 
 
@@ -69,8 +69,9 @@ def read_case(case: CaseFiles, spec: DatasetSpec, need_label: bool = True, load:
         except ImageReadError as exc:
             problems.append(exc.one_line())
             continue
-        if not np.all(np.isfinite(array)):
-            problems.append(f"{file}: image contains NaN or Inf values")
+        problem = intensity_problem(array)
+        if problem:
+            problems.append(f"{file}: {problem}")
         channels.append(array)
     if case.label is not None:
         try:

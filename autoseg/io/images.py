@@ -14,6 +14,7 @@ sform (codes included) are exactly the input's.
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,6 +85,8 @@ def read_header(path: str | Path) -> tuple[Geometry, int]:
     """Geometry and number of components (channels) of an image file, pixels unread."""
     path = Path(path)
     _check_file(path)
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        _check_nifti_spacing(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -243,6 +246,50 @@ def _read_nifti_pixels(path: Path) -> np.ndarray:
     return data.transpose(tuple(reversed(range(data.ndim))))
 
 
+def _check_nifti_spacing(path: Path) -> None:
+    """Refuse zero, negative or non-finite voxel sizes in a NIfTI header.
+
+    ITK's NIfTI reader silently replaces a zero ``pixdim`` by 1 and takes the absolute value
+    of a negative one, and nibabel "fixes" them on load, so the image would be read with a
+    spacing nobody wrote. The raw header is parsed here instead: one small read.
+    """
+    header = _nifti_header(path)
+    if header is None:
+        return  # not NIfTI-1: ITK's reader will say what it is
+    endian, raw = header
+    dims = struct.unpack(endian + "8h", raw[40:56])
+    pixdim = list(struct.unpack(endian + "8f", raw[76:108]))[1 : 1 + max(1, min(3, dims[0]))]
+    if not all(np.isfinite(pixdim)) or min(pixdim) <= 0:
+        raise ImageReadError(f"spacing (pixdim) {[float(f'{v:.6g}') for v in pixdim]} in the header must be "
+                             "positive and finite", path)
+
+
+def _nifti_header(path: Path) -> tuple[str, bytes] | None:
+    """(byte order, the 348-byte NIfTI-1 header) of a .nii or .nii.gz file, or None if it is not one."""
+    import gzip
+
+    try:
+        with (gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")) as handle:
+            raw = handle.read(348)
+    except (OSError, EOFError):
+        return None
+    if len(raw) < 348:
+        return None
+    for endian in "<>":
+        if struct.unpack(endian + "i", raw[:4])[0] == 348:
+            return endian, raw
+    return None
+
+
+def intensity_problem(image: np.ndarray) -> str | None:
+    """Why these voxel values cannot be a real scan, or None: NaN/Inf, or nothing but zeros."""
+    if not np.all(np.isfinite(image)):
+        return "image contains NaN or Inf values"
+    if not image.any():
+        return "image is all zeros (an empty or failed export?)"
+    return None
+
+
 def _check_gzip_complete(path: Path) -> None:
     """Refuse a truncated ``.nii.gz``: SimpleITK would silently fill the missing voxels with zeros.
 
@@ -250,7 +297,6 @@ def _check_gzip_complete(path: Path) -> None:
     NIfTI header's vox_offset plus the voxel bytes. Checking it costs two small reads.
     """
     import gzip
-    import struct
 
     try:
         with gzip.open(path, "rb") as handle:
@@ -278,9 +324,14 @@ def _check_file(path: Path) -> None:
         raise ImageReadError("file does not exist", path)
     if path.is_dir():
         raise ImageReadError("is a directory, expected an image file", path)
-    if not os.access(path, os.R_OK):
-        raise ImageReadError("cannot be read (permission denied)", path)
-    if path.stat().st_size == 0:
+    try:  # opened, not os.access(): that asks with the real uid and ignores ACLs and dropped capabilities
+        with open(path, "rb") as handle:
+            empty = not handle.read(1)
+    except PermissionError:
+        raise ImageReadError("cannot be read (permission denied)", path) from None
+    except OSError as exc:
+        raise ImageReadError(f"cannot be read ({exc.strerror or exc})", path) from None
+    if empty:
         raise ImageReadError("file is empty", path)
 
 
