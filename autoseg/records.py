@@ -18,7 +18,7 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-from autoseg.errors import AutosegError
+from autoseg.errors import AutosegError, UsageError
 
 T = TypeVar("T")
 _UMASK = os.umask(0)
@@ -26,10 +26,17 @@ os.umask(_UMASK)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that the final name never holds a partial file."""
+    """Write ``data`` to ``path`` so that the final name never holds a partial file.
+
+    A failed write (disk full, permission denied) leaves neither the final name nor the
+    temporary file behind, and its ``OSError`` names ``path`` (a bare write error names none).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, exc.filename or str(path.parent)) from None
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
         with os.fdopen(fd, "wb") as handle:
@@ -37,9 +44,29 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not exc.filename:
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
         raise
+
+
+def copy_file_atomic(source: str | Path, target: str | Path) -> None:
+    """``shutil.copyfile``, but a crash or a full disk never leaves a truncated ``target``."""
+    atomic_write_bytes(target, Path(source).read_bytes())
+
+
+def check_writable_folder(folder: str | Path) -> None:
+    """Create ``folder`` if needed and write (and delete) a file in it, so a command that cannot
+    write its output says so before it starts long work, not after."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".autoseg-write-test.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UsageError(f"output folder is not writable ({exc.strerror or exc})", folder) from None
 
 
 def to_jsonable(value: Any) -> Any:

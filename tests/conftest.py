@@ -2,12 +2,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from autoseg.cli import main
 from autoseg.dataset.synthetic import make_synthetic_dataset
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -48,3 +50,62 @@ def edit_json(path: Path, **changes) -> None:
     data = json.loads(path.read_text())
     data.update(changes)
     path.write_text(json.dumps(data))
+
+
+def shrink_plan_to_tiny_unet(plans_file: Path) -> None:
+    """Edit a planned 3d_fullres U-Net down to one that trains in seconds (8x32x32 patch, 4-8-16 features)."""
+    from autoseg.planning.plans import load_plans, save_plans
+
+    plans = load_plans(plans_file)
+    unet = plans.configurations["3d_fullres"].architectures["unet"]
+    unet.patch_size, unet.batch_size = [8, 32, 32], 2
+    unet.kernel_sizes, unet.strides, unet.features = [[1, 3, 3], [3, 3, 3], [3, 3, 3]], [[1, 1, 1], [1, 2, 2], [2, 2, 2]], [4, 8, 16]
+    save_plans(plans, plans_file)
+
+
+@dataclass
+class Pipeline:
+    """Where the ``pipeline`` fixture put each stage's output, and the exit code of each command."""
+
+    raw: Path  # the raw root
+    pre: Path
+    res: Path
+    predictions: Path
+    evaluation: Path
+    name: str
+    codes: dict[str, int]
+
+    @property
+    def flags(self) -> list[str]:
+        return [f"--raw={self.raw}", f"--preprocessed={self.pre}", f"--results={self.res}"]
+
+    @property
+    def dataset(self) -> Path:
+        return self.raw / self.name
+
+    @property
+    def fold(self) -> Path:
+        return self.res / self.name / "3d_fullres__unet" / "fold_0"
+
+
+TRAIN_TINY = ["train", "999", "3d_fullres", "0", "--epochs", "1", "--iters-per-epoch", "2", "--val-iters", "1",
+              "--num-workers", "0", "--seed", "0"]
+
+
+@pytest.fixture(scope="session")
+def pipeline(synthetic_raw, tmp_path_factory) -> Pipeline:
+    """Every command once, on the synthetic dataset, under paths with spaces and non-ASCII characters."""
+    work = tmp_path_factory.mktemp("pipeline") / "dossier à espaces ü"
+    p = Pipeline(work / "données brutes", work / "pré traité", work / "résultats", work / "prédictions ø",
+                 work / "évaluation", synthetic_raw.name, {})
+    shutil.copytree(synthetic_raw, p.dataset)
+    p.codes["check"] = main(["check", "-d", "999", "-np", "1", *p.flags])
+    p.codes["plan-and-preprocess"] = main(["plan-and-preprocess", "-d", "999", "-c", "3d_fullres", "-a", "unet",
+                                           "-np", "1", *p.flags])
+    shrink_plan_to_tiny_unet(p.pre / p.name / "plans.json")
+    p.codes["train"] = main([*TRAIN_TINY, *p.flags])  # ends by predicting and evaluating its validation cases
+    p.codes["predict"] = main(["predict", "-i", str(p.dataset / "imagesTs"), "-o", str(p.predictions), "-d", "999",
+                               "-c", "3d_fullres", "-f", "0", "--disable-tta", *p.flags])
+    p.codes["evaluate"] = main(["evaluate", str(p.dataset / "labelsTs"), str(p.predictions), "-d", "999", "-np", "1",
+                                "-o", str(p.evaluation), *p.flags])
+    return p

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gzip
+import json
 import os
 import resource
 import signal
@@ -22,6 +23,7 @@ import numpy as np
 import pytest
 
 from autoseg.cli import main
+from autoseg.io.images import read_image
 
 
 # ---- damaged image files -------------------------------------------------------------------------------------
@@ -99,15 +101,16 @@ INTENSITY_FAULTS = {
     "all-zero image": (_voxels(np.zeros_like), "all zeros"),
 }
 LABEL_FAULTS = {
-    "non-integer label values": (_voxels(lambda a: a.astype(np.float32) * 0.5), "non-integer values"),
+    "non-integer label values": (_voxels(lambda a: a.astype(np.float32) + 0.5), "non-integer values"),
     "negative label values": (_voxels(lambda a: a.astype(np.int16) - 1), "label values must lie in 0..32767"),
-    "label values not in dataset.json": (_voxels(lambda a: np.where(a == 2, 7, a).astype(a.dtype)),
-                                         "label values [7] are not in dataset.json"),
+    "label values not in dataset.json": (_voxels(lambda a: np.where(np.arange(a.size).reshape(a.shape) % 97, a, 7)
+                                                 .astype(a.dtype)), "label values [7] are not in dataset.json"),
 }
 
 
 def needs_permissions(fault: str) -> contextlib.AbstractContextManager:
-    return permissions_enforced() if fault == "no read permission" else contextlib.nullcontext()
+    """Faults about permissions are only faults where permissions are enforced."""
+    return permissions_enforced() if "permission" in fault else contextlib.nullcontext()
 
 
 # ---- running a command ---------------------------------------------------------------------------------------
@@ -145,6 +148,28 @@ def files_under(*folders: Path) -> dict[str, int]:
         if folder.exists():
             found.update({str(p): p.stat().st_size for p in Path(folder).rglob("*") if p.is_file()})
     return found
+
+
+def assert_complete(path: Path) -> None:
+    """``path`` holds a whole file of its kind, not the first part of one."""
+    name = path.name
+    if name.endswith(".json") or name.endswith(".jsonl"):
+        lines = path.read_text().splitlines() if name.endswith(".jsonl") else [path.read_text()]
+        assert all(json.loads(line) is not None for line in lines), path
+    elif name.endswith(".npy"):
+        np.load(path, allow_pickle=False)
+    elif name.endswith(".nii.gz"):
+        read_image(path)  # refuses a truncated stream
+    elif name.endswith(".pt"):
+        import torch
+
+        assert isinstance(torch.load(path, weights_only=True), dict), path
+    elif name.endswith(".png"):
+        assert path.read_bytes().endswith(b"IEND\xaeB`\x82"), path
+    elif name.endswith(".csv"):
+        assert path.read_text().endswith("\n"), path
+    else:
+        raise AssertionError(f"no completeness check for {path}")
 
 
 # ---- the environment -----------------------------------------------------------------------------------------

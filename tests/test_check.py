@@ -105,7 +105,7 @@ def test_each_bad_input_gets_one_clear_line_exit_2_and_nothing_written(dataset_c
     damage(dataset_copy)
     roots = [tmp_path / "pre", tmp_path / "res"]
     before = files_under(dataset_copy.parent, *roots)
-    with needs_permissions(breakage.partition(": ")[2]):
+    with needs_permissions(breakage):
         outcome = run_cli([command, "-d", dataset_copy.name, f"--raw={dataset_copy.parent}", f"--preprocessed={roots[0]}",
                            f"--results={roots[1]}", "-np", "1"], capsys)
     assert_refused(outcome, file, problem)

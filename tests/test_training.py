@@ -13,12 +13,13 @@ from autoseg.cli import main
 from autoseg.errors import CheckpointError, UsageError
 from autoseg.networks.registry import build_network
 from autoseg.paths import Roots
-from autoseg.planning.plans import load_plans, save_plans
+from autoseg.planning.plans import load_plans
 from autoseg.training import TrainingOptions, train_fold
 from autoseg.training.data import PatchSampler
 from autoseg.training.loss import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights
 from autoseg.training.schedule import PolySchedule
 from autoseg.training.splits import load_or_create_splits, make_splits
+from tests.conftest import shrink_plan_to_tiny_unet
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,12 +31,7 @@ def tiny(synthetic_raw, tmp_path_factory):
     roots = Roots(synthetic_raw.parent, work / "pre", work / "res")
     flags = [f"--raw={roots.raw}", f"--preprocessed={roots.preprocessed}", f"--results={roots.results}"]
     assert main(["plan-and-preprocess", "-d", "999", "-c", "3d_fullres", "-np", "1", "-a", "unet"] + flags) == 0
-    plans_file = roots.plans_file(synthetic_raw.name)
-    plans = load_plans(plans_file)
-    unet = plans.configurations["3d_fullres"].architectures["unet"]
-    unet.patch_size, unet.batch_size = [8, 32, 32], 2
-    unet.kernel_sizes, unet.strides, unet.features = [[1, 3, 3], [3, 3, 3], [3, 3, 3]], [[1, 1, 1], [1, 2, 2], [2, 2, 2]], [4, 8, 16]
-    save_plans(plans, plans_file)
+    shrink_plan_to_tiny_unet(roots.plans_file(synthetic_raw.name))
     return roots, synthetic_raw.name
 
 

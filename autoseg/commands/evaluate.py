@@ -51,6 +51,8 @@ def run(args) -> int:
                 raise UsageError(f"--class-tolerance {item}: expected NAME=MM with NAME one of {sorted(spec.labels)}")
             tolerance[name] = float(value)
     output = Path(args.output or args.predictions)
+    if output.resolve() == Path(args.references).resolve():
+        raise UsageError("the output folder must differ from the references folder", output)
     summary = evaluate_folder(args.references, args.predictions, spec.labels, spec.file_ending, tolerance,
                               args.num_processes, output)
     print(format_table(summary))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import sys
 import time
 
@@ -41,14 +40,19 @@ def plan_and_preprocess_one(roots: Roots, name: str, args) -> None:
     from autoseg.planning.planner import plan_dataset
     from autoseg.planning.plans import load_plans, save_plans
     from autoseg.preprocessing.preprocess import preprocess_dataset
+    from autoseg.records import check_writable_folder, copy_file_atomic
 
     raw = roots.raw_dataset(name)
     spec = load_dataset_spec(raw)
-    start = time.perf_counter()
-    fingerprint = compute_fingerprint(raw, args.num_processes)
     out = roots.preprocessed_dataset(name)
+    if out.resolve().is_relative_to(spec.root):  # the same folder, or one inside the raw dataset
+        raise UsageError(f"the preprocessed data would be written into the raw dataset {spec.root}; "
+                         "give --preprocessed (AUTOSEG_PREPROCESSED) another folder", out)
+    start = time.perf_counter()
+    fingerprint = compute_fingerprint(raw, args.num_processes)  # checks everything before anything is written
+    check_writable_folder(out)
     save_fingerprint(fingerprint, roots.fingerprint_file(name))
-    shutil.copyfile(raw / "dataset.json", out / "dataset.json")
+    copy_file_atomic(raw / "dataset.json", out / "dataset.json")
     say(f"{name}: {len(fingerprint.cases)} cases checked and fingerprinted in {time.perf_counter() - start:.1f} s "
         f"-> {roots.fingerprint_file(name)}")
     plans_file = roots.plans_file(name)

@@ -21,7 +21,7 @@ from autoseg.errors import DatasetError
 from autoseg.evaluation.metrics import pair_metrics
 from autoseg.io.images import read_label
 from autoseg.parallel import map_with_progress
-from autoseg.records import atomic_write_bytes, save_json
+from autoseg.records import atomic_write_bytes, check_writable_folder, save_json
 
 METRICS = ("dice", "iou", "hd95", "nsd")
 EMPTY_MASK_RULES = ("both masks empty: dice 1, iou 1, nsd 1, hd95 0; exactly one empty: dice 0, iou 0, nsd 0, "
@@ -59,6 +59,11 @@ def evaluate_case(args) -> dict[str, Any]:
     problems = pred_geometry.matches(ref_geometry)
     if problems:
         raise DatasetError(f"does not match its reference {reference_path}: {'; '.join(problems)}", prediction_path)
+    allowed = {0, *(v for values in classes.values() for v in values), *([] if ignore is None else [ignore])}
+    for path, array in ((reference_path, reference), (prediction_path, prediction)):
+        unknown = sorted(set(np.unique(array).tolist()) - allowed)
+        if unknown:  # another dataset's labels, or a mislabelled file: its scores would mean nothing
+            raise DatasetError(f"label values {unknown} are not in dataset.json (allowed: {sorted(allowed)})", path)
     valid = reference != ignore if ignore is not None else None
     spacing = ref_geometry.array_spacing
     row: dict[str, Any] = {"case": Path(reference_path).name}
@@ -80,13 +85,17 @@ def evaluate_folder(reference_dir: str | Path, prediction_dir: str | Path, label
     classes = evaluation_classes(labels)
     tolerances = {name: float(tolerance_mm[name] if isinstance(tolerance_mm, dict) and name in tolerance_mm
                               else tolerance_mm if not isinstance(tolerance_mm, dict) else 1.0) for name in classes}
-    references = sorted(p for p in reference_dir.iterdir() if p.name.endswith(file_ending) and not p.name.startswith("."))
+    references, predictions = (_label_files(folder, file_ending) for folder in (reference_dir, prediction_dir))
     if not references:
         raise DatasetError(f"no reference files ending in {file_ending}", reference_dir)
-    missing = [p.name for p in references if not (prediction_dir / p.name).exists()]
-    if missing:
-        raise DatasetError(f"no prediction for {len(missing)} reference(s): {', '.join(missing[:5])}"
-                           f"{' ...' if len(missing) > 5 else ''}", prediction_dir)
+    for what, unpaired in (("no prediction for {} reference(s)", set(references) - set(predictions)),
+                           (f"no reference in {reference_dir} for {{}} prediction(s)", set(predictions) - set(references))):
+        if unpaired:
+            raise DatasetError(f"{what.format(len(unpaired))}: {', '.join(sorted(unpaired)[:5])}"
+                               f"{' ...' if len(unpaired) > 5 else ''}", prediction_dir)
+    if output_dir is not None:
+        check_writable_folder(output_dir)
+    references = [reference_dir / name for name in references]
     ignore = labels.get("ignore")
     jobs = [(p, prediction_dir / p.name, classes, tolerances, ignore) for p in references]
     rows = map_with_progress(evaluate_case, jobs, num_processes, "evaluate", progress)
@@ -118,6 +127,12 @@ def summarize_rows(rows: list[dict[str, Any]], classes: list[str]) -> tuple[dict
         means = [c.mean[metric] for c in per_class.values() if c.mean[metric] is not None]
         mean_foreground[metric] = float(np.mean(means)) if means else None
     return per_class, mean_foreground
+
+
+def _label_files(folder: Path, file_ending: str) -> list[str]:
+    if not folder.is_dir():
+        raise DatasetError("folder does not exist", folder)
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(file_ending) and not p.name.startswith("."))
 
 
 def _json_row(row: dict[str, Any]) -> dict[str, Any]:

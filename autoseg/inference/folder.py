@@ -22,8 +22,8 @@ from tqdm import tqdm
 from autoseg.errors import AutosegError, UsageError
 from autoseg.inference.model import TrainedModel
 from autoseg.inference.predictor import PredictionSettings, predict_case
-from autoseg.io.images import SUPPORTED_ENDINGS, read_image
-from autoseg.records import atomic_write_bytes
+from autoseg.io.images import SUPPORTED_ENDINGS, intensity_problem, read_image
+from autoseg.records import atomic_write_bytes, check_writable_folder
 
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
@@ -70,20 +70,25 @@ def list_input_cases(folder: Path, num_channels: int) -> list[InputCase]:
 
 
 def _read(case: InputCase, num_channels: int):
+    numbers = [int(m["channel"]) if (m := _CHANNEL.match(f.name[: -len(case.ending)])) else 0 for f in case.files]
+    if numbers != list(range(len(numbers))):  # a missing _0000 must not let _0001 stand in for it
+        raise AutosegError(f"case {case.case_id} has channel files {numbers}, expected 0..{len(numbers) - 1} "
+                           f"({case.case_id}_0000{case.ending} ...)", case.files[0])
     arrays, geometry = [], None
     for file in case.files:
         array, geometry_of_file = read_image(file)
         if geometry is not None and geometry_of_file.matches(geometry):
             raise AutosegError(f"geometry differs from {case.files[0].name}: "
                                f"{'; '.join(geometry_of_file.matches(geometry))}", file)
+        problem = intensity_problem(array)
+        if problem:
+            raise AutosegError(problem, file)
         geometry = geometry or geometry_of_file
         arrays.append(array)
     image = np.concatenate(arrays, axis=0)
     if image.shape[0] != num_channels:
         raise AutosegError(f"case {case.case_id} has {image.shape[0]} channel(s), the model expects {num_channels}",
                            case.files[0])
-    if not np.all(np.isfinite(image)):
-        raise AutosegError("image contains NaN or Inf values", case.files[0])
     return image, geometry
 
 
@@ -97,13 +102,7 @@ def predict_folder(model: TrainedModel, input_dir: Path, output_dir: Path, setti
                          output_dir)
     channels = model.plans.num_input_channels
     cases = list_input_cases(input_dir, channels)
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / ".autoseg-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise UsageError(f"output folder is not writable ({exc.strerror})", output_dir) from None
+    check_writable_folder(output_dir)
     result = FolderResult()
     todo = []
     for case in cases:

@@ -66,13 +66,28 @@ def load_properties(folder: str | Path, case_id: str) -> CaseProperties:
 def load_arrays(folder: str | Path, case_id: str, mmap: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """Image ``(C, Z, Y, X)`` and segmentation ``(Z, Y, X)``, memory-mapped by default."""
     image_path, seg_path, _ = case_paths(folder, case_id)
-    mode = "r" if mmap else None
+    return _load_npy(image_path, mmap), (_load_npy(seg_path, mmap) if seg_path.exists() else None)
+
+
+def _load_npy(path: Path, mmap: bool) -> np.ndarray:
     try:
-        image = np.load(image_path, mmap_mode=mode, allow_pickle=False)
-        seg = np.load(seg_path, mmap_mode=mode, allow_pickle=False) if seg_path.exists() else None
-    except (OSError, ValueError) as exc:
-        raise DatasetError(f"preprocessed case cannot be read ({exc}); re-run plan-and-preprocess", image_path) from None
-    return image, seg
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise DatasetError(f"preprocessed case cannot be read ({reason}); re-run plan-and-preprocess", path) from None
+
+
+def check_training_case(folder: str | Path, properties: CaseProperties) -> None:
+    """Refuse a case whose arrays are missing, truncated or not of the shape its properties record,
+    here and now rather than from inside a data-loading worker halfway through an epoch."""
+    image, seg = load_arrays(folder, properties.case_id)
+    image_path, seg_path, _ = case_paths(folder, properties.case_id)
+    if seg is None:
+        raise DatasetError("segmentation is missing; re-run plan-and-preprocess", seg_path)
+    for path, shape in ((image_path, list(image.shape[1:])), (seg_path, list(seg.shape))):
+        if shape != list(properties.shape_after_resampling):
+            raise DatasetError(f"shape {shape} differs from the {properties.shape_after_resampling} recorded in "
+                               f"{properties.case_id}.json; re-run plan-and-preprocess", path)
 
 
 def list_finished_cases(folder: str | Path) -> list[str]:

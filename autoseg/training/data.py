@@ -24,7 +24,7 @@ from batchgenerators.transforms.resample_transforms import SimulateLowResolution
 from batchgenerators.transforms.spatial_transforms import MirrorTransform, SpatialTransform
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from autoseg.preprocessing.store import load_arrays, load_properties
+from autoseg.preprocessing.store import check_training_case, load_arrays, load_properties
 
 FOREGROUND_FRACTION = 0.33
 CONTEXT = 1.2  # drawn patch / network patch, for augmentation
@@ -89,6 +89,8 @@ class PatchSampler:
             self.draw_size[anisotropic_axis] = patch_size[anisotropic_axis]  # never resampled along it
         self.transform = augmentation(self.patch_size, anisotropic_axis) if augment else None
         self.properties = {c: load_properties(self.folder, c) for c in self.case_ids}
+        for properties in self.properties.values():
+            check_training_case(self.folder, properties)
         self._arrays: dict[str, tuple] = {}
 
     def arrays(self, case_id: str):

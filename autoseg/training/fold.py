@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from autoseg.networks.registry import build_network
 from autoseg.paths import Roots
 from autoseg.planning.plans import load_plans, save_plans
 from autoseg.preprocessing.store import list_finished_cases
+from autoseg.records import check_writable_folder, copy_file_atomic
 from autoseg.training.callbacks import CheckpointWriter, EpochReport, ProgressWriter, TimeBudget
 from autoseg.training.checkpoints import check_identity, load_checkpoint, set_rng_state
 from autoseg.training.data import PatchSampler, batch_iterator
@@ -103,6 +103,12 @@ def train_fold(roots: Roots, dataset_name: str, configuration: str, fold: int | 
     splits = load_or_create_splits(roots.preprocessed_dataset(dataset_name) / "splits.json", case_ids,
                                    options.group_pattern)
     train_ids, val_ids = cases_for_fold(splits, fold, case_ids)
+    # The samplers check every case's arrays: a broken case stops the run here, before anything is written.
+    anisotropic_axis = config.anisotropic_axis if config.dimensions == 3 else None
+    # The planned batch split across ranks (7 on 2 ranks: 4 + 3).
+    per_rank_batch = max(1, arch.batch_size // world + (1 if rank < arch.batch_size % world else 0))
+    train_sampler = PatchSampler(data_folder, train_ids, arch.patch_size, per_rank_batch, True, anisotropic_axis)
+    val_sampler = PatchSampler(data_folder, val_ids, arch.patch_size, per_rank_batch, False)
     output = roots.training_output(dataset_name, configuration, arch.name, fold)
     device = select_device(options.device)
     seed = options.seed if options.seed is not None else int.from_bytes(os.urandom(4), "little")
@@ -120,8 +126,14 @@ def train_fold(roots: Roots, dataset_name: str, configuration: str, fold: int | 
                          "data_identifier": config.data_identifier, "patch_size": list(arch.patch_size),
                          "batch_size": arch.batch_size, "num_classes": plans.num_segmentation_heads},
                 "split": {"fold": fold, "train": train_ids, "val": val_ids}}
-    if options.resume:
-        latest = output / "checkpoint_latest.pt"
+    latest = output / "checkpoint_latest.pt"
+    # Killed before the first epoch ended: nothing is lost by starting again (the same run, with --seed).
+    resuming = options.resume and latest.exists()
+    if options.resume and not resuming and rank == 0:
+        print(f"train: --continue: no {latest.name} yet; starting from the beginning", flush=True)
+    if rank == 0:
+        check_writable_folder(output)
+    if resuming:
         checkpoint = load_checkpoint(latest)
         check_identity(checkpoint, identity["plan"], identity["split"], latest)
         network.load_state_dict(checkpoint["model"])
@@ -145,14 +157,9 @@ def train_fold(roots: Roots, dataset_name: str, configuration: str, fold: int | 
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             network, device_ids=[device.index] if device.type == "cuda" else None)
-    anisotropic_axis = config.anisotropic_axis if config.dimensions == 3 else None
-    # The planned batch split across ranks (7 on 2 ranks: 4 + 3).
-    per_rank_batch = max(1, arch.batch_size // world + (1 if rank < arch.batch_size % world else 0))
     workers = default_workers() if options.num_workers is None else options.num_workers
-    train_sampler = PatchSampler(data_folder, train_ids, arch.patch_size, per_rank_batch, True, anisotropic_axis)
-    val_sampler = PatchSampler(data_folder, val_ids, arch.patch_size, per_rank_batch, False)
     loop_callbacks: list[Any] = []
-    if options.time_budget_minutes and not options.resume:
+    if options.time_budget_minutes and not resuming:
         loop_callbacks.append(TimeBudget(options.time_budget_minutes))
     elif options.time_budget_minutes and rank == 0:
         print("train: --time-budget is ignored with --continue (the schedule was fitted when the run started)")
@@ -187,4 +194,4 @@ def _write_model_files(roots: Roots, dataset_name: str, plans, output: Path) -> 
     for folder in (output, output.parent):
         save_plans(plans, folder / "plans.json")
         if dataset_json.is_file():
-            shutil.copyfile(dataset_json, folder / "dataset.json")
+            copy_file_atomic(dataset_json, folder / "dataset.json")
