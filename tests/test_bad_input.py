@@ -246,6 +246,23 @@ def test_train_names_a_bad_split_or_preprocessed_case_before_training(pipeline, 
     assert files_under(tmp_path / "res") == {}
 
 
+def test_a_case_that_breaks_while_workers_load_it_is_one_line_not_a_worker_traceback(pipeline, tmp_path):
+    from autoseg.errors import DatasetError
+    from autoseg.training.data import PatchSampler, batch_iterator
+
+    folder = tmp_path / "cases"
+    shutil.copytree(next((pipeline.pre / pipeline.name).glob("3d_fullres_*")), folder)
+    sampler = PatchSampler(folder, ["synth_000"], [8, 32, 32], 2, augment=False)
+    _truncated(folder / "synth_000.npy")  # after the start-up check: as if the disk failed mid-run
+    batches = batch_iterator(sampler, num_workers=1, seed=0)
+    with pytest.raises(DatasetError) as error:
+        next(batches)
+    message = str(error.value)
+    assert "synth_000.npy: preprocessed case cannot be read" in message
+    assert "\n" not in message and "Traceback" not in message
+    batches.close()
+
+
 # ---- evaluate --------------------------------------------------------------------------------------------------
 
 EVALUATE_FAULTS = {**FILE_FAULTS, **LABEL_FAULTS, **{k: INTENSITY_FAULTS[k] for k in ("NaN intensities",

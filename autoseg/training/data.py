@@ -24,6 +24,7 @@ from batchgenerators.transforms.resample_transforms import SimulateLowResolution
 from batchgenerators.transforms.spatial_transforms import MirrorTransform, SpatialTransform
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from autoseg.errors import AutosegError
 from autoseg.preprocessing.store import check_training_case, load_arrays, load_properties
 
 FOREGROUND_FRACTION = 0.33
@@ -182,7 +183,12 @@ class _BatchStream(IterableDataset):
             np.random.seed((self.seed + 7919 * (info.id + 1)) % 2**32)
             torch.set_num_threads(1)
         while True:
-            yield self.sampler.batch()
+            try:
+                yield self.sampler.batch()
+            except AutosegError as exc:
+                # Sent as data: raised by the DataLoader, it would reach the user wrapped in the worker's traceback.
+                yield exc
+                return
 
 
 def batch_iterator(sampler: PatchSampler, num_workers: int, seed: int):
@@ -192,4 +198,7 @@ def batch_iterator(sampler: PatchSampler, num_workers: int, seed: int):
             yield sampler.batch()
     loader = DataLoader(_BatchStream(sampler, seed), batch_size=None, num_workers=num_workers,
                         persistent_workers=True, prefetch_factor=4, pin_memory=torch.cuda.is_available())
-    yield from loader
+    for batch in loader:
+        if isinstance(batch, AutosegError):
+            raise batch
+        yield batch
