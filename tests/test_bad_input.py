@@ -1,4 +1,4 @@
-"""Bad input for the commands that come after the dataset check: train, predict, evaluate.
+"""Bad input for the commands that come after the dataset check: train, predict, evaluate (and report).
 
 (``check`` and ``plan-and-preprocess`` meet the raw-dataset corpus in ``test_check.py``.)
 Every fault is built here in a temporary folder and fed to every command that reads that
@@ -280,14 +280,18 @@ def _folders(p: Pipeline, tmp_path: Path) -> tuple[Path, Path]:
     return references, predictions
 
 
+@pytest.mark.parametrize("command", ["evaluate", "report"])
 @pytest.mark.parametrize("side", ["references", "predictions"])
 @pytest.mark.parametrize("fault", sorted(EVALUATE_FAULTS))
-def test_evaluate_names_a_bad_label_map_and_writes_nothing(pipeline, tmp_path, capsys, side, fault):
+def test_evaluate_names_a_bad_label_map_and_writes_nothing(pipeline, tmp_path, capsys, command, side, fault):
     damage, problem = EVALUATE_FAULTS[fault]
     folders = dict(zip(("references", "predictions"), _folders(pipeline, tmp_path)))
     damage(folders[side] / "synth_006.nii.gz")
+    argv = _evaluate(pipeline, folders["references"], folders["predictions"], tmp_path / "out")
     with needs_permissions(fault):
-        outcome = run_cli(_evaluate(pipeline, folders["references"], folders["predictions"], tmp_path / "out"), capsys)
+        outcome = run_cli([command, *argv[1:]], capsys)
+    if (command, side, fault) == ("report", "predictions", "directory named like an image"):
+        problem = "no prediction for 1 reference(s)"  # report lists files only: a directory is no prediction
     assert_refused(outcome, folders[side] / "synth_006.nii.gz", problem)
     assert files_under(tmp_path / "out") == {}
 
