@@ -141,12 +141,13 @@ def assert_refused(outcome: Outcome, file: str | Path, problem: str, code: int =
         outcome.err
 
 
-def files_under(*folders: Path) -> dict[str, int]:
-    """Every file (path -> size) under ``folders``; the 'nothing was written' check compares two of these."""
+def files_under(*folders: Path) -> dict[str, tuple[int, int]]:
+    """Every file (path -> size, modification time) under ``folders``; 'nothing was written' compares two."""
     found = {}
     for folder in folders:
         if folder.exists():
-            found.update({str(p): p.stat().st_size for p in Path(folder).rglob("*") if p.is_file()})
+            found.update({str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in Path(folder).rglob("*")
+                          if p.is_file()})
     return found
 
 

@@ -136,26 +136,28 @@ def _copy_results(p: Pipeline, tmp_path: Path) -> tuple[Path, Path]:
     return results, results / p.name / "3d_fullres__unet" / "fold_0"
 
 
-@pytest.mark.parametrize("command", ["train", "predict"])
+@pytest.mark.parametrize("command", ["plan-and-preprocess --keep-plans", "train", "predict"])
 @pytest.mark.parametrize("fault", sorted(PLANS_FAULTS))
 def test_a_bad_plans_file_is_refused_and_nothing_is_imported(pipeline, tmp_path, capsys, marker_module, command,
                                                             fault):
     damage, problem = PLANS_FAULTS[fault]
     results, fold = _copy_results(pipeline, tmp_path)
+    pre = tmp_path / "pre"
+    shutil.copytree(pipeline.pre, pre)
+    flags = [f"--raw={pipeline.raw}", f"--preprocessed={pre}", f"--results={results}"]
     if command == "predict":  # the plans.json saved beside the model
         plans_file, argv = fold / "plans.json", _predict(pipeline, _test_images(pipeline, tmp_path / "in"),
                                                          tmp_path / "out", results)
     else:  # the preprocessed dataset's plans.json
-        pre = tmp_path / "pre"
-        shutil.copytree(pipeline.pre, pre)
-        plans_file, argv = pre / pipeline.name / "plans.json", [*TRAIN, f"--raw={pipeline.raw}",
-                                                                f"--preprocessed={pre}", f"--results={results}"]
+        plans_file = pre / pipeline.name / "plans.json"
+        argv = [*TRAIN, *flags] if command == "train" else [
+            "plan-and-preprocess", "-d", "999", "-c", "3d_fullres", "-np", "1", "--keep-plans", *flags]
     damage(plans_file)
-    before = files_under(results, tmp_path / "out")
+    before = files_under(results, pre, tmp_path / "out")
     with needs_permissions(fault):
         outcome = run_cli(argv, capsys)
     assert_refused(outcome, plans_file, problem)
-    assert files_under(results, tmp_path / "out") == before
+    assert files_under(results, pre, tmp_path / "out") == before
     assert not marker_module.exists() and "marker_module" not in sys.modules
 
 

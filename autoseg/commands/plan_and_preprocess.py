@@ -50,14 +50,15 @@ def plan_and_preprocess_one(roots: Roots, name: str, args) -> None:
                          "give --preprocessed (AUTOSEG_PREPROCESSED) another folder", out)
     start = time.perf_counter()
     fingerprint = compute_fingerprint(raw, args.num_processes)  # checks everything before anything is written
+    plans_file = roots.plans_file(name)
+    kept = load_plans(plans_file) if args.keep_plans and plans_file.exists() else None  # validated before writing
     check_writable_folder(out)
     save_fingerprint(fingerprint, roots.fingerprint_file(name))
     copy_file_atomic(raw / "dataset.json", out / "dataset.json")
     say(f"{name}: {len(fingerprint.cases)} cases checked and fingerprinted in {time.perf_counter() - start:.1f} s "
         f"-> {roots.fingerprint_file(name)}")
-    plans_file = roots.plans_file(name)
-    if args.keep_plans and plans_file.exists():
-        plans = load_plans(plans_file)
+    if kept is not None:
+        plans = kept
         say(f"{name}: keeping {plans_file}")
     else:
         plans = plan_dataset(fingerprint, spec.labels, args.gpu_memory_gb, args.architectures,
