@@ -3,12 +3,18 @@
 Used by ``autoseg predict``, by the end-of-training validation and by ``find-best``:
 preprocess exactly as the plan says, sliding window with mirroring over the folds,
 resample the probabilities back to the cropped original grid, un-crop, argmax, and give
-each voxel its original label value.
+each voxel its original label value. Several models (an ensemble of configurations or
+architectures) are averaged on the original grid, each preprocessed as its own plan says.
+
+Memory: the probabilities are resampled back one class at a time. With one model and no
+``save_probabilities`` only a running maximum and argmax are kept on the original grid
+(not the K-class volume), which is what lets a 512x512x400 CT predict on a laptop.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -16,8 +22,9 @@ import torch
 from autoseg.inference.model import TrainedModel
 from autoseg.inference.sliding_window import predict_probabilities
 from autoseg.io.images import Geometry
+from autoseg.planning.planner import preprocessing_digest
 from autoseg.preprocessing.crop import uncrop
-from autoseg.preprocessing.preprocess import class_values, preprocess_arrays
+from autoseg.preprocessing.preprocess import Preprocessed, class_values, preprocess_arrays
 from autoseg.preprocessing.resample import resample_probabilities
 
 
@@ -34,27 +41,72 @@ class PredictionSettings:
 class CasePrediction:
     labels: np.ndarray  # (Z, Y, X) original label values, original grid
     probabilities: np.ndarray | None  # (K, Z, Y, X) float16, original grid, when asked for
+    label_values: list[int]  # the label value of each probability channel
 
 
-def predict_case(model: TrainedModel, image: np.ndarray, geometry: Geometry, settings: PredictionSettings,
-                 device: torch.device) -> CasePrediction:
-    plans = model.plans
-    config = plans.configuration(model.configuration)
-    arch = plans.architecture(model.configuration, model.architecture)
-    pre = preprocess_arrays(image, None, geometry, plans, model.configuration)
-    amp_dtype = torch.bfloat16 if settings.amp and device.type == "cuda" else None
-    probabilities = predict_probabilities(
-        model.networks, torch.from_numpy(pre.image).to(device), arch.patch_size, settings.step,
-        settings.mirror, settings.windows_per_batch, amp_dtype)
-    probabilities = probabilities.cpu().numpy()
-    probabilities = resample_probabilities(probabilities, pre.shape_after_crop, config.anisotropic_axis)
-    values = np.asarray(class_values(plans), dtype=np.int16)
-    labels = uncrop(values[probabilities.argmax(0)], pre.crop_box, geometry.array_shape, fill=0)
+def predict_case(model: TrainedModel | Sequence[TrainedModel], image: np.ndarray, geometry: Geometry,
+                 settings: PredictionSettings, device: torch.device) -> CasePrediction:
+    models = [model] if isinstance(model, TrainedModel) else list(model)
+    values = class_values(models[0].plans)
+    preprocessed: dict[tuple[str, str], Preprocessed] = {}
+    running = _RunningArgmax() if len(models) == 1 and not settings.save_probabilities else None
+    total = None  # (K, *cropped original grid) summed over models, when several or when kept
+    box = None
+    for one in models:
+        key = (one.configuration, preprocessing_digest(one.plans, one.configuration))
+        if key not in preprocessed:  # two architectures of one configuration share the preprocessing
+            preprocessed[key] = preprocess_arrays(image, None, geometry, one.plans, one.configuration)
+        pre = preprocessed[key]
+        box = pre.crop_box
+        config = one.plans.configuration(one.configuration)
+        arch = one.plans.architecture(one.configuration, one.architecture)
+        amp_dtype = torch.bfloat16 if settings.amp and device.type == "cuda" else None
+        probabilities = predict_probabilities(
+            one.networks, torch.from_numpy(pre.image).to(device), arch.patch_size, settings.step,
+            settings.mirror, settings.windows_per_batch, amp_dtype).cpu()
+        for index in range(probabilities.shape[0]):
+            # One class at a time back to the cropped original grid (linear; nearest along a thick-slice axis).
+            channel = probabilities[index].float().numpy()[None]
+            channel = resample_probabilities(channel, pre.shape_after_crop, config.anisotropic_axis)[0]
+            if running is not None:
+                running.update(index, channel)
+                continue
+            if total is None:
+                total = np.zeros((len(values), *pre.shape_after_crop),
+                                 dtype=np.float16 if len(models) == 1 else np.float32)
+            total[index] += channel
+        del probabilities
+    if running is not None:
+        indices = running.argmax
+    else:
+        if len(models) > 1:
+            total /= len(models)
+        indices = total.argmax(0)
+    labels = uncrop(np.asarray(values, dtype=np.int16)[indices], box, geometry.array_shape, fill=0)
     full = None
     if settings.save_probabilities:
-        full = uncrop(probabilities.astype(np.float16), pre.crop_box, geometry.array_shape, fill=0)
-        full[0][_outside(pre.crop_box, geometry.array_shape)] = 1.0  # background outside the crop
-    return CasePrediction(labels, full)
+        full = uncrop(total.astype(np.float16, copy=False), box, geometry.array_shape, fill=0)
+        full[0][_outside(box, geometry.array_shape)] = 1.0  # background outside the crop
+    return CasePrediction(labels, full, values)
+
+
+class _RunningArgmax:
+    """argmax over classes seen one at a time, keeping two arrays of the grid instead of K.
+
+    Ties go to the lower class index, as ``np.argmax`` does."""
+
+    def __init__(self):
+        self.best: np.ndarray | None = None
+        self.argmax: np.ndarray | None = None
+
+    def update(self, index: int, channel: np.ndarray) -> None:
+        if self.best is None:
+            self.best = np.array(channel, dtype=np.float32)
+            self.argmax = np.zeros(channel.shape, dtype=np.int16)
+            return
+        better = channel > self.best
+        np.copyto(self.best, channel, where=better)
+        self.argmax[better] = index
 
 
 def _outside(box: list[list[int]], shape: list[int]) -> np.ndarray:
