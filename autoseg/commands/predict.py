@@ -32,7 +32,8 @@ def register(subparsers) -> None:
     parser.add_argument("--no-postprocessing", action="store_true",
                         help="do not apply the postprocessing chosen on the cross-validation")
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu", "mps"])
-    parser.add_argument("--windows-per-batch", type=int, default=4)
+    parser.add_argument("--windows-per-batch", type=int, default=None,
+                        help="windows per network call (default: 4 on a GPU; on the CPU as many as fit 1M voxels)")
     add_common(parser)
     parser.set_defaults(func=run)
 
@@ -56,6 +57,8 @@ def run(args) -> int:
 
     if not 0 < args.step <= 1:
         raise UsageError("--step must be in (0, 1]")
+    if args.windows_per_batch is not None and args.windows_per_batch < 1:
+        raise UsageError("--windows-per-batch must be at least 1")
     roots = Roots.resolve(args.raw, args.preprocessed, args.results)
     name = roots.find_dataset(args.dataset)
     fallback = roots.plans_file(name) if roots.plans_file(name).exists() else None

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from autoseg.dataset.spec import load_dataset_spec
-from autoseg.errors import UsageError
+from autoseg.errors import AutosegError, UsageError
 from autoseg.evaluation.evaluate import evaluate_folder, format_table
 from autoseg.inference.ensemble import save_probability_file
 from autoseg.inference.model import load_trained_model
@@ -66,9 +66,13 @@ def _postprocessing_when_complete(roots: Roots, dataset_name: str, model_dir: Pa
     expected = [str(i) for i in range(len(read_json(splits_file)))] if splits_file.is_file() else []
     if not expected or not set(expected) <= set(validated_folds(model_dir)):
         return
-    cases = list(validation_cases(roots, dataset_name, model_dir, expected).values())
-    decision = determine_postprocessing(cases, labels, f"{model_dir.name}, folds {' '.join(expected)}",
-                                        num_processes=1, progress=False)
+    try:
+        cases = list(validation_cases(roots, dataset_name, model_dir, expected).values())
+        decision = determine_postprocessing(cases, labels, f"{model_dir.name}, folds {' '.join(expected)}",
+                                            num_processes=1, progress=False)
+    except AutosegError as exc:  # the fold itself is done and valid; say why, and go on
+        print(f"postprocessing not determined ({exc.one_line()}); `autoseg find-best` will try again", flush=True)
+        return
     path = save_postprocessing(decision, model_dir)
     print(f"postprocessing (cross-validation of {len(expected)} folds, {decision.num_cases} cases): "
           f"{decision.describe()}; mean Dice {decision.mean_dice_before:.4f} -> {decision.mean_dice_after:.4f} "
