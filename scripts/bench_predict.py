@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Prediction speed and Dice of autoseg against nnU-Net v2, same weights, on Hippocampus fold-0 validation cases.
 
-    python scripts/bench_predict.py [--cases 40] [--iters 100] [--skip-nnunet]
+    python scripts/bench_predict.py [--cases 40] [--iters 100] [--skip-nnunet] [--work DIR]
 
 autoseg plans and trains 3d_fullres fold 0 for a short schedule (``--iters``, bf16 on the
 CPU; enough for a Dice worth comparing). nnU-Net plans the same dataset (its plan has the
@@ -14,6 +14,7 @@ export (``../shared/peers/nnunet.sh``'s setting). Printed: the wall time of each
 prediction command (target: autoseg <= 0.5x nnU-Net) and the mean Dice of each output
 evaluated by the same code (target: equal within 0.005).
 
+``--work DIR`` keeps the working folder and, run again, reuses its trained model.
 nnU-Net comes from the peers environment (``../shared/peers/setup.sh``; ``PEERS_VENV``,
 default ``/tmp/peers-venv``).
 """
@@ -123,22 +124,30 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=40)
     parser.add_argument("--iters", type=int, default=100, help="autoseg training iterations (epochs of 25)")
     parser.add_argument("--skip-nnunet", action="store_true")
+    parser.add_argument("--fp32", action="store_true", help="autoseg predicts in float32 (default: bf16 where native)")
+    parser.add_argument("--work", type=Path, help="working folder to keep (and reuse the trained model from)")
     args = parser.parse_args()
     source = SHARED / "data" / NAME
     if not source.is_dir():
         sys.exit(f"skipped: {source} is missing")
-    work = Path(tempfile.mkdtemp(prefix="bench_predict_"))
-    (work / "raw").mkdir()
-    (work / "raw" / NAME).symlink_to(source)
+    work = args.work.resolve() if args.work else Path(tempfile.mkdtemp(prefix="bench_predict_"))
+    (work / "raw").mkdir(parents=True, exist_ok=True)
+    if not (work / "raw" / NAME).exists():
+        (work / "raw" / NAME).symlink_to(source)
+    for old in ("inputs", "references", "out_autoseg", "out_nnunet", "nn_res"):
+        shutil.rmtree(work / old, ignore_errors=True)
     flags = [f"--raw={work / 'raw'}", f"--preprocessed={work / 'pre'}", f"--results={work / 'res'}"]
     autoseg = [sys.executable, "-m", "autoseg"]
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    run([*autoseg, "plan-and-preprocess", "-d", NAME, "-c", "3d_fullres", "-a", "unet", *flags], env)
-    epochs = max(1, args.iters // 25)
-    seconds = run([*autoseg, "train", NAME, "3d_fullres", "0", "--epochs", str(epochs), "--iters-per-epoch",
-                   str(min(25, args.iters)), "--val-iters", "1", "--no-validation", "--cpu-bf16", "--seed", "0",
-                   "--device", "cpu", *flags], env)
-    print(f"autoseg trained fold 0 for {epochs * min(25, args.iters)} iterations in {seconds:.0f} s", flush=True)
+    print(f"load average at the start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
+    fold = work / "res" / NAME / "3d_fullres__unet" / "fold_0"
+    if not (fold / "checkpoint_final.pt").is_file():
+        run([*autoseg, "plan-and-preprocess", "-d", NAME, "-c", "3d_fullres", "-a", "unet", *flags], env)
+        epochs = max(1, args.iters // 25)
+        seconds = run([*autoseg, "train", NAME, "3d_fullres", "0", "--epochs", str(epochs), "--iters-per-epoch",
+                       str(min(25, args.iters)), "--val-iters", "1", "--no-validation", "--cpu-bf16", "--seed", "0",
+                       "--device", "cpu", *flags], env)
+        print(f"autoseg trained fold 0 for {epochs * min(25, args.iters)} iterations in {seconds:.0f} s", flush=True)
 
     val = json.loads((work / "pre" / NAME / "splits.json").read_text())[0]["val"][: args.cases]
     inputs, references = work / "inputs", work / "references"
@@ -149,7 +158,8 @@ def main() -> None:
         shutil.copy(source / "labelsTr" / f"{case}.nii.gz", references)
     labels = json.loads((source / "dataset.json").read_text())["labels"]
     ours = run([*autoseg, "predict", "-i", str(inputs), "-o", str(work / "out_autoseg"), "-d", NAME,
-                "-c", "3d_fullres", "-a", "unet", "-f", "0", "--device", "cpu", "--no-postprocessing", *flags], env)
+                "-c", "3d_fullres", "-a", "unet", "-f", "0", "--device", "cpu", "--no-postprocessing",
+                *(["--fp32"] if args.fp32 else []), *flags], env)
     our_dice, our_classes = mean_dice(references, work / "out_autoseg", labels)
     print(f"autoseg predict: {ours:.1f} s for {len(val)} cases (TTA on); mean Dice {our_dice:.4f} {our_classes}",
           flush=True)
@@ -164,7 +174,6 @@ def main() -> None:
 
     from autoseg.inference.model import find_checkpoint, load_trained_model
 
-    fold = work / "res" / NAME / "3d_fullres__unet" / "fold_0"
     model = load_trained_model(fold.parent, ["0"], "3d_fullres", "unet", torch.device("cpu"))
     patch = model.plans.architecture("3d_fullres", "unet").patch_size
     x = torch.randn(1, 1, *patch, generator=torch.Generator().manual_seed(0))
@@ -191,8 +200,10 @@ def main() -> None:
     their_dice, their_classes = mean_dice(references, work / "out_nnunet", labels)
     print(f"nnU-Net predict: {theirs:.1f} s for {len(val)} cases (TTA on); mean Dice {their_dice:.4f} {their_classes}")
     print(f"ratio autoseg / nnU-Net wall time: {ours / theirs:.2f} (target <= 0.5); "
-          f"Dice difference {our_dice - their_dice:+.4f} (target within 0.005)")
-    shutil.rmtree(work)
+          f"Dice difference {our_dice - their_dice:+.4f} (target within 0.005); "
+          f"load average at the end: {os.getloadavg()[0]:.1f}")
+    if not args.work:
+        shutil.rmtree(work)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,10 @@ def register(subparsers) -> None:
                         help="do not apply the postprocessing chosen on the cross-validation")
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu", "mps"])
     parser.add_argument("--windows-per-batch", type=int, default=None,
-                        help="windows per network call (default: 4 on a GPU; on the CPU as many as fit 1M voxels)")
+                        help="network inputs per call, windows x mirror flips (default: 4 on a GPU; on the CPU as "
+                        "many as fit 1M voxels)")
+    parser.add_argument("--fp32", action="store_true",
+                        help="compute in float32 (default: bf16 autocast on CUDA and on CPUs with native bf16)")
     add_common(parser)
     parser.set_defaults(func=run)
 
@@ -72,8 +75,8 @@ def run(args) -> int:
         models.append(load_trained_model(model_dir, args.folds, configuration, architecture, device, fallback,
                                          args.checkpoint))
     postprocessing = None if args.no_postprocessing else find_postprocessing(roots, name, models)
-    settings = PredictionSettings(step=args.step, mirror=not args.disable_tta,
-                                  windows_per_batch=args.windows_per_batch, save_probabilities=args.save_probabilities)
+    settings = PredictionSettings(step=args.step, mirror=not args.disable_tta, windows_per_batch=args.windows_per_batch,
+                                  amp=not args.fp32, save_probabilities=args.save_probabilities)
     result = predict_folder(models[0] if len(models) == 1 else models, args.input, args.output, settings, device,
                             overwrite=args.overwrite, postprocessing=postprocessing)
     print(f"predict: {len(result.written)} written, {len(result.skipped_existing)} already there, "

@@ -31,7 +31,8 @@ from autoseg.preprocessing.resample import resample_probabilities
 # On the CPU a batch of large windows computes no faster than one window at a time and
 # holds the activations of all of them (measured: a 128x160x128 window of the planned CT
 # U-Net takes 2.1 GB and 22 s alone, 4.2 GB and 58 s two at a time), so the CPU batches
-# windows only up to this many voxels together; small patches (Hippocampus) still gain from it.
+# windows and their mirror flips only up to this many voxels per network call; small
+# patches (Hippocampus: the 8 flips of a 40x56x40 window in one call) still gain from it.
 CPU_BATCH_VOXELS = 1 << 20
 
 
@@ -39,8 +40,11 @@ CPU_BATCH_VOXELS = 1 << 20
 class PredictionSettings:
     step: float = 0.5
     mirror: bool = True
-    windows_per_batch: int | None = None  # None: 4 on a GPU; on the CPU up to CPU_BATCH_VOXELS voxels together
-    amp: bool = True  # bf16 autocast on CUDA; the CPU always computes in fp32
+    # Network inputs per call, windows x mirror flips; None: 4 on a GPU, on the CPU up to CPU_BATCH_VOXELS voxels.
+    windows_per_batch: int | None = None
+    # bf16 autocast on CUDA, and on CPUs with native bf16 (AVX-512 BF16, AMX): about 2x faster there, and
+    # scripts/bench_predict.py checks that Dice does not move. Elsewhere, and with False, float32.
+    amp: bool = True
     save_probabilities: bool = False
 
 
@@ -67,7 +71,7 @@ def predict_case(model: TrainedModel | Sequence[TrainedModel], image: np.ndarray
         box, shape = pre.crop_box, pre.shape_after_crop
         config = one.plans.configuration(one.configuration)
         arch = one.plans.architecture(one.configuration, one.architecture)
-        amp_dtype = torch.bfloat16 if settings.amp and device.type == "cuda" else None
+        amp_dtype = torch.bfloat16 if settings.amp and bf16_is_fast(device) else None
         batch = settings.windows_per_batch or windows_per_batch(arch.patch_size, device)
         probabilities = predict_probabilities(
             one.networks, torch.from_numpy(pre.image).to(device), arch.patch_size, settings.step,
@@ -102,7 +106,16 @@ def predict_case(model: TrainedModel | Sequence[TrainedModel], image: np.ndarray
 def windows_per_batch(patch_size: list[int], device: torch.device) -> int:
     if device.type != "cpu":
         return 4
-    return max(1, min(4, CPU_BATCH_VOXELS // int(np.prod(patch_size))))
+    return max(1, min(32, CPU_BATCH_VOXELS // int(np.prod(patch_size))))
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return True
+    if device.type == "cpu":  # emulated bf16 (no AVX-512 BF16 / AMX) is slower than float32
+        check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        return bool(check and check())
+    return False
 
 
 class _RunningArgmax:

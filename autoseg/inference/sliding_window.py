@@ -13,7 +13,7 @@ accumulates in the input's dtype (float32) and hands back a second full-size cop
 accumulator is float16 once it would pass ``COMPACT_ABOVE_BYTES`` (nnU-Net accumulates
 in float16 too; the relative error, about 1e-3, is far below what changes an argmax
 except on exact ties), the normalisation is done in place, and windows go through the
-network ``windows_per_batch`` at a time (``scripts/bench_large_ct.py`` measures it).
+network in batches (``scripts/bench_large_ct.py`` measures it).
 """
 
 from __future__ import annotations
@@ -44,35 +44,45 @@ def window_starts(size: int, patch: int, step: float) -> list[int]:
 
 
 class EnsembleWindowFunction:
-    """softmax(network(window)) averaged over networks and mirror flips."""
+    """softmax(network(window)) averaged over networks and mirror flips.
 
-    def __init__(self, networks: Sequence[nn.Module], mirror_axes: Sequence[int], amp_dtype: torch.dtype | None):
+    The flips of a batch of windows go through the network together, up to
+    ``images_per_call`` images per call (a batch of small patches computes faster than
+    the same patches one by one, on the CPU too)."""
+
+    def __init__(self, networks: Sequence[nn.Module], mirror_axes: Sequence[int], amp_dtype: torch.dtype | None,
+                 images_per_call: int = 1):
         self.networks = list(networks)
         self.flips = mirror_combinations(mirror_axes)
         self.amp_dtype = amp_dtype
+        self.images_per_call = max(1, images_per_call)
 
-    def __call__(self, window: torch.Tensor) -> torch.Tensor:
-        total = None
+    def __call__(self, windows: torch.Tensor) -> torch.Tensor:
+        total, count = None, windows.shape[0]
+        flips_per_call = max(1, self.images_per_call // count)
         for network in self.networks:
-            for flip in self.flips:
-                x = torch.flip(window, flip) if flip else window
-                with torch.autocast(window.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            for first in range(0, len(self.flips), flips_per_call):
+                group = self.flips[first:first + flips_per_call]
+                x = torch.cat([torch.flip(windows, flip) if flip else windows for flip in group])
+                with torch.autocast(x.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                     logits = network(x)
                 probabilities = torch.softmax(logits.float(), dim=1)
-                if flip:
-                    probabilities = torch.flip(probabilities, flip)
-                total = probabilities if total is None else total.add_(probabilities)
+                for index, flip in enumerate(group):
+                    part = probabilities[index * count:(index + 1) * count]
+                    part = torch.flip(part, flip) if flip else part
+                    total = part if total is None else total.add_(part)
         return total.div_(len(self.networks) * len(self.flips))
 
 
 @torch.inference_mode()
 def predict_probabilities(networks: Sequence[nn.Module], image: torch.Tensor, patch_size: Sequence[int],
-                          step: float = 0.5, mirror: bool = True, windows_per_batch: int = 4,
+                          step: float = 0.5, mirror: bool = True, images_per_call: int = 4,
                           amp_dtype: torch.dtype | None = None, progress: bool = False) -> torch.Tensor:
     """Class probabilities ``(K, *spatial)`` of ``image`` ``(C, *spatial)``; 2D or 3D after the channel axis.
 
     For a 2D network on a 3D volume, pass ``image`` as ``(C, Z, Y, X)`` with a 2D
     ``patch_size``: each window is one slice, and slices go through the network in batches.
+    ``images_per_call``: windows x mirror flips per network call.
     The result is float32, or float16 when a float32 volume would pass ``COMPACT_ABOVE_BYTES``.
     """
     dims, spatial = len(patch_size), list(image.shape[1:])
@@ -92,7 +102,9 @@ def predict_probabilities(networks: Sequence[nn.Module], image: torch.Tensor, pa
     starts = itertools.product(*[window_starts(s, p, step) for s, p in zip(padded, patch)])
     boxes = [tuple(slice(s, s + p) for s, p in zip(start, patch)) for start in starts]
 
-    window_function = EnsembleWindowFunction(networks, list(range(2, 2 + dims)) if mirror else [], amp_dtype)
+    window_function = EnsembleWindowFunction(networks, list(range(2, 2 + dims)) if mirror else [], amp_dtype,
+                                             images_per_call)
+    windows_per_batch = max(1, images_per_call // len(window_function.flips))
     weights = compute_importance_map(list(patch_size), mode="gaussian", sigma_scale=0.125, device=image.device,
                                      dtype=torch.float32).reshape(patch)
     weight_sum = torch.zeros(padded, dtype=torch.float32, device=image.device)
