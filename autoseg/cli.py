@@ -24,6 +24,7 @@ COMMANDS = [
     "train",
     "predict",
     "evaluate",
+    "find_best",
     "report",
 ]
 

@@ -1,4 +1,10 @@
-"""autoseg predict -i IN -o OUT -d DATASET [-c CONFIG] [-f FOLDS...]: label maps in the input's geometry."""
+"""autoseg predict -i IN -o OUT -d DATASET [-c CONFIG...] [-a ARCH...] [-f FOLDS...]: label maps in the input's geometry.
+
+Several configurations or architectures (``-c 2d 3d_fullres``, ``-a unet resenc_unet``; a
+single value goes with every value of the other) are predicted as one ensemble. The
+postprocessing chosen on the cross-validation (``postprocessing.json`` beside the model,
+or in ``ensembles/`` for an ensemble) is applied unless ``--no-postprocessing``.
+"""
 
 from __future__ import annotations
 
@@ -13,16 +19,24 @@ def register(subparsers) -> None:
     parser.add_argument("-i", "--input", required=True, help="folder of images (CASE_0000.nii.gz ...)")
     parser.add_argument("-o", "--output", required=True, help="folder for the label maps")
     parser.add_argument("-d", "--dataset", required=True)
-    parser.add_argument("-c", "--configuration", default=None, help="default: the plan's default configuration")
-    parser.add_argument("-a", "--architecture", default=None, help="default: the configuration's default")
+    parser.add_argument("-c", "--configuration", nargs="+", default=None,
+                        help="default: the plan's default configuration; several: an ensemble")
+    parser.add_argument("-a", "--architecture", nargs="+", default=None,
+                        help="default: the configuration's default; several: an ensemble")
     parser.add_argument("-f", "--folds", nargs="+", default=["0", "1", "2", "3", "4"])
     parser.add_argument("--checkpoint", default=None, help="checkpoint file name (default: final, then best)")
     parser.add_argument("--step", type=float, default=0.5, help="window step as a fraction of the patch")
     parser.add_argument("--disable-tta", action="store_true", help="no mirroring (8x faster in 3D)")
     parser.add_argument("--save-probabilities", action="store_true", help="also write CASE.npz")
     parser.add_argument("--overwrite", action="store_true", help="predict cases whose output exists")
+    parser.add_argument("--no-postprocessing", action="store_true",
+                        help="do not apply the postprocessing chosen on the cross-validation")
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu", "mps"])
-    parser.add_argument("--windows-per-batch", type=int, default=4)
+    parser.add_argument("--windows-per-batch", type=int, default=None,
+                        help="network inputs per call, windows x mirror flips (default: 4 on a GPU; on the CPU as "
+                        "many as fit 1M voxels)")
+    parser.add_argument("--fp32", action="store_true",
+                        help="compute in float32 (default: bf16 autocast on CUDA and on CPUs with native bf16)")
     add_common(parser)
     parser.set_defaults(func=run)
 
@@ -46,20 +60,62 @@ def run(args) -> int:
 
     if not 0 < args.step <= 1:
         raise UsageError("--step must be in (0, 1]")
+    if args.windows_per_batch is not None and args.windows_per_batch < 1:
+        raise UsageError("--windows-per-batch must be at least 1")
     roots = Roots.resolve(args.raw, args.preprocessed, args.results)
     name = roots.find_dataset(args.dataset)
     fallback = roots.plans_file(name) if roots.plans_file(name).exists() else None
-    configuration = args.configuration or (load_plans(fallback).default_configuration if fallback else "3d_fullres")
-    architecture = args.architecture or (load_plans(fallback).architecture(configuration).name if fallback else "unet")
+    plans = load_plans(fallback) if fallback else None
     device = select_device(args.device)
-    model_dir = roots.training_output(name, configuration, architecture, 0).parent
-    model = load_trained_model(model_dir, args.folds, configuration, architecture, device, fallback, args.checkpoint)
-    settings = PredictionSettings(step=args.step, mirror=not args.disable_tta,
-                                  windows_per_batch=args.windows_per_batch, save_probabilities=args.save_probabilities)
-    result = predict_folder(model, args.input, args.output, settings, device, overwrite=args.overwrite)
+    models = []
+    for configuration, architecture in model_pairs(args.configuration, args.architecture):
+        configuration = configuration or (plans.default_configuration if plans else "3d_fullres")
+        architecture = architecture or (plans.architecture(configuration).name if plans else "unet")
+        model_dir = roots.training_output(name, configuration, architecture, 0).parent
+        models.append(load_trained_model(model_dir, args.folds, configuration, architecture, device, fallback,
+                                         args.checkpoint))
+    postprocessing = None if args.no_postprocessing else find_postprocessing(roots, name, models)
+    settings = PredictionSettings(step=args.step, mirror=not args.disable_tta, windows_per_batch=args.windows_per_batch,
+                                  amp=not args.fp32, save_probabilities=args.save_probabilities)
+    result = predict_folder(models[0] if len(models) == 1 else models, args.input, args.output, settings, device,
+                            overwrite=args.overwrite, postprocessing=postprocessing)
     print(f"predict: {len(result.written)} written, {len(result.skipped_existing)} already there, "
           f"{len(result.failed)} failed -> {args.output}")
     if result.failed:
         print(f"autoseg: error: {len(result.failed)} case(s) could not be predicted (see above)", file=sys.stderr)
         return 2
     return 0
+
+
+def model_pairs(configurations: list[str] | None, architectures: list[str] | None) -> list[tuple[str | None, str | None]]:
+    """(configuration, architecture) of each ensemble member; a single value pairs with every other."""
+    configurations, architectures = configurations or [None], architectures or [None]
+    if len(configurations) > 1 and len(architectures) > 1 and len(configurations) != len(architectures):
+        raise UsageError(f"{len(configurations)} configurations and {len(architectures)} architectures: give one "
+                         "of them once, or both as many times (pairs by position)")
+    count = max(len(configurations), len(architectures))
+    pairs = list(zip(configurations * count if len(configurations) == 1 else configurations,
+                     architectures * count if len(architectures) == 1 else architectures))
+    if len(set(pairs)) != len(pairs):
+        raise UsageError("the same model is named twice in -c/-a")
+    return pairs
+
+
+def find_postprocessing(roots, dataset_name: str, models):
+    """The decision saved for this model (or ensemble), announced either way."""
+    from autoseg.inference.ensemble import ensemble_folder, model_name
+    from autoseg.inference.postprocessing import load_postprocessing
+    from autoseg.preprocessing.preprocess import class_values
+
+    names = [model_name(m.configuration, m.architecture) for m in models]
+    if len({tuple(class_values(m.plans)) for m in models}) > 1:
+        raise UsageError(f"the models {names} predict different labels and cannot be ensembled")
+    folder = (roots.results / dataset_name / names[0] if len(models) == 1
+              else ensemble_folder(roots, dataset_name, names))
+    decision = load_postprocessing(folder)
+    if decision is None:
+        print(f"postprocessing: none determined for {' + '.join(names)} yet (it is chosen once every fold is "
+              "validated, or by `autoseg find-best`)")
+    else:
+        print(f"postprocessing: {decision.describe()} (from {folder / 'postprocessing.json'})")
+    return decision

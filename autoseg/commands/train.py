@@ -33,6 +33,10 @@ def register(subparsers) -> None:
     parser.add_argument("--group-cases", metavar="REGEX",
                         help=r"cases whose first group matches share a fold (default '^(patient\d+)_')")
     parser.add_argument("--no-validation", action="store_true", help="skip predicting the validation cases at the end")
+    parser.add_argument("--save-probabilities", action="store_true",
+                        help="validation also writes each case's class probabilities (find-best needs them for ensembles)")
+    parser.add_argument("--validation-only", action="store_true",
+                        help="only (re-)run the end-of-training validation of a trained fold")
     add_common(parser)
     parser.set_defaults(func=run)
 
@@ -44,10 +48,19 @@ def run(args) -> int:
 
     roots = Roots.resolve(args.raw, args.preprocessed, args.results)
     name = roots.find_dataset(args.dataset)
+    if args.validation_only:
+        from autoseg.training.distributed import select_device
+        from autoseg.training.validation import validate_trained_fold
+
+        output = validate_trained_fold(roots, name, args.configuration, args.fold, args.architecture,
+                                       select_device(args.device), args.save_probabilities)
+        print(f"train: validation done -> {output}")
+        return 0
     options = TrainingOptions(epochs=args.epochs, iters_per_epoch=args.iters_per_epoch, val_iters=args.val_iters,
                               time_budget_minutes=args.time_budget, device=args.device, amp=args.amp,
                               cpu_bf16=args.cpu_bf16, num_workers=args.num_workers, seed=args.seed,
                               resume=args.resume, validate_at_end=not args.no_validation,
+                              save_probabilities=args.save_probabilities,
                               group_pattern=args.group_cases or DEFAULT_GROUP_PATTERN)
     output = train_fold(roots, name, args.configuration, args.fold, args.architecture, options)
     import torch.distributed as dist

@@ -64,6 +64,12 @@ def surface_distances(reference: np.ndarray, prediction: np.ndarray, spacing: li
     return to_ref[pred_surface], to_pred[ref_surface]
 
 
+def dice_score(reference: np.ndarray, prediction: np.ndarray) -> float:
+    """Dice of two boolean masks alone (cheap: no surfaces), with the empty-mask rules above."""
+    total = int(reference.sum()) + int(prediction.sum())
+    return 1.0 if total == 0 else 2.0 * int((reference & prediction).sum()) / total
+
+
 def pair_metrics(reference: np.ndarray, prediction: np.ndarray, spacing: list[float],
                  tolerance_mm: float = 1.0) -> PairMetrics:
     reference, spacing_used = _squeeze_2d(np.asarray(reference, bool), spacing)

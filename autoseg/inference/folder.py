@@ -4,7 +4,8 @@ The next case is read and decoded in a background thread while the current one i
 predicted. A case that cannot be read is reported (file and reason) and skipped; the
 others are still predicted and the caller exits non-zero at the end. Each output is
 written under a temporary name and renamed, and cases whose output exists are skipped
-unless ``overwrite``, so an interrupted run continues where it stopped.
+unless ``overwrite``, so an interrupted run continues where it stopped. A postprocessing
+decision (``postprocessing.py``), when given, is applied to every label map written.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ import torch
 from tqdm import tqdm
 
 from autoseg.errors import AutosegError, UsageError
+from autoseg.inference.ensemble import save_probability_file
 from autoseg.inference.model import TrainedModel
+from autoseg.inference.postprocessing import PostprocessingDecision, apply_postprocessing
 from autoseg.inference.predictor import PredictionSettings, predict_case
 from autoseg.io.images import SUPPORTED_ENDINGS, intensity_problem, read_image
-from autoseg.records import atomic_write_bytes, check_writable_folder
+from autoseg.records import check_writable_folder
 
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
@@ -92,15 +95,17 @@ def _read(case: InputCase, num_channels: int):
     return image, geometry
 
 
-def predict_folder(model: TrainedModel, input_dir: Path, output_dir: Path, settings: PredictionSettings,
-                   device: torch.device, overwrite: bool = False, progress: bool = True) -> FolderResult:
+def predict_folder(model: TrainedModel | list[TrainedModel], input_dir: Path, output_dir: Path,
+                   settings: PredictionSettings, device: torch.device, overwrite: bool = False, progress: bool = True,
+                   postprocessing: PostprocessingDecision | None = None) -> FolderResult:
+    """Predict every case of ``input_dir`` with ``model`` (or the average of several) into ``output_dir``."""
     from autoseg.io.images import write_label
 
     input_dir, output_dir = Path(input_dir).resolve(), Path(output_dir).resolve()
     if input_dir == output_dir:
         raise UsageError("output folder must differ from the input folder (predictions would mix with images)",
                          output_dir)
-    channels = model.plans.num_input_channels
+    channels = (model if isinstance(model, TrainedModel) else model[0]).plans.num_input_channels
     cases = list_input_cases(input_dir, channels)
     check_writable_folder(output_dir)
     result = FolderResult()
@@ -126,12 +131,10 @@ def predict_folder(model: TrainedModel, input_dir: Path, output_dir: Path, setti
             prediction = predict_case(model, image, geometry, settings, device)
             target = output_dir / f"{case.case_id}{case.ending}"
             if settings.save_probabilities:
-                import io
-
-                buffer = io.BytesIO()
-                np.savez_compressed(buffer, probabilities=prediction.probabilities)
-                atomic_write_bytes(output_dir / f"{case.case_id}.npz", buffer.getvalue())
-            write_label(prediction.labels, target, geometry, reference_file=case.files[0])
+                save_probability_file(output_dir / f"{case.case_id}.npz", prediction.probabilities,
+                                      prediction.label_values)
+            write_label(apply_postprocessing(prediction.labels, postprocessing), target, geometry,
+                        reference_file=case.files[0])
             result.written.append(case.case_id)
             bar.update()
     bar.close()

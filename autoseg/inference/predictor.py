@@ -3,12 +3,18 @@
 Used by ``autoseg predict``, by the end-of-training validation and by ``find-best``:
 preprocess exactly as the plan says, sliding window with mirroring over the folds,
 resample the probabilities back to the cropped original grid, un-crop, argmax, and give
-each voxel its original label value.
+each voxel its original label value. Several models (an ensemble of configurations or
+architectures) are averaged on the original grid, each preprocessed as its own plan says.
+
+Memory: the probabilities are resampled back one class at a time. With one model and no
+``save_probabilities`` only a running maximum and argmax are kept on the original grid
+(not the K-class volume), which is what lets a 512x512x400 CT predict on a laptop.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -16,18 +22,30 @@ import torch
 from autoseg.inference.model import TrainedModel
 from autoseg.inference.sliding_window import predict_probabilities
 from autoseg.io.images import Geometry
+from autoseg.planning.planner import preprocessing_digest
 from autoseg.planning.plans import Plans
 from autoseg.preprocessing.crop import uncrop
-from autoseg.preprocessing.preprocess import class_values, preprocess_arrays
+from autoseg.preprocessing.preprocess import Preprocessed, class_values, preprocess_arrays
 from autoseg.preprocessing.resample import resample_probabilities
+
+
+# On the CPU a batch of large windows computes no faster than one window at a time and
+# holds the activations of all of them (measured: a 128x160x128 window of the planned CT
+# U-Net takes 2.1 GB and 22 s alone, 4.2 GB and 58 s two at a time), so the CPU batches
+# windows and their mirror flips only up to this many voxels per network call; small
+# patches (Hippocampus: the 8 flips of a 40x56x40 window in one call) still gain from it.
+CPU_BATCH_VOXELS = 1 << 20
 
 
 @dataclass
 class PredictionSettings:
     step: float = 0.5
     mirror: bool = True
-    windows_per_batch: int = 4
-    amp: bool = True  # bf16 autocast on CUDA; the CPU always computes in fp32
+    # Network inputs per call, windows x mirror flips; None: 4 on a GPU, on the CPU up to CPU_BATCH_VOXELS voxels.
+    windows_per_batch: int | None = None
+    # bf16 autocast on CUDA, and on CPUs with native bf16 (AVX-512 BF16, AMX): about 2x faster there, and
+    # scripts/bench_predict.py checks that Dice does not move. Elsewhere, and with False, float32.
+    amp: bool = True
     save_probabilities: bool = False
 
 
@@ -35,27 +53,59 @@ class PredictionSettings:
 class CasePrediction:
     labels: np.ndarray  # (Z, Y, X) original label values, original grid
     probabilities: np.ndarray | None  # (K, Z, Y, X) float16, original grid, when asked for
+    label_values: list[int]  # the label value of each probability channel
 
 
-def predict_case(model: TrainedModel, image: np.ndarray, geometry: Geometry, settings: PredictionSettings,
-                 device: torch.device) -> CasePrediction:
-    plans = model.plans
-    config = plans.configuration(model.configuration)
-    arch = plans.architecture(model.configuration, model.architecture)
-    pre = preprocess_arrays(image, None, geometry, plans, model.configuration)
-    amp_dtype = torch.bfloat16 if settings.amp and device.type == "cuda" else None
-    probabilities = predict_probabilities(
-        model.networks, torch.from_numpy(pre.image).to(device), arch.patch_size, settings.step,
-        settings.mirror, settings.windows_per_batch, amp_dtype, sigmoid=plans.has_regions)
-    probabilities = probabilities.cpu().numpy()
-    probabilities = resample_probabilities(probabilities, pre.shape_after_crop, config.anisotropic_axis)
-    labels = uncrop(probabilities_to_labels(probabilities, plans), pre.crop_box, geometry.array_shape, fill=0)
+def predict_case(model: TrainedModel | Sequence[TrainedModel], image: np.ndarray, geometry: Geometry,
+                 settings: PredictionSettings, device: torch.device) -> CasePrediction:
+    models = [model] if isinstance(model, TrainedModel) else list(model)
+    plans = models[0].plans
+    # The label value of each output channel; for region outputs, the value each region writes.
+    values = plans.regions_class_order if plans.has_regions else class_values(plans)
+    keys = [(m.configuration, preprocessing_digest(m.plans, m.configuration)) for m in models]
+    preprocessed: dict[tuple[str, str], Preprocessed] = {}
+    running = (_RunningArgmax() if len(models) == 1 and not settings.save_probabilities and not plans.has_regions
+               else None)
+    total = None  # (K, *cropped original grid) summed over models, when several or when kept
+    box = None
+    for number, (one, key) in enumerate(zip(models, keys)):
+        if key not in preprocessed:  # two architectures of one configuration share the preprocessing
+            preprocessed[key] = preprocess_arrays(image, None, geometry, one.plans, one.configuration)
+        pre = preprocessed[key] if key in keys[number + 1:] else preprocessed.pop(key)
+        box, shape = pre.crop_box, pre.shape_after_crop
+        config = one.plans.configuration(one.configuration)
+        arch = one.plans.architecture(one.configuration, one.architecture)
+        amp_dtype = torch.bfloat16 if settings.amp and bf16_is_fast(device) else None
+        batch = settings.windows_per_batch or windows_per_batch(arch.patch_size, device)
+        probabilities = predict_probabilities(
+            one.networks, torch.from_numpy(pre.image).to(device), arch.patch_size, settings.step,
+            settings.mirror, batch, amp_dtype, sigmoid=plans.has_regions).cpu()
+        del pre  # the preprocessed image is not needed on the way back
+        for index in range(probabilities.shape[0]):
+            # One class at a time back to the cropped original grid (linear; nearest along a thick-slice axis).
+            channel = probabilities[index].float().numpy()[None]
+            channel = resample_probabilities(channel, shape, config.anisotropic_axis)[0]
+            if running is not None:
+                running.update(index, channel)
+                continue
+            if total is None:
+                total = np.zeros((len(values), *shape),
+                                 dtype=np.float16 if len(models) == 1 else np.float32)
+            total[index] += channel
+        del probabilities
+    if running is not None:
+        cropped_labels = np.asarray(values, dtype=np.int16)[running.argmax]
+    else:
+        if len(models) > 1:
+            total /= len(models)
+        cropped_labels = probabilities_to_labels(total, plans)
+    labels = uncrop(cropped_labels, box, geometry.array_shape, fill=0)
     full = None
     if settings.save_probabilities:
-        full = uncrop(probabilities.astype(np.float16), pre.crop_box, geometry.array_shape, fill=0)
+        full = uncrop(total.astype(np.float16, copy=False), box, geometry.array_shape, fill=0)
         if not plans.has_regions:
-            full[0][_outside(pre.crop_box, geometry.array_shape)] = 1.0  # background outside the crop
-    return CasePrediction(labels, full)
+            full[0][_outside(box, geometry.array_shape)] = 1.0  # background outside the crop
+    return CasePrediction(labels, full, values)
 
 
 def probabilities_to_labels(probabilities: np.ndarray, plans: Plans) -> np.ndarray:
@@ -69,6 +119,40 @@ def probabilities_to_labels(probabilities: np.ndarray, plans: Plans) -> np.ndarr
     for region_probability, value in zip(probabilities, plans.regions_class_order):
         labels[region_probability > 0.5] = value
     return labels
+
+
+def windows_per_batch(patch_size: list[int], device: torch.device) -> int:
+    if device.type != "cpu":
+        return 4
+    return max(1, min(32, CPU_BATCH_VOXELS // int(np.prod(patch_size))))
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return True
+    if device.type == "cpu":  # emulated bf16 (no AVX-512 BF16 / AMX) is slower than float32
+        check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        return bool(check and check())
+    return False
+
+
+class _RunningArgmax:
+    """argmax over classes seen one at a time, keeping two arrays of the grid instead of K.
+
+    Ties go to the lower class index, as ``np.argmax`` does."""
+
+    def __init__(self):
+        self.best: np.ndarray | None = None
+        self.argmax: np.ndarray | None = None
+
+    def update(self, index: int, channel: np.ndarray) -> None:
+        if self.best is None:
+            self.best = np.array(channel, dtype=np.float32)
+            self.argmax = np.zeros(channel.shape, dtype=np.int16)
+            return
+        better = channel > self.best
+        np.copyto(self.best, channel, where=better)
+        self.argmax[better] = index
 
 
 def _outside(box: list[list[int]], shape: list[int]) -> np.ndarray:

@@ -58,6 +58,7 @@ class TrainingOptions:
     resume: bool = False
     initial_lr: float = 1e-2
     validate_at_end: bool = True
+    save_probabilities: bool = False  # validation also keeps each case's class probabilities (CASE.npz)
     progress: bool = True
     group_pattern: str = DEFAULT_GROUP_PATTERN  # cases whose first group matches share a fold
 
@@ -183,7 +184,8 @@ def train_fold(roots: Roots, dataset_name: str, configuration: str, fold: int | 
         # ---- HOOK: final validation of the fold with the predictor (sliding window on the original images) ----
         from autoseg.training.validation import validate_fold
 
-        validate_fold(roots, dataset_name, configuration, arch.name, fold, val_ids, device)
+        validate_fold(roots, dataset_name, configuration, arch.name, fold, val_ids, device,
+                      options.save_probabilities)
     return output
 
 

@@ -1,0 +1,57 @@
+import numpy as np
+import pytest
+import torch
+
+from autoseg.commands.predict import model_pairs
+from autoseg.errors import AutosegError, UsageError
+from autoseg.inference.ensemble import labels_from_probability_files, save_probability_file
+from autoseg.inference.model import TrainedModel
+from autoseg.inference.predictor import PredictionSettings, predict_case
+from autoseg.io.images import read_label
+from tests.test_predict import NearestIntensity, plans  # noqa: F401 - a model that predicts by intensity; its plan
+
+
+def test_model_pairs_broadcast_a_single_value_and_refuse_mismatches(capsys):
+    assert model_pairs(["2d", "3d_fullres"], ["unet"]) == [("2d", "unet"), ("3d_fullres", "unet")]
+    assert model_pairs(None, ["unet", "resenc_unet"]) == [(None, "unet"), (None, "resenc_unet")]
+    assert model_pairs(["2d", "3d_fullres"], ["unet", "resenc_unet"]) == [("2d", "unet"), ("3d_fullres", "resenc_unet")]
+    with pytest.raises(UsageError, match="3 configurations and 2 architectures"):
+        model_pairs(["2d", "3d_fullres", "3d_lowres"], ["unet", "resenc_unet"])
+    with pytest.raises(UsageError, match="named twice"):
+        model_pairs(["2d", "2d"], ["unet"])
+
+
+def test_probability_files_average_into_labels_and_refuse_what_does_not_fit(tmp_path):
+    first = np.array([[0.7, 0.2], [0.1, 0.5], [0.2, 0.3]])[:, None, None, :]  # (3 classes, 1, 1, 2 voxels)
+    second = np.array([[0.1, 0.2], [0.1, 0.1], [0.8, 0.7]])[:, None, None, :]
+    save_probability_file(tmp_path / "a.npz", first, [0, 1, 4])
+    save_probability_file(tmp_path / "b.npz", second, [0, 1, 4])
+    # means: voxel 0 -> (0.4, 0.1, 0.5): label 4; voxel 1 -> (0.2, 0.3, 0.5): label 4; first alone: 0 and 1
+    assert labels_from_probability_files([tmp_path / "a.npz"]).ravel().tolist() == [0, 1]
+    assert labels_from_probability_files([tmp_path / "a.npz", tmp_path / "b.npz"]).ravel().tolist() == [4, 4]
+    save_probability_file(tmp_path / "c.npz", second, [0, 1, 2])
+    with pytest.raises(AutosegError, match="c.npz: does not fit"):
+        labels_from_probability_files([tmp_path / "a.npz", tmp_path / "c.npz"])
+    (tmp_path / "d.npz").write_bytes(b"not a zip")
+    with pytest.raises(AutosegError, match="d.npz: not an autoseg probability file"):
+        labels_from_probability_files([tmp_path / "d.npz"])
+
+
+def test_an_ensemble_averages_the_probabilities_of_its_members(synthetic_raw, plans):  # noqa: F811
+    label, geometry = read_label(synthetic_raw / "labelsTr" / "synth_004.nii.gz")
+    image = label[None].astype(np.float32) * 10.0 + 5.0
+    z = lambda v: ((np.array(v) - image.mean()) / image.std()).tolist()  # noqa: E731
+    # Two models that disagree on where the classes lie in intensity.
+    first = TrainedModel(plans, "3d_fullres", "unet", [NearestIntensity(z([5.0, 15.0, 25.0]))], ["0"])
+    second = TrainedModel(plans, "3d_fullres", "unet", [NearestIntensity(z([5.0, 24.0, 14.0]))], ["0"])
+    settings = PredictionSettings(mirror=False, save_probabilities=True)
+    cpu = torch.device("cpu")
+    a, b = (predict_case(m, image, geometry, settings, cpu) for m in (first, second))
+    both = predict_case([first, second], image, geometry, settings, cpu)
+    mean = (a.probabilities.astype(np.float32) + b.probabilities.astype(np.float32)) / 2
+    assert np.allclose(both.probabilities.astype(np.float32), mean, atol=1e-3)
+    assert np.abs(a.probabilities.astype(np.float32) - mean).max() > 0.4  # the members do disagree
+    top_two = np.sort(mean, axis=0)[-2:]
+    clear = top_two[1] - top_two[0] > 2e-3  # away from ties, which float16 rounding may break either way
+    assert clear.mean() > 0.5
+    assert np.array_equal(both.labels[clear], np.array([0, 1, 2])[mean.argmax(0)][clear])

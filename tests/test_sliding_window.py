@@ -1,0 +1,68 @@
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+import autoseg.inference.sliding_window as sliding_window
+from autoseg.inference.model import TrainedModel
+from autoseg.inference.predictor import PredictionSettings, predict_case
+from autoseg.inference.sliding_window import predict_probabilities, window_starts
+from autoseg.io.images import read_label
+from tests.test_predict import NearestIntensity, plans  # noqa: F401 - a model that predicts by intensity; its plan
+
+
+@pytest.mark.parametrize("size, patch, step", [(100, 40, 0.5), (41, 40, 0.5), (300, 64, 0.33), (40, 40, 0.5), (7, 9, 1.0)])
+def test_windows_cover_the_axis_evenly_at_most_a_step_apart(size, patch, step):
+    starts = window_starts(size, patch, step)
+    assert starts[0] == 0 and starts[-1] == max(size - patch, 0)
+    gaps = np.diff(starts)
+    assert np.all(gaps <= patch * step) and np.all(gaps > 0)
+    assert gaps.size == 0 or gaps.max() - gaps.min() <= 1  # evenly spread, up to rounding
+
+
+def test_an_image_smaller_than_the_patch_is_padded_and_comes_back_whole():
+    labels = torch.randint(0, 2, (6, 11, 9))
+    one_hot = torch.nn.functional.one_hot(labels, 2).permute(3, 0, 1, 2).float()
+    probabilities = predict_probabilities([lambda x: x * 50.0], one_hot, [8, 16, 16], mirror=True)
+    assert probabilities.shape == one_hot.shape and torch.allclose(probabilities, one_hot, atol=1e-4)
+
+
+def test_compact_accumulation_is_float16_and_agrees_with_float32(monkeypatch):
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(torch.nn.Conv3d(1, 3, 3, padding=1), torch.nn.Tanh(), torch.nn.Conv3d(3, 3, 1))
+    image = torch.randn(1, 20, 30, 26)
+    exact = predict_probabilities([network], image, [8, 16, 16], mirror=True)
+    monkeypatch.setattr(sliding_window, "COMPACT_ABOVE_BYTES", 0)
+    compact = predict_probabilities([network], image, [8, 16, 16], mirror=True)
+    assert exact.dtype == torch.float32 and compact.dtype == torch.float16
+    assert (compact.float() - exact).abs().max() < 2e-3
+    assert torch.allclose(compact.float().sum(0), torch.ones(20, 30, 26), atol=3e-3)
+
+
+def test_running_argmax_equals_the_full_argmax_when_resampling(synthetic_raw, plans):  # noqa: F811
+    """A plan at another spacing: probabilities are resampled back class by class either way."""
+    config = dataclasses.replace(plans.configuration("3d_fullres"), spacing=[2.2, 0.8, 1.3])
+    finer = dataclasses.replace(plans, configurations={"3d_fullres": config})
+    label, geometry = read_label(synthetic_raw / "labelsTr" / "synth_001.nii.gz")
+    image = label[None].astype(np.float32) * 10.0 + 5.0
+    centres = ((np.array([5.0, 15.0, 25.0]) - image.mean()) / image.std()).tolist()
+    model = TrainedModel(finer, "3d_fullres", "unet", [NearestIntensity(centres)], ["0"])
+    lean = predict_case(model, image, geometry, PredictionSettings(mirror=False), torch.device("cpu"))
+    full = predict_case(model, image, geometry, PredictionSettings(mirror=False, save_probabilities=True),
+                        torch.device("cpu"))
+    assert lean.probabilities is None and full.probabilities.shape == (3, *label.shape)
+    assert np.array_equal(lean.labels, full.labels)
+    assert np.array_equal(full.labels, np.array([0, 1, 2])[full.probabilities.astype(np.float32).argmax(0)])
+    assert (lean.labels == label).mean() > 0.95  # resampled there and back, boundaries move a little
+
+
+def test_mirror_flips_batched_together_give_what_one_at_a_time_gives():
+    torch.manual_seed(1)
+    network = torch.nn.Sequential(torch.nn.Conv3d(2, 4, 3, padding=1), torch.nn.Tanh(), torch.nn.Conv3d(4, 3, (1, 3, 1), padding=(0, 1, 0)))
+    image = torch.randn(2, 12, 30, 21)
+    one_by_one = predict_probabilities([network, network], image, [8, 16, 16], mirror=True, images_per_call=1)
+    together = predict_probabilities([network, network], image, [8, 16, 16], mirror=True, images_per_call=16)
+    assert torch.allclose(one_by_one, together, atol=1e-6)
+    unmirrored = predict_probabilities([network], image, [8, 16, 16], mirror=False)
+    assert (unmirrored - together).abs().max() > 1e-3  # the flips do change something: not a vacuous comparison
