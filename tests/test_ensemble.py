@@ -37,6 +37,22 @@ def test_probability_files_average_into_labels_and_refuse_what_does_not_fit(tmp_
         labels_from_probability_files([tmp_path / "d.npz"])
 
 
+def test_region_probability_files_ensemble_by_threshold_in_region_order(tmp_path):
+    # Two regions, as BraTS-like plans have them: whole (writes 1), then the nested core (writes 2).
+    # Voxels: [outside, whole only, whole and core, core above 0.5 only on average]
+    first = np.array([[0.1, 0.9, 0.9, 0.8], [0.0, 0.2, 0.9, 0.3]])[:, None, None, :]
+    second = np.array([[0.2, 0.7, 0.8, 0.9], [0.1, 0.4, 0.7, 0.9]])[:, None, None, :]
+    save_probability_file(tmp_path / "a.npz", first, [1, 2], regions=True)
+    save_probability_file(tmp_path / "b.npz", second, [1, 2], regions=True)
+    assert labels_from_probability_files([tmp_path / "a.npz"]).ravel().tolist() == [0, 1, 2, 1]
+    # the mean core probability of the last voxel is 0.6: the threshold rule gives 2; an argmax
+    # over the two region channels would have said 1 (0.85 > 0.6)
+    assert labels_from_probability_files([tmp_path / "a.npz", tmp_path / "b.npz"]).ravel().tolist() == [0, 1, 2, 2]
+    save_probability_file(tmp_path / "softmax.npz", first, [1, 2])
+    with pytest.raises(AutosegError, match="softmax.npz: does not fit .*classes vs regions"):
+        labels_from_probability_files([tmp_path / "a.npz", tmp_path / "softmax.npz"])
+
+
 def test_an_ensemble_averages_the_probabilities_of_its_members(synthetic_raw, plans):  # noqa: F811
     label, geometry = read_label(synthetic_raw / "labelsTr" / "synth_004.nii.gz")
     image = label[None].astype(np.float32) * 10.0 + 5.0

@@ -132,7 +132,7 @@ def predict_folder(model: TrainedModel | list[TrainedModel], input_dir: Path, ou
             target = output_dir / f"{case.case_id}{case.ending}"
             if settings.save_probabilities:
                 save_probability_file(output_dir / f"{case.case_id}.npz", prediction.probabilities,
-                                      prediction.label_values)
+                                      prediction.label_values, prediction.regions)
             write_label(apply_postprocessing(prediction.labels, postprocessing), target, geometry,
                         reference_file=case.files[0])
             result.written.append(case.case_id)

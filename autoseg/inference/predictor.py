@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from autoseg.inference.ensemble import argmax_labels, region_labels
 from autoseg.inference.model import TrainedModel
 from autoseg.inference.sliding_window import predict_probabilities
 from autoseg.io.images import Geometry
@@ -54,6 +55,7 @@ class CasePrediction:
     labels: np.ndarray  # (Z, Y, X) original label values, original grid
     probabilities: np.ndarray | None  # (K, Z, Y, X) float16, original grid, when asked for
     label_values: list[int]  # the label value of each probability channel
+    regions: bool = False  # the channels are region (sigmoid) probabilities, not softmax classes
 
 
 def predict_case(model: TrainedModel | Sequence[TrainedModel], image: np.ndarray, geometry: Geometry,
@@ -105,20 +107,14 @@ def predict_case(model: TrainedModel | Sequence[TrainedModel], image: np.ndarray
         full = uncrop(total.astype(np.float16, copy=False), box, geometry.array_shape, fill=0)
         if not plans.has_regions:
             full[0][_outside(box, geometry.array_shape)] = 1.0  # background outside the crop
-    return CasePrediction(labels, full, values)
+    return CasePrediction(labels, full, values, plans.has_regions)
 
 
 def probabilities_to_labels(probabilities: np.ndarray, plans: Plans) -> np.ndarray:
-    """Label values from class probabilities (argmax), or from region probabilities as nnU-Net
-    does: each region above 0.5 writes its value of ``regions_class_order``, in that order, so
-    a nested region drawn later (say, enhancing tumour) overwrites the one containing it."""
-    if not plans.has_regions:
-        values = np.asarray(class_values(plans), dtype=np.int16)
-        return values[probabilities.argmax(0)]
-    labels = np.zeros(probabilities.shape[1:], dtype=np.int16)
-    for region_probability, value in zip(probabilities, plans.regions_class_order):
-        labels[region_probability > 0.5] = value
-    return labels
+    """Label values from class probabilities (argmax) or from region probabilities (thresholds)."""
+    if plans.has_regions:
+        return region_labels(probabilities, plans.regions_class_order)
+    return argmax_labels(probabilities, class_values(plans))
 
 
 def windows_per_batch(patch_size: list[int], device: torch.device) -> int:

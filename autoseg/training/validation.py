@@ -45,7 +45,8 @@ def validate_fold(roots: Roots, dataset_name: str, configuration: str, architect
         prediction = predict_case(model, image, properties.original_geometry, settings, device)
         reference_file = properties.source_images[0]
         if save_probabilities:
-            save_probability_file(out / f"{case_id}.npz", prediction.probabilities, prediction.label_values)
+            save_probability_file(out / f"{case_id}.npz", prediction.probabilities, prediction.label_values,
+                                  prediction.regions)
         write_label(prediction.labels, out / f"{case_id}{ending}", properties.original_geometry, reference_file)
         label, geometry = read_label(properties.source_label)
         write_label(label, references / f"{case_id}{ending}", geometry, reference_file)
