@@ -12,7 +12,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
+import shutil
+import socket
 import tempfile
+import time
 import types
 import typing
 from pathlib import Path
@@ -25,6 +29,84 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+# Every temporary file or folder autoseg writes is named TEMPORARY_PREFIX + "HOST.PID-" + ... +
+# the final name, so that what a killed process left behind can be recognised and removed.
+TEMPORARY_PREFIX = ".autoseg-tmp-"
+_TEMPORARY_NAME = re.compile(re.escape(TEMPORARY_PREFIX) + r"([A-Za-z0-9]*)\.(\d+)-")
+# A temporary of another machine sharing the folder is stale only when this long untouched:
+# its writer's process cannot be looked up from here.
+FOREIGN_STALE_AFTER_SECONDS = 24 * 3600
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:24]
+
+
+def _writer_tag() -> str:
+    return f"{TEMPORARY_PREFIX}{_host()}.{os.getpid()}-"
+
+
+def temporary_sibling(path: str | Path) -> tuple[int, Path]:
+    """An open file descriptor and the name of a new temporary file beside ``path``. The name
+    ends with ``path``'s own name, so writers that pick a format by the ending (SimpleITK) work."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=_writer_tag(), suffix=f"-{path.name}", dir=path.parent)
+    return fd, Path(tmp)
+
+
+def temporary_folder_name(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(f"{_writer_tag()}{path.name}")
+
+
+def _process_is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def remove_stale_temporaries(folder: str | Path, depth: int = 2) -> list[Path]:
+    """Remove the temporaries that killed autoseg processes left in ``folder`` and its
+    subfolders down to ``depth`` levels: those written on this machine by a process that no
+    longer runs, and those of other machines untouched for ``FOREIGN_STALE_AFTER_SECONDS``.
+    Returns what was removed."""
+    removed: list[Path] = []
+    now, host = time.time(), _host()
+    folders = [Path(folder)]
+    for level in range(depth):
+        subfolders = []
+        for current in folders:
+            try:
+                entries = list(os.scandir(current))
+            except OSError:
+                continue
+            for entry in entries:
+                match = _TEMPORARY_NAME.match(entry.name)
+                if match is None:
+                    if level + 1 < depth and entry.is_dir(follow_symlinks=False):
+                        subfolders.append(Path(entry.path))
+                    continue
+                try:
+                    if match.group(1) == host:
+                        if _process_is_alive(int(match.group(2))):
+                            continue
+                    elif now - entry.stat(follow_symlinks=False).st_mtime < FOREIGN_STALE_AFTER_SECONDS:
+                        continue
+                    if entry.is_dir(follow_symlinks=False):
+                        shutil.rmtree(entry.path)
+                    else:
+                        os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+                except OSError:
+                    continue  # gone already, or not ours to remove: leave it
+        folders = subfolders
+    return removed
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that the final name never holds a partial file.
 
@@ -34,7 +116,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = temporary_sibling(path)
     except OSError as exc:
         raise OSError(exc.errno, exc.strerror, exc.filename or str(path.parent)) from None
     try:
@@ -45,7 +127,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError) and not exc.filename:
             raise OSError(exc.errno, exc.strerror, str(path)) from None
         raise
@@ -58,7 +140,8 @@ def copy_file_atomic(source: str | Path, target: str | Path) -> None:
 
 def check_writable_folder(folder: str | Path) -> None:
     """Create ``folder`` if needed and write (and delete) a file in it, so a command that cannot
-    write its output says so before it starts long work, not after."""
+    write its output says so before it starts long work, not after. Temporaries that a killed
+    run left there are removed on the way (see ``remove_stale_temporaries``)."""
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -67,6 +150,7 @@ def check_writable_folder(folder: str | Path) -> None:
         os.unlink(probe)
     except OSError as exc:
         raise UsageError(f"output folder is not writable ({exc.strerror or exc})", folder) from None
+    remove_stale_temporaries(folder)
 
 
 def to_jsonable(value: Any) -> Any:

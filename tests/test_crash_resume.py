@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from autoseg.cli import main
+from autoseg.records import TEMPORARY_PREFIX
 from tests.faults import assert_complete
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,11 +44,12 @@ def test_killed_preprocessing_resumes_to_identical_files(synthetic_raw, tmp_path
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
         left = [p for p in interrupted.rglob("*") if p.is_file()]
-        assert not any(p.name.startswith(".") and p.suffix == ".tmp" and p.stat().st_size == 0 for p in left)
+        assert not any(p.name.startswith(TEMPORARY_PREFIX) and p.stat().st_size == 0 for p in left)
         rerun = _run(synthetic_raw.parent, interrupted)
         _, err = rerun.communicate(timeout=300)
         assert rerun.returncode == 0, err.decode()[-2000:]
         got = {k: v for k, v in _snapshot(interrupted).items() if not Path(k).name.startswith(".")}
+        assert not [p for p in interrupted.rglob(f"{TEMPORARY_PREFIX}*")], "the rerun removes the killed run's temporaries"
         assert got.keys() == expected.keys()
         assert all(got[k] == expected[k] for k in expected), [k for k in expected if got[k] != expected[k]]
 
@@ -177,3 +179,4 @@ def test_killed_prediction_reruns_to_byte_identical_label_maps(pipeline, tmp_pat
     assert main([*map(str, predict), "-o", str(out)]) == 0
     assert f"{len(expected) - len(done)} written, {len(done)} already there, 0 failed" in capsys.readouterr().out
     assert {p.name: p.read_bytes() for p in out.iterdir() if not p.name.startswith(".")} == expected
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "the rerun removes the killed run's temporaries"

@@ -282,7 +282,7 @@ def test_ddp_with_gloo_on_two_cpu_processes_sees_different_batches_and_writes_on
     fold = tmp_path / "res" / name / "3d_fullres__unet" / "fold_0"
     assert sorted(p.name for p in fold.glob("checkpoint_*.pt")) == ["checkpoint_best.pt", "checkpoint_final.pt",
                                                                     "checkpoint_latest.pt"]
-    assert not list(fold.glob(".*.tmp")), "no leftovers of a second writer"
+    assert not list(fold.glob(".autoseg-tmp-*")), "no leftovers of a second writer"
     assert len(torch.load(fold / "checkpoint_latest.pt", weights_only=True)["rng_per_rank"]) == 2
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from autoseg.errors import ImageReadError
-from autoseg.records import atomic_write_bytes
+from autoseg.records import atomic_write_bytes, temporary_sibling
 
 # ITK prints header quirks (e.g. "unexpected scales in sform") to stderr for every read;
 # they are not errors, and autoseg reports real problems itself.
@@ -197,8 +197,8 @@ def write_image(array: np.ndarray, path: str | Path, geometry: Geometry) -> None
 
 def _write_sitk_atomic(image: sitk.Image, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    # The temporary name keeps the real ending: SimpleITK picks the writer from it.
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    fd, tmp = temporary_sibling(path)  # keeps the real ending: SimpleITK picks the writer from it
+    os.close(fd)
     try:
         sitk.WriteImage(image, str(tmp), useCompression=True)
         os.replace(tmp, path)

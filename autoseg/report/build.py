@@ -21,7 +21,7 @@ from autoseg.errors import DatasetError, UsageError
 from autoseg.evaluation.evaluate import summarize_rows
 from autoseg.io.images import read_label
 from autoseg.parallel import map_with_progress
-from autoseg.records import atomic_write_bytes, save_json
+from autoseg.records import atomic_write_bytes, remove_stale_temporaries, save_json, temporary_folder_name
 from autoseg.report.channels import read_shown_image
 from autoseg.report.figures import case_title, draw_case, draw_metric_boxplots, preload
 from autoseg.report.page import render_page
@@ -78,12 +78,13 @@ def staged_output(output: Path) -> Iterator[Path]:
     if output.exists() and not (output.is_dir() and (not any(output.iterdir()) or (output / RECORD_NAME).is_file())):
         raise UsageError("exists and is not an autoseg report folder; choose another -o", output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    stage = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    remove_stale_temporaries(output.parent, depth=1)  # stages of killed runs
+    stage = temporary_folder_name(output)
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir()
     try:
         yield stage
-        old = output.with_name(f".{output.name}.old-{os.getpid()}")
+        old = temporary_folder_name(output.with_name(f"{output.name}.old"))
         if output.exists():
             output.rename(old)
         try:
