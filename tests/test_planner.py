@@ -92,3 +92,46 @@ def test_edited_plans_are_validated(tmp_path):
     save_plans(plans, tmp_path / "p3.json")
     with pytest.raises(PlanError, match="unknown architecture 'os.system'"):
         load_plans(tmp_path / "p3.json")
+
+
+@pytest.mark.parametrize("gpu_memory_gb", [0.9, 1.5])
+def test_small_budgets_end_in_a_plan_that_fits_or_a_clear_refusal(gpu_memory_gb):
+    # Swin rounds an all-32 patch back up to 64 along one axis: shrinking must not go round in circles.
+    import signal
+
+    def too_slow(*_):
+        raise AssertionError("planning did not finish: the patch search goes round in circles")
+
+    previous = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(300)
+    try:
+        ctx = PlanningContext(gpu_memory_gb, 1, 3, dataset_voxels=1e10)
+        outcomes = {}
+        for name, spec in ARCHITECTURES.items():
+            try:
+                plan = plan_architecture(spec, 3, [1.0, 1.0, 1.0], [36, 50, 35], ctx)
+            except ValueError as exc:
+                assert f"even the smallest patch needs more than {gpu_memory_gb} GB" in str(exc)
+                outcomes[name] = "refused"
+                continue
+            assert plan.estimated_memory_gb <= gpu_memory_gb and plan.batch_size >= 2
+            assert spec.check_plan(plan, 3) is None
+            outcomes[name] = plan.patch_size
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert outcomes["unet"] != "refused", outcomes
+    assert outcomes["swin_unetr"] != "refused", "a narrower Swin UNETR fits where feature_size 48 does not"
+
+
+def test_swin_feature_size_is_chosen_by_the_budget():
+    swin = ARCHITECTURES["swin_unetr"]
+    small = plan_architecture(swin, 3, [1.0, 1.0, 1.0], [36, 50, 35], PlanningContext(1.5, 1, 3, 1e10))
+    large = plan_architecture(swin, 3, [1.0, 1.0, 1.0], [36, 50, 35], PlanningContext(8.0, 1, 3, 1e10))
+    assert large.options["feature_size"] == 48 and large.patch_size == [64, 64, 64]
+    assert small.options["feature_size"] in (36, 24, 12) and small.estimated_memory_gb <= 1.5
+    assert swin.check_plan(small, 3) is None
+    assert f"feature_size {small.options['feature_size']} chosen" in small.notes[-1]
+    assert "feature_size 48: even the smallest patch needs more than 1.5 GB" in small.notes[-1]
+    network = swin.build(small, 1, 3, 3, True)
+    assert sum(p.numel() for p in network.parameters()) == small.num_parameters

@@ -19,7 +19,8 @@ from typing import Any, Callable
 from torch import nn
 
 from autoseg.networks.resenc_unet import RESENC_BLOCKS_PER_STAGE, build_resenc_unet
-from autoseg.networks.swin_unetr import DEFAULT_FEATURE_SIZE, build_swin_unetr, check_swin_plan, swin_topology
+from autoseg.networks.swin_unetr import (DEFAULT_FEATURE_SIZE, SWIN_FEATURE_SIZES, build_swin_unetr,
+                                         check_swin_plan, swin_topology)
 from autoseg.networks.topology import UNetTopology, unet_topology
 from autoseg.networks.umamba import UMAMBA_BLOCKS_PER_STAGE, build_umamba_bot, build_umamba_enc
 from autoseg.networks.unet import build_unet
@@ -27,7 +28,7 @@ from autoseg.networks.xlstm_unet import XLSTM_BLOCKS_PER_STAGE, build_xlstm_unet
 from autoseg.planning.plans import ArchitecturePlan
 
 Builder = Callable[[ArchitecturePlan, int, int, int, bool], nn.Module]
-TopologyRule = Callable[[list[int], list[float]], UNetTopology]
+TopologyRule = Callable[..., UNetTopology]  # (patch, spacing, **choice) -> topology
 PlanCheck = Callable[[ArchitecturePlan, int], "str | None"]
 
 
@@ -44,6 +45,9 @@ class ArchitectureSpec:
     available: Callable[[], bool] = lambda: True
     # Constraints beyond the U-Net ones (say, a patch multiple of 32); returns a reason or None.
     extra_check: PlanCheck | None = None
+    # Options the planner chooses between, most preferred first (say, Swin's feature_size): each
+    # is passed to ``topology`` as keywords and stored in the plan's options. See plan_architecture.
+    option_choices: tuple[dict[str, Any], ...] = ({},)
 
     def check_plan(self, plan: ArchitecturePlan, dimensions: int) -> str | None:
         """A reason the plan cannot be built, or None."""
@@ -69,6 +73,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
                                    build_swin_unetr, topology=swin_topology,
                                    default_options={"feature_size": DEFAULT_FEATURE_SIZE},
                                    extra_check=check_swin_plan,
+                                   option_choices=tuple({"feature_size": f} for f in SWIN_FEATURE_SIZES),
                                    available=lambda: importlib.util.find_spec("einops") is not None),
     "umamba_bot": ArchitectureSpec("umamba_bot", "U-Mamba Bot: residual U-Net, Mamba layer at the bottleneck",
                                    build_umamba_bot, default_options=_UMAMBA_OPTIONS),

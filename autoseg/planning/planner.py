@@ -35,6 +35,7 @@ from autoseg.records import to_jsonable
 INITIAL_PATCH_VOXELS = {3: 256**3, 2: 2048**2}
 MAX_DATASET_FRACTION_PER_STEP = 0.05
 MIN_BATCH = 2
+MIN_STAGES = 3  # input resolution and two downsamplings: the smallest U-Net MONAI's DynUNet builds
 LOWRES_COVERAGE = 0.25  # plan 3d_lowres when the fullres patch covers less than this of the median image
 LOWRES_STEP = 1.03
 
@@ -152,16 +153,46 @@ def _plan_configuration(name: str, dims: int, spacing: list[float], median_shape
 
 def plan_architecture(spec: ArchitectureSpec, dims: int, spacing: list[float], median_shape: list[int],
                       ctx: PlanningContext) -> ArchitecturePlan:
+    """Patch, batch and topology of one architecture within the memory budget.
+
+    Where the architecture offers choices (Swin UNETR's ``feature_size``), each is planned
+    and the most preferred one is kept unless another allows a patch more than twice as
+    large: a narrower network that sees the organ whole beats a wider one that sees a part."""
+    planned, refusals = [], []  # (choice, plan) pairs; reasons of the choices that do not fit
+    for choice in spec.option_choices:
+        try:
+            planned.append((choice, _plan_with_options(spec, {**spec.default_options, **choice}, choice, dims,
+                                                       spacing, median_shape, ctx)))
+        except ValueError as exc:
+            refusals.append(f"{_describe(choice)}: {exc}" if choice else str(exc))
+    if not planned:
+        raise ValueError("; ".join(refusals))
+    largest = max(math.prod(plan.patch_size) for _, plan in planned)
+    chosen_choice, chosen = next((c, p) for c, p in planned if 2 * math.prod(p.patch_size) >= largest)
+    if len(spec.option_choices) > 1:
+        others = [f"{_describe(choice)}: patch {'x'.join(map(str, plan.patch_size))}, batch {plan.batch_size}"
+                  for choice, plan in planned if plan is not chosen] + refusals
+        chosen.notes.append(f"{_describe(chosen_choice)} chosen (the most preferred whose patch is at least half "
+                            f"the largest); others: {'; '.join(others)}")
+    return chosen
+
+
+def _describe(choice: dict) -> str:
+    return ", ".join(f"{key} {value}" for key, value in choice.items())
+
+
+def _plan_with_options(spec: ArchitectureSpec, options: dict, topology_options: dict, dims: int,
+                       spacing: list[float], median_shape: list[int], ctx: PlanningContext) -> ArchitecturePlan:
     budget = ctx.gpu_memory_gb * 2**30
     patch = _initial_patch(dims, spacing, median_shape)
 
     def estimate(topology) -> MemoryEstimate:
         # Saved activations grow exactly linearly with the voxels of a patch for a fixed
         # topology (see networks/memory.py), so one measurement serves every patch of it.
-        key = (spec.name, dims, ctx.in_channels, ctx.num_classes, repr(spec.default_options),
+        key = (spec.name, dims, ctx.in_channels, ctx.num_classes, repr(options),
                tuple(map(tuple, topology.strides)), tuple(map(tuple, topology.kernel_sizes)), tuple(topology.features))
         if key not in _ESTIMATES:
-            plan = _arch_plan(spec, topology, 1)
+            plan = _arch_plan(spec, topology, 1, options)
             # A fixed probe per topology (twice the stride product) keeps the result independent
             # of which patch happened to be measured first.
             probe = [2 * d for d in topology.divisor()]
@@ -169,35 +200,49 @@ def plan_architecture(spec: ArchitectureSpec, dims: int, spacing: list[float], m
                                       ctx.in_channels, probe)
         return _ESTIMATES[key]
 
-    topology = spec.topology(patch, spacing)
+    topology = spec.topology(patch, spacing, **topology_options)
     while estimate(topology).training_bytes(MIN_BATCH, math.prod(topology.patch_size)) > budget:
-        ratios = [p / m for p, m in zip(topology.patch_size, median_shape)]
-        # Shrink the axis largest relative to the image, by one stride-divisor step.
-        divisor = topology.divisor()
-        order = np.argsort(ratios)[::-1]
-        axis = next((int(a) for a in order if topology.patch_size[a] - divisor[a] >= divisor[a]), None)
-        if axis is None:
+        topology = _smaller_topology(spec, topology, spacing, median_shape, topology_options)
+        if topology is None:
             raise ValueError(f"even the smallest patch needs more than {ctx.gpu_memory_gb} GB")
-        patch = list(topology.patch_size)
-        patch[axis] -= divisor[axis]
-        topology = spec.topology(patch, spacing)
     per_step = estimate(topology)
     voxels = math.prod(topology.patch_size)
     fits = int((budget - per_step.training_bytes(0, voxels)) // (per_step.training_bytes(1, voxels)
                                                                   - per_step.training_bytes(0, voxels)))
     cap = int(MAX_DATASET_FRACTION_PER_STEP * ctx.dataset_voxels / voxels)
     batch = max(MIN_BATCH, min(fits, cap))
-    plan = _arch_plan(spec, topology, batch)
+    plan = _arch_plan(spec, topology, batch, options)
     plan.num_parameters = per_step.parameter_count
     plan.estimated_memory_gb = round(per_step.training_bytes(batch, voxels) / 2**30, 3)
     plan.notes.append(f"batch {batch}: {fits} fit in {ctx.gpu_memory_gb} GB, 5% of the dataset's voxels allow {cap}")
     return plan
 
 
-def _arch_plan(spec: ArchitectureSpec, topology, batch: int) -> ArchitecturePlan:
+def _smaller_topology(spec: ArchitectureSpec, topology, spacing: list[float], median_shape: list[int],
+                      topology_options: dict):
+    """The topology of a patch one stride-divisor step shorter along the axis largest relative
+    to the image (the next axis where that gives no smaller patch), or None when no axis can
+    shrink. An architecture's own rounding may undo a step (Swin doubles an all-32 patch back),
+    so a step counts only when the patch it yields really has fewer voxels."""
+    ratios = [p / m for p, m in zip(topology.patch_size, median_shape)]
+    divisor = topology.divisor()
+    voxels = math.prod(topology.patch_size)
+    for axis in (int(a) for a in np.argsort(ratios, kind="stable")[::-1]):
+        if topology.patch_size[axis] - divisor[axis] < divisor[axis]:
+            continue
+        patch = list(topology.patch_size)
+        patch[axis] -= divisor[axis]
+        smaller = spec.topology(patch, spacing, **topology_options)
+        # Fewer than MIN_STAGES is no U-Net (MONAI's DynUNet refuses it): not a way down.
+        if math.prod(smaller.patch_size) < voxels and len(smaller.strides) >= min(MIN_STAGES, len(topology.strides)):
+            return smaller
+    return None
+
+
+def _arch_plan(spec: ArchitectureSpec, topology, batch: int, options: dict) -> ArchitecturePlan:
     return ArchitecturePlan(name=spec.name, patch_size=list(topology.patch_size), batch_size=batch,
                             kernel_sizes=topology.kernel_sizes, strides=topology.strides,
-                            features=list(topology.features), options=dict(spec.default_options))
+                            features=list(topology.features), options=dict(options))
 
 
 def _initial_patch(dims: int, spacing: list[float], median_shape: list[int]) -> list[int]:
