@@ -75,36 +75,32 @@ def remove_stale_temporaries(folder: str | Path, depth: int = 2) -> list[Path]:
     longer runs, and those of other machines untouched for ``FOREIGN_STALE_AFTER_SECONDS``.
     Returns what was removed."""
     removed: list[Path] = []
-    now, host = time.time(), _host()
-    folders = [Path(folder)]
-    for level in range(depth):
-        subfolders = []
-        for current in folders:
-            try:
-                entries = list(os.scandir(current))
-            except OSError:
-                continue
-            for entry in entries:
-                match = _TEMPORARY_NAME.match(entry.name)
-                if match is None:
-                    if level + 1 < depth and entry.is_dir(follow_symlinks=False):
-                        subfolders.append(Path(entry.path))
-                    continue
-                try:
-                    if match.group(1) == host:
-                        if _process_is_alive(int(match.group(2))):
-                            continue
-                    elif now - entry.stat(follow_symlinks=False).st_mtime < FOREIGN_STALE_AFTER_SECONDS:
-                        continue
-                    if entry.is_dir(follow_symlinks=False):
-                        shutil.rmtree(entry.path)
-                    else:
-                        os.unlink(entry.path)
-                    removed.append(Path(entry.path))
-                except OSError:
-                    continue  # gone already, or not ours to remove: leave it
-        folders = subfolders
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMPORARY_NAME.match(entry.name)
+        if match is None:
+            if depth > 1 and entry.is_dir(follow_symlinks=False):
+                removed += remove_stale_temporaries(entry.path, depth - 1)
+            continue
+        try:
+            if _is_stale(entry, host=match.group(1), pid=int(match.group(2))):
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError:
+            continue  # gone already, or not ours to remove: leave it
     return removed
+
+
+def _is_stale(entry: os.DirEntry, host: str, pid: int) -> bool:
+    if host == _host():
+        return not _process_is_alive(pid)
+    return time.time() - entry.stat(follow_symlinks=False).st_mtime >= FOREIGN_STALE_AFTER_SECONDS
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

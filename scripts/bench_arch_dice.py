@@ -7,7 +7,7 @@
 For each architecture the plan holds (3d_fullres unless ``--configuration``, its own planned
 patch and batch), runs ``autoseg train 4 CONFIGURATION 0 -a ARCH --time-budget MINUTES --iters-per-epoch 25 --val-iters 5 --seed 0``
 (the schedule fits the budget after a few iterations), then the end-of-fold validation
-predicts the 52 validation cases with the full sliding window + mirroring and evaluates them.
+predicts the 40 validation cases with the full sliding window + mirroring and evaluates them.
 Prints, per architecture: parameters, patch, batch, iterations done, seconds per iteration,
 and the mean validation Dice per class. The work folder is kept, so a rerun skips
 architectures already trained (delete it to start over).

@@ -18,10 +18,10 @@ from autoseg.networks.topology import UNetTopology
 from autoseg.planning.plans import ArchitecturePlan
 
 SWIN_DIVISOR = 32
-# Swin UNETR's paper setting. Must be a multiple of 12 (heads 3, 6, 12, 24 split the
-# embedding); the planner may lower it, in this order, where 48 leaves too small a patch.
-DEFAULT_FEATURE_SIZE = 48
+# Widths the planner chooses between, most preferred first: the paper's 48, then narrower
+# where 48 leaves too small a patch. Each a multiple of 12 (heads 3, 6, 12, 24 split the embedding).
 SWIN_FEATURE_SIZES = (48, 36, 24, 12)
+DEFAULT_FEATURE_SIZE = SWIN_FEATURE_SIZES[0]
 # Channels of Swin UNETR's six resolution levels (full, 1/2, ..., 1/32) in units of feature_size.
 LEVEL_WIDTHS = [1, 1, 2, 4, 8, 16]
 

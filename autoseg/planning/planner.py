@@ -161,8 +161,7 @@ def plan_architecture(spec: ArchitectureSpec, dims: int, spacing: list[float], m
     planned, refusals = [], []  # (choice, plan) pairs; reasons of the choices that do not fit
     for choice in spec.option_choices:
         try:
-            planned.append((choice, _plan_with_options(spec, {**spec.default_options, **choice}, choice, dims,
-                                                       spacing, median_shape, ctx)))
+            planned.append((choice, _plan_with_choice(spec, choice, dims, spacing, median_shape, ctx)))
         except ValueError as exc:
             refusals.append(f"{_describe(choice)}: {exc}" if choice else str(exc))
     if not planned:
@@ -181,8 +180,9 @@ def _describe(choice: dict) -> str:
     return ", ".join(f"{key} {value}" for key, value in choice.items())
 
 
-def _plan_with_options(spec: ArchitectureSpec, options: dict, topology_options: dict, dims: int,
-                       spacing: list[float], median_shape: list[int], ctx: PlanningContext) -> ArchitecturePlan:
+def _plan_with_choice(spec: ArchitectureSpec, choice: dict, dims: int, spacing: list[float],
+                      median_shape: list[int], ctx: PlanningContext) -> ArchitecturePlan:
+    options = {**spec.default_options, **choice}
     budget = ctx.gpu_memory_gb * 2**30
     patch = _initial_patch(dims, spacing, median_shape)
 
@@ -200,9 +200,9 @@ def _plan_with_options(spec: ArchitectureSpec, options: dict, topology_options: 
                                       ctx.in_channels, probe)
         return _ESTIMATES[key]
 
-    topology = spec.topology(patch, spacing, **topology_options)
+    topology = spec.topology(patch, spacing, **choice)
     while estimate(topology).training_bytes(MIN_BATCH, math.prod(topology.patch_size)) > budget:
-        topology = _smaller_topology(spec, topology, spacing, median_shape, topology_options)
+        topology = _smaller_topology(spec, topology, spacing, median_shape, choice)
         if topology is None:
             raise ValueError(f"even the smallest patch needs more than {ctx.gpu_memory_gb} GB")
     per_step = estimate(topology)
@@ -219,7 +219,7 @@ def _plan_with_options(spec: ArchitectureSpec, options: dict, topology_options: 
 
 
 def _smaller_topology(spec: ArchitectureSpec, topology, spacing: list[float], median_shape: list[int],
-                      topology_options: dict):
+                      choice: dict):
     """The topology of a patch one stride-divisor step shorter along the axis largest relative
     to the image (the next axis where that gives no smaller patch), or None when no axis can
     shrink. An architecture's own rounding may undo a step (Swin doubles an all-32 patch back),
@@ -232,9 +232,10 @@ def _smaller_topology(spec: ArchitectureSpec, topology, spacing: list[float], me
             continue
         patch = list(topology.patch_size)
         patch[axis] -= divisor[axis]
-        smaller = spec.topology(patch, spacing, **topology_options)
+        smaller = spec.topology(patch, spacing, **choice)
         # Fewer than MIN_STAGES is no U-Net (MONAI's DynUNet refuses it): not a way down.
-        if math.prod(smaller.patch_size) < voxels and len(smaller.strides) >= min(MIN_STAGES, len(topology.strides)):
+        keeps_stages = len(smaller.strides) >= min(MIN_STAGES, len(topology.strides))
+        if math.prod(smaller.patch_size) < voxels and keeps_stages:
             return smaller
     return None
 
