@@ -11,7 +11,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import time
 import traceback
+
+# The command's start, as near to the process start as this module gets: a training time budget counts from it.
+STARTED = time.perf_counter()
 
 from autoseg import __version__
 from autoseg.errors import AutosegError, DatasetCheckFailed

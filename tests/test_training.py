@@ -3,6 +3,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -215,26 +216,62 @@ def test_continue_refuses_a_checkpoint_of_another_patch(tiny, tmp_path):
         train_fold(roots, name, "3d_fullres", "0", options=_options(resume=True))
 
 
-def test_time_budget_fits_the_schedule():
-    schedule = PolySchedule(total_epochs=1000, iters_per_epoch=250)
-    schedule.fit_from_iterations(budget_s=600, seconds_per_iteration=0.2, val_iters=50)
-    assert schedule.total_epochs == int(600 // (0.2 * (250 + 0.4 * 50) + 2.0)) and schedule.iters_per_epoch == 250
-    schedule.fit_from_iterations(budget_s=30, seconds_per_iteration=0.5, val_iters=10)  # not one epoch fits
-    assert schedule.total_epochs == 1 and schedule.iters_per_epoch == int((30 - 2.0 - 0.5 * 0.4 * 10) // 0.5)
-    schedule.fit_from_epoch(budget_s=600, epoch_seconds=70)
-    assert schedule.total_epochs == 8
-    assert schedule.lr(0) == pytest.approx(1e-2) and schedule.lr(8) == 0.0
+def test_poly_decay_follows_nnunet_per_epoch_and_runs_its_course_in_one_epoch():
+    long = PolySchedule(total_epochs=1000, iters_per_epoch=250)
+    for epoch in (0, 1, 500, 999):  # nnU-Net's PolyLRScheduler at the start of each epoch
+        assert long.lr(epoch * 250) == pytest.approx(1e-2 * (1 - epoch / 1000) ** 0.9)
+    short = PolySchedule(total_epochs=1, iters_per_epoch=200)  # nnU-Net would keep 1e-2 throughout
+    rates = [short.lr(i) for i in range(200)]
+    assert rates[0] == pytest.approx(1e-2) and rates[-1] < 1e-4 and all(a > b for a, b in zip(rates, rates[1:]))
+    short.set_total_iterations(450)  # a budget's fit: two more full epochs and a shorter last one
+    assert (short.total_epochs, short.iterations_in(0), short.iterations_in(2), short.total_iterations) == (3, 200, 50, 450)
 
 
-def test_time_budget_run_ends_within_the_budget(tiny, tmp_path):
+class _LearningRates:
+    def __init__(self):
+        self.rates = []
+
+    def on_iteration_end(self, loop, iteration, loss, seconds):
+        self.rates.append(loop.optimizer.param_groups[0]["lr"])
+
+
+def test_a_one_epoch_run_decays_its_learning_rate_to_nearly_zero(tiny, tmp_path):
+    roots, name = tiny
+    rates = _LearningRates()
+    train_fold(Roots(roots.raw, roots.preprocessed, tmp_path / "res"), name, "3d_fullres", "0",
+               options=_options(epochs=1, iters_per_epoch=12), callbacks=[rates])
+    assert len(rates.rates) == 12 and rates.rates[0] == pytest.approx(1e-2)
+    assert rates.rates[-1] < 0.15e-2 and rates.rates == sorted(rates.rates, reverse=True)
+
+
+@pytest.mark.slow
+def test_time_budget_run_ends_within_five_percent_of_the_budget(tiny, tmp_path):
     roots, name = tiny
     roots = Roots(roots.raw, roots.preprocessed, tmp_path / "res")
-    out = train_fold(roots, name, "3d_fullres", "0",
-                     options=_options(epochs=1000, iters_per_epoch=1000, time_budget_minutes=0.15))
+    rates = _LearningRates()
+    budget_s = 40
+    start = time.perf_counter()
+    out = train_fold(roots, name, "3d_fullres", "0", callbacks=[rates],
+                     options=_options(epochs=1000, iters_per_epoch=250, val_iters=50, time_budget_minutes=budget_s / 60))
+    wall = time.perf_counter() - start  # start of train_fold to the final checkpoint (no end-of-fold validation)
     content = torch.load(out / "checkpoint_final.pt", weights_only=True)
-    seconds = sum(entry["epoch_seconds"] for entry in content["history"])
-    assert content["scheduler"]["total_epochs"] == content["epoch"] >= 1
-    assert content["scheduler"]["iters_per_epoch"] < 1000 and seconds < 0.15 * 60 * 2
+    assert content["epoch"] == content["scheduler"]["total_epochs"] >= 10, "a short budget still has many epochs"
+    assert abs(wall - budget_s) <= 0.05 * budget_s, f"{wall:.1f} s for a budget of {budget_s} s"
+    assert rates.rates[-1] < 0.1 * rates.rates[0], "the decay ran its course within the budget"
+    assert len(rates.rates) == sum(entry["iterations"] for entry in content["history"])
+
+
+def test_bf16_training_on_the_cpu_lowers_the_loss_as_fp32_does(tiny, tmp_path):
+    roots, name = tiny
+    losses = {}
+    for label, bf16 in (("fp32", False), ("bf16", True)):
+        out = train_fold(Roots(roots.raw, roots.preprocessed, tmp_path / label), name, "3d_fullres", "0",
+                         options=_options(epochs=4, iters_per_epoch=6, cpu_bf16=bf16, amp=bf16))
+        history = torch.load(out / "checkpoint_final.pt", weights_only=True)["history"]
+        losses[label] = [entry["train_loss"] for entry in history]
+    for label, curve in losses.items():
+        assert curve[-1] < 0.9 * curve[0], f"{label} did not learn: {curve}"
+    assert abs(losses["bf16"][-1] - losses["fp32"][-1]) < 0.25 * losses["fp32"][0], losses
 
 
 # ---- DDP ----------------------------------------------------------------------------------------------------

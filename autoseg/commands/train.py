@@ -24,10 +24,12 @@ def register(subparsers) -> None:
     parser.add_argument("--time-budget", type=float, metavar="MINUTES",
                         help="fit the number of epochs (measured after a few iterations) so the run ends within it")
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu", "mps"])
-    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                        help="mixed precision on CUDA (bf16, or fp16 with a gradient scaler); default on")
+    parser.add_argument("--fp32", action="store_true",
+                        help="train in float32 (default: bf16 autocast on CUDA, fp16 + gradient scaler on GPUs without "
+                             "bf16, and bf16 on CPUs with native bf16 units, where a step is about twice as fast)")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help=argparse.SUPPRESS)
     parser.add_argument("--cpu-bf16", action="store_true",
-                        help="bf16 autocast on the CPU (opt-in; about 2x faster where the CPU has bf16 units)")
+                        help="bf16 autocast on the CPU even without native bf16 units (emulated: usually slower)")
     parser.add_argument("--num-workers", type=int, help="augmentation processes (default min(4, cores); 0 in-process)")
     parser.add_argument("--seed", type=int, help="with --num-workers 0 on the CPU, a run is repeatable")
     parser.add_argument("--group-cases", metavar="REGEX",
@@ -42,6 +44,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    from autoseg.cli import STARTED
     from autoseg.paths import Roots
     from autoseg.training import TrainingOptions, train_fold
     from autoseg.training.splits import DEFAULT_GROUP_PATTERN
@@ -57,11 +60,12 @@ def run(args) -> int:
         print(f"train: validation done -> {output}")
         return 0
     options = TrainingOptions(epochs=args.epochs, iters_per_epoch=args.iters_per_epoch, val_iters=args.val_iters,
-                              time_budget_minutes=args.time_budget, device=args.device, amp=args.amp,
-                              cpu_bf16=args.cpu_bf16, num_workers=args.num_workers, seed=args.seed,
+                              time_budget_minutes=args.time_budget, device=args.device,
+                              amp=args.amp and not args.fp32, cpu_bf16=True if args.cpu_bf16 else None,
+                              num_workers=args.num_workers, seed=args.seed,
                               resume=args.resume, validate_at_end=not args.no_validation,
                               save_probabilities=args.save_probabilities,
-                              group_pattern=args.group_cases or DEFAULT_GROUP_PATTERN)
+                              group_pattern=args.group_cases or DEFAULT_GROUP_PATTERN, started=STARTED)
     output = train_fold(roots, name, args.configuration, args.fold, args.architecture, options)
     import torch.distributed as dist
 

@@ -16,39 +16,90 @@ from autoseg.training.distributed import gather
 from autoseg.training.progress import draw_progress, write_log
 
 FIT_AFTER_ITERATIONS = 5  # the first is not counted: it pays for warm-up and worker start
+# A short budget is cut into at least this many epochs (of at least MIN_ITERS_PER_EPOCH): the log, the
+# plot, the best checkpoint and the budget's own refits happen once an epoch.
+MIN_EPOCHS, MIN_ITERS_PER_EPOCH = 20, 10
+# Under a budget, validation batches per training iteration, at most (nnU-Net: 50 per 250). They only feed
+# the pseudo-Dice curve and the best checkpoint, never the weights, so a budget spends less on them.
+BUDGET_VALIDATION_SHARE = 0.1
+# First guesses, replaced by measurements once an epoch has run: a validation batch against a training
+# step (forward only), and the per-epoch writes (checkpoint, log, plot) in seconds.
+VALIDATION_COST, EPOCH_WRITES_S = 0.4, 2.0
 
 
 class TimeBudget:
-    """Fits the schedule's length to ``minutes``: after a few iterations, refined after epoch 0."""
+    """Fits the run to ``minutes`` of wall time from ``start`` to the final checkpoint, decay completed.
 
-    def __init__(self, minutes: float):
+    After a few iterations of epoch 0 it sets the epoch length (shorter epochs for short budgets) and
+    the number of iterations from the measured step time; after every epoch it refits the number of
+    iterations from the measured step, validation and writing times, so the estimate errs by at most
+    a fraction of the last epoch. The schedule decays per iteration over whatever length is set.
+    """
+
+    def __init__(self, minutes: float, start: float | None = None):
         self.budget_s = minutes * 60
-        self.start = time.perf_counter()
-        self.times: list[float] = []
+        self.start = time.perf_counter() if start is None else start
+        self.epoch_iteration_seconds: list[float] = []
+        self.step_s: float | None = None
+        self.writes_s = EPOCH_WRITES_S
+        self.last_epoch_end: float | None = None
+        self.max_iterations: int | None = None  # the run's own length (--epochs x --iters-per-epoch) caps the fit
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
 
     def on_iteration_end(self, loop, iteration: int, loss: float, seconds: float) -> None:
-        if loop.state.epoch != 0:
-            return
-        self.times.append(seconds)
-        last = min(FIT_AFTER_ITERATIONS, loop.schedule.iters_per_epoch - 1)
-        if iteration == last and last >= 1:
-            per_iteration = sum(self.times[1:]) / len(self.times[1:])
-            per_iteration = gather(per_iteration)[0]  # every rank follows rank 0's schedule
-            loop.schedule.fit_from_iterations(self.budget_s - (time.perf_counter() - self.start - sum(self.times)),
-                                              per_iteration, loop.val_iters)
+        self.epoch_iteration_seconds.append(seconds)
+        if self.max_iterations is None:
+            self.max_iterations = loop.schedule.total_iterations
+        if loop.state.epoch == 0 and iteration == FIT_AFTER_ITERATIONS and iteration + 1 < loop.schedule.iterations_in(0):
+            self.step_s = gather(_mean(self.epoch_iteration_seconds[1:]))[0]  # every rank follows rank 0
+            self._shape_epochs(loop, done=iteration + 1)
+            self._refit(loop, done=iteration + 1, validation_s=VALIDATION_COST * self.step_s * loop.val_iters)
             if loop.rank == 0:
-                print(f"train: time budget {self.budget_s / 60:g} min at {per_iteration:.2f} s/iteration: "
-                      f"{loop.schedule.total_epochs} epoch(s) of {loop.schedule.iters_per_epoch} iterations",
-                      flush=True)
+                print(f"train: time budget {self.budget_s / 60:g} min at {self.step_s:.2f} s/iteration: "
+                      f"{loop.schedule.total_iterations} iterations in {loop.schedule.total_epochs} epoch(s) of "
+                      f"{loop.schedule.iters_per_epoch}, {loop.val_iters} validation batches each", flush=True)
+
+    def _shape_epochs(self, loop, done: int) -> None:
+        """Epoch length and validation batches for the budget (once, in epoch 0)."""
+        schedule = loop.schedule
+        share = min(BUDGET_VALIDATION_SHARE, loop.val_iters / schedule.iters_per_epoch)
+        estimate = done + (self.budget_s - self.elapsed()) / (self.step_s * (1 + VALIDATION_COST * share))
+        if estimate < MIN_EPOCHS * schedule.iters_per_epoch:
+            schedule.iters_per_epoch = max(MIN_ITERS_PER_EPOCH, done + 1, int(estimate // MIN_EPOCHS))
+        loop.val_iters = max(1, round(share * schedule.iters_per_epoch)) if share > 0 else 0
+
+    def _refit(self, loop, done: int, validation_s: float) -> None:
+        """Total iterations: those done plus what the rest of the budget holds at the measured costs."""
+        schedule = loop.schedule
+        per_epoch_fixed = validation_s + self.writes_s
+        remaining = self.budget_s - self.elapsed() - 1.5 * self.writes_s  # this epoch's and the final writes
+        more = int(max(0.0, remaining) // (self.step_s + per_epoch_fixed / schedule.iters_per_epoch))
+        total = gather(min(done + more, self.max_iterations or done + more))[0]
+        schedule.set_total_iterations(max(total, done))
 
     def on_epoch_end(self, loop, entry: dict[str, Any]) -> None:
-        if entry["epoch"] == 0 and entry["iterations"] == loop.schedule.iters_per_epoch:
-            seconds = gather(time.perf_counter() - self.start)[0]
-            before = loop.schedule.total_epochs
-            loop.schedule.fit_from_epoch(self.budget_s, seconds)
-            if loop.rank == 0 and loop.schedule.total_epochs != before:
-                print(f"train: the first epoch took {seconds:.1f} s; the budget fits "
-                      f"{loop.schedule.total_epochs} epoch(s)", flush=True)
+        now = time.perf_counter()
+        seconds = self.epoch_iteration_seconds[1:] if entry["epoch"] == 0 else self.epoch_iteration_seconds
+        if seconds:
+            self.step_s = gather(_mean(seconds))[0]
+        if self.last_epoch_end is not None:  # the interval holds the previous epoch's writes, then this epoch
+            train_s = sum(self.epoch_iteration_seconds) + entry["validation_seconds"]
+            self.writes_s = gather(max(0.0, now - self.last_epoch_end - train_s))[0]
+        self.epoch_iteration_seconds = []
+        if self.step_s is not None:
+            done = sum(e["iterations"] for e in loop.state.history)
+            before = loop.schedule.total_iterations
+            self._refit(loop, done, entry["validation_seconds"])
+            if loop.rank == 0 and loop.schedule.total_iterations != before and entry["epoch"] == 0:
+                print(f"train: after the first epoch ({self.elapsed():.1f} s in) the budget fits "
+                      f"{loop.schedule.total_iterations} iterations", flush=True)
+        self.last_epoch_end = time.perf_counter()
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / max(len(values), 1)
 
 
 class EpochReport:

@@ -93,16 +93,17 @@ class TrainingLoop:
     def run_epoch(self) -> dict[str, Any]:
         epoch = self.state.epoch
         start = time.perf_counter()
-        lr = self.schedule.lr(epoch)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        done_before = sum(entry["iterations"] for entry in self.state.history)  # iterations of the whole run so far
+        first_lr = self.schedule.lr(done_before)
         self.model.train()
         losses = []
         show = self.progress and self.rank == 0 and sys.stderr.isatty()
-        bar = tqdm(total=self.schedule.iters_per_epoch, desc=f"epoch {epoch}", leave=False, disable=not show)
+        bar = tqdm(total=self.schedule.iterations_in(epoch), desc=f"epoch {epoch}", leave=False, disable=not show)
         iteration, data_wait = 0, 0.0
-        while iteration < self.schedule.iters_per_epoch:  # a time budget may shorten the first epoch
+        while iteration < self.schedule.iterations_in(epoch):  # a time budget may change it while the epoch runs
             tick = time.perf_counter()
+            for group in self.optimizer.param_groups:  # poly decay per iteration (see schedule.py)
+                group["lr"] = self.schedule.lr(done_before + iteration)
             image, target = next(self.train_batches)
             data_wait += time.perf_counter() - tick  # the model waiting for augmentation: should stay near 0
             self.last_batch = (image, target)
@@ -112,13 +113,15 @@ class TrainingLoop:
             self._call("on_iteration_end", iteration, losses[-1], time.perf_counter() - tick)
             iteration += 1
         bar.close()
+        validation_start = time.perf_counter()
         val_loss, dice = self.validate()
         mean_dice = float(np.mean(dice)) if dice else 0.0
         history = self.state.history
         ema = EMA_ALPHA * history[-1]["pseudo_dice_ema"] + (1 - EMA_ALPHA) * mean_dice if history else mean_dice
         entry = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": val_loss, "pseudo_dice": dice,
-                 "pseudo_dice_mean": mean_dice, "pseudo_dice_ema": ema, "lr": lr, "iterations": iteration,
-                 "data_wait_seconds": data_wait, "epoch_seconds": time.perf_counter() - start}
+                 "pseudo_dice_mean": mean_dice, "pseudo_dice_ema": ema, "lr": first_lr, "iterations": iteration,
+                 "data_wait_seconds": data_wait,
+                 "validation_seconds": time.perf_counter() - validation_start, "epoch_seconds": time.perf_counter() - start}
         history.append(entry)
         self.state.epoch = epoch + 1
         self._call("on_epoch_end", entry)

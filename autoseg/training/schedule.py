@@ -1,21 +1,19 @@
-"""The learning-rate schedule and its length: poly decay, optionally fitted to a time budget.
+"""The learning-rate schedule and its length: poly decay per iteration, optionally fitted to a time budget.
 
-nnU-Net's recipe: ``lr = initial_lr * (1 - epoch / total_epochs) ** 0.9``, set once per
-epoch. With a time budget the schedule's length (``total_epochs``, and
-``iters_per_epoch`` when not even one full epoch fits) is chosen from the measured speed
-of the first iterations, then refined with the first epoch's real time, so that the poly
-decay reaches its end within the budget instead of being cut off half-way.
+nnU-Net's recipe is ``lr = initial_lr * (1 - epoch / total_epochs) ** 0.9``, set once per
+epoch. Here the same curve is followed per iteration (``1 - iteration / total_iterations``):
+for a full run of 1000 epochs the two differ by less than one epoch's step, but a short run
+of a few hundred iterations in one or two epochs still decays to zero, where the per-epoch
+rule would have kept the initial rate throughout.
+
+The length is ``total_epochs`` epochs of ``iters_per_epoch`` iterations, the last of which
+may be shorter (``last_epoch_iters``): a time budget (``autoseg.training.callbacks.TimeBudget``)
+sets these from the measured speed so the decay ends on time, not cut off half-way.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
-
-# Validation iterations run forward only; a fraction of a training iteration's time.
-VALIDATION_COST = 0.4
-# Checkpoints, log and plot written every epoch, in seconds (a guess, corrected after epoch 0).
-EPOCH_OVERHEAD_S = 2.0
 
 
 @dataclass
@@ -24,9 +22,29 @@ class PolySchedule:
     exponent: float = 0.9
     total_epochs: int = 1000
     iters_per_epoch: int = 250
+    last_epoch_iters: int = 0  # 0: the last epoch is a full one
 
-    def lr(self, epoch: int) -> float:
-        return self.initial_lr * max(0.0, 1 - epoch / self.total_epochs) ** self.exponent
+    def iterations_in(self, epoch: int) -> int:
+        """How many training iterations ``epoch`` has."""
+        if epoch == self.total_epochs - 1 and self.last_epoch_iters > 0:
+            return self.last_epoch_iters
+        return self.iters_per_epoch
+
+    @property
+    def total_iterations(self) -> int:
+        return (self.total_epochs - 1) * self.iters_per_epoch + self.iterations_in(self.total_epochs - 1)
+
+    def lr(self, iteration: int) -> float:
+        """The learning rate of the ``iteration``-th step of the whole run (0-based)."""
+        return self.initial_lr * max(0.0, 1 - iteration / max(self.total_iterations, 1)) ** self.exponent
+
+    def set_total_iterations(self, total: int) -> None:
+        """Make the run ``total`` iterations long, counted from its start, in epochs of ``iters_per_epoch``
+        (all epochs before the last must be full ones, as they are while the run keeps ``iters_per_epoch``)."""
+        total = max(1, int(total))
+        self.total_epochs = -(-total // self.iters_per_epoch)
+        rest = total - (self.total_epochs - 1) * self.iters_per_epoch
+        self.last_epoch_iters = 0 if rest == self.iters_per_epoch else rest
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -35,18 +53,3 @@ class PolySchedule:
         for key, value in state.items():
             if key in self.__dataclass_fields__:
                 setattr(self, key, type(getattr(self, key))(value))
-
-    def fit_from_iterations(self, budget_s: float, seconds_per_iteration: float, val_iters: int) -> None:
-        """First estimate, from a few iterations of epoch 0: as many epochs as the budget holds."""
-        per_epoch = seconds_per_iteration * (self.iters_per_epoch + VALIDATION_COST * val_iters) + EPOCH_OVERHEAD_S
-        if per_epoch <= budget_s:
-            self.total_epochs = max(1, int(budget_s // per_epoch))
-            return
-        # Not even one epoch fits: one shorter epoch, so the run still ends on time.
-        usable = max(0.0, budget_s - EPOCH_OVERHEAD_S - seconds_per_iteration * VALIDATION_COST * val_iters)
-        self.iters_per_epoch = max(1, int(usable // seconds_per_iteration))
-        self.total_epochs = 1
-
-    def fit_from_epoch(self, budget_s: float, epoch_seconds: float) -> None:
-        """Refined after epoch 0 with its measured time (workers, validation and writing included)."""
-        self.total_epochs = max(1, int(math.floor(budget_s / max(epoch_seconds, 1e-6))))

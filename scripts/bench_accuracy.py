@@ -1,0 +1,307 @@
+#!/usr/bin/env python3
+"""Learning per unit of time: autoseg against nnU-Net v2 on the same data, fold and wall-clock budget.
+
+    python scripts/bench_accuracy.py [--dataset hippocampus|ph2|acdc] [--trainer nnUNetTrainer_1epoch]
+                                     [--also-fp32] [--work DIR]
+
+One run, both tools, one machine:
+1. nnU-Net (``../shared/peers``' venv) plans, preprocesses and trains fold 0 with ``--trainer``
+   (``nnUNetTrainer_1epoch``: 250 iterations; ``_5epochs`` ... for longer budgets). Its training
+   time runs from the start of ``nnUNetv2_train`` to its "Training done." line (start-up, data
+   loading, its per-epoch validation and the final checkpoint included; its end-of-training
+   validation is not: the process is stopped there).
+2. autoseg plans and preprocesses, takes nnU-Net's ``splits_final.json`` as its ``splits.json``
+   (so both validate on the same cases), and trains fold 0 with ``--time-budget`` equal to
+   nnU-Net's training time, everything else default. Its training time runs from the start of
+   ``autoseg train`` to ``checkpoint_final.pt`` (start-up, loading, per-epoch validation
+   included; ``--no-validation`` leaves out the end-of-fold prediction, as nnU-Net's is left out).
+   ``--also-fp32`` trains a second autoseg model with ``--fp32`` at the same budget.
+3. Each tool predicts the fold's validation cases from the raw images (its own command, TTA on,
+   one fold); ``autoseg evaluate`` scores both (Dice, HD95, NSD at 1 mm), and the Dice is
+   cross-checked per case against MONAI's ``compute_dice``.
+
+Prints one table: dataset, configuration, tool, training seconds, iterations, Dice per class,
+mean HD95 and NSD. With ``--work DIR`` every finished step is kept in DIR and skipped when the
+script is run again with the same DIR (a later run then says which steps it reused).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+DATASETS = {  # --dataset: (folder in ../shared/data, configuration)
+    "hippocampus": ("Dataset004_Hippocampus", "3d_fullres"),
+    "ph2": ("Dataset010_PH2Skin", "2d"),
+    "acdc": ("Dataset027_ACDC", "3d_fullres"),
+}
+_LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?): (.*)$")
+
+
+@dataclass
+class NnunetTrainingLog:
+    """What nnU-Net's console log says about a training run."""
+
+    epochs: int  # epochs finished
+    iterations_per_epoch: int | None
+    first_timestamp: datetime | None
+    done_timestamp: datetime | None  # its "Training done." line
+    pseudo_dice: list[float]  # of the last epoch
+    epoch_seconds: list[float]
+
+
+def parse_nnunet_log(text: str) -> NnunetTrainingLog:
+    """Read nnU-Net v2's training output (console or ``training_log_*.txt``)."""
+    first = done = None
+    epochs_started, pseudo, epoch_seconds, iterations = 0, [], [], None
+    for raw in text.splitlines():
+        match = _LOG_LINE.match(raw.strip())
+        if not match:
+            continue
+        stamp, message = datetime.fromisoformat(match.group(1)), match.group(2).strip()
+        first = first or stamp
+        if re.fullmatch(r"Epoch \d+", message):
+            epochs_started += 1
+        elif message.startswith("Pseudo dice"):
+            pseudo = [float(v) for v in re.findall(r"[-+]?\d*\.?\d+(?:[eE][-+]?\d+)?", message.split("dice", 1)[1])]
+        elif message.startswith("Epoch time:"):
+            epoch_seconds.append(float(re.search(r"([\d.]+) s", message).group(1)))
+        elif message.startswith("Training done."):
+            done = stamp
+        found = re.search(r"'num_iterations_per_epoch': (\d+)", message)
+        if found:
+            iterations = int(found.group(1))
+    return NnunetTrainingLog(len(epoch_seconds), iterations, first, done, pseudo, epoch_seconds)
+
+
+def run_logged(command: list[str], env: dict, log: Path, stop_at: str | None = None) -> tuple[float, float, float | None]:
+    """Run ``command`` (in its own session, so its workers go with it), its output to ``log``. Returns (its start
+    as a time stamp, wall seconds until it ended, seconds until a line containing ``stop_at``, where it is stopped)."""
+    start = time.time()
+    stopped_at = None
+    with open(log, "w") as handle:
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   start_new_session=True)
+        for line in process.stdout:
+            handle.write(line)
+            handle.flush()
+            if stop_at and stop_at in line:
+                stopped_at = time.time() - start
+                os.killpg(process.pid, signal.SIGKILL)
+                break
+        process.wait()
+    if stopped_at is None and process.returncode != 0:
+        sys.exit(f"failed ({process.returncode}): {' '.join(command)}; see {log}")
+    return start, time.time() - start, stopped_at
+
+
+class Work:
+    """The working folder and its record of finished steps (reused with --work)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.record_file = folder / "record.json"
+        self.record = json.loads(self.record_file.read_text()) if self.record_file.exists() else {}
+
+    def step(self, key: str, function):
+        if key in self.record:
+            print(f"[{key}] reused from {self.record_file}", flush=True)
+            return self.record[key]
+        print(f"[{key}] {datetime.now():%H:%M:%S}, load average {os.getloadavg()[0]:.1f}", flush=True)
+        self.record[key] = function()
+        self.record_file.write_text(json.dumps(self.record, indent=1))
+        return self.record[key]
+
+
+def nnunet_env(work: Path) -> dict:
+    venv = Path(os.environ.get("PEERS_VENV", "/tmp/peers-venv"))
+    if not (venv / "bin" / "nnUNetv2_train").exists():
+        sys.exit(f"nnU-Net is not installed at {venv}: run {SHARED / 'peers' / 'setup.sh'}")
+    return dict(os.environ, PYTHONUNBUFFERED="1", nnUNet_raw=str(work / "raw"),
+                nnUNet_preprocessed=str(work / "nn_pre"), nnUNet_results=str(work / "nn_res"),
+                PATH=f"{venv / 'bin'}:{os.environ['PATH']}")
+
+
+def autoseg_command(*arguments: str) -> list[str]:
+    return [sys.executable, "-m", "autoseg", *arguments]
+
+
+def train_nnunet(work: Path, number: str, configuration: str, trainer: str) -> dict:
+    env = nnunet_env(work)
+    subprocess.run(["nnUNetv2_plan_and_preprocess", "-d", number, "-c", configuration, "-np", "2"], env=env,
+                   check=True, capture_output=True)
+    log = work / "nnunet_train.log"
+    _, _, done = run_logged(["nnUNetv2_train", number, configuration, "0", "-tr", trainer, "-device", "cpu"], env,
+                            log, stop_at="Training done.")
+    parsed = parse_nnunet_log(log.read_text())
+    if done is None:
+        sys.exit(f"nnU-Net's training did not finish; see {log}")
+    return {"seconds": done, "epochs": parsed.epochs, "iterations": parsed.epochs * (parsed.iterations_per_epoch or 250),
+            "log": str(log)}
+
+
+def train_autoseg(work: Path, number: str, configuration: str, budget_s: float, label: str, extra: list[str]) -> dict:
+    roots = [f"--raw={work / 'raw'}", f"--preprocessed={work / 'pre'}", f"--results={work / ('res_' + label)}"]
+    log = work / f"autoseg_{label}_train.log"
+    start, _, _ = run_logged(autoseg_command("train", number, configuration, "0", "--time-budget", f"{budget_s / 60:.4f}",
+                                         "--no-validation", *extra, *roots), dict(os.environ, PYTHONUNBUFFERED="1"), log)
+    final = next((work / f"res_{label}").glob("*/*/fold_0/checkpoint_final.pt"))
+    history = [json.loads(line) for line in (final.parent / "training_log.jsonl").read_text().splitlines()]
+    return {"seconds": final.stat().st_mtime - start, "epochs": len(history),
+            "iterations": sum(entry["iterations"] for entry in history), "log": str(log)}
+
+
+def validation_inputs(work: Path, source: Path, val_cases: list[str]) -> tuple[Path, Path]:
+    """Folders of links to the validation cases' images and labels."""
+    images, labels = work / "val_images", work / "val_labels"
+    for folder in (images, labels):
+        folder.mkdir(exist_ok=True)
+    ending = json.loads((source / "dataset.json").read_text())["file_ending"]
+    for case in val_cases:
+        for image in sorted((source / "imagesTr").glob(f"{case}_[0-9][0-9][0-9][0-9]{ending}")):
+            target = images / image.name
+            if not target.exists():
+                target.symlink_to(image)
+        target = labels / f"{case}{ending}"
+        if not target.exists():
+            target.symlink_to(source / "labelsTr" / f"{case}{ending}")
+    return images, labels
+
+
+def evaluate(work: Path, source: Path, labels: Path, predictions: Path) -> dict:
+    """autoseg evaluate's summary, and the largest per-case Dice difference to MONAI's compute_dice."""
+    out = predictions.parent / (predictions.name + "_evaluation")
+    subprocess.run(autoseg_command("evaluate", str(labels), str(predictions), "--dataset-json",
+                                   str(source / "dataset.json"), "-o", str(out)), check=True, capture_output=True)
+    summary = json.loads((out / "summary.json").read_text())
+    return {"per_class": {name: value["mean"] for name, value in summary["per_class"].items()},
+            "mean": summary["mean_foreground"], "monai_max_difference": monai_dice_difference(source, summary)}
+
+
+def monai_dice_difference(source: Path, summary: dict) -> float:
+    """Recompute each case's Dice with MONAI and return the largest difference to autoseg's."""
+    import torch
+    from monai.metrics import compute_dice
+
+    from autoseg.io.images import read_label
+
+    spec = json.loads((source / "dataset.json").read_text())["labels"]
+    classes = {name: value for name, value in spec.items() if name not in ("background", "ignore")}
+    largest = 0.0
+    for row in summary["per_case"]:
+        reference, _ = read_label(Path(summary["reference_dir"]) / row["case"])
+        prediction, _ = read_label(Path(summary["prediction_dir"]) / row["case"])
+        for name, value in classes.items():
+            values = value if isinstance(value, list) else [value]
+            ref = torch.from_numpy(np.isin(reference, values)[None, None].astype(np.float32))
+            pred = torch.from_numpy(np.isin(prediction, values)[None, None].astype(np.float32))
+            monai = float(compute_dice(pred, ref, include_background=True, ignore_empty=False)[0, 0])
+            ours = row.get(f"{name}/dice")
+            if ours is not None and not np.isnan(monai):
+                largest = max(largest, abs(monai - ours))
+    return largest
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default="hippocampus")
+    parser.add_argument("--trainer", default="nnUNetTrainer_1epoch", help="nnU-Net's trainer (sets the budget)")
+    parser.add_argument("--also-fp32", action="store_true", help="also train autoseg with --fp32 at the same budget")
+    parser.add_argument("--work", type=Path, help="keep the working folder here and reuse its finished steps")
+    args = parser.parse_args()
+    name, configuration = DATASETS[args.dataset]
+    source = SHARED / "data" / name
+    if not (source / "dataset.json").is_file():
+        sys.exit(f"skipped: {source} is missing")
+    number = str(int(re.match(r"Dataset(\d+)_", name).group(1)))
+    folder = args.work or Path(tempfile.mkdtemp(prefix=f"bench_accuracy_{args.dataset}_"))
+    (folder / "raw").mkdir(parents=True, exist_ok=True)
+    if not (folder / "raw" / name).exists():
+        (folder / "raw" / name).symlink_to(source)
+    work = Work(folder)
+    print(f"working folder {folder}; {os.cpu_count()} cores", flush=True)
+
+    trained = {"nnU-Net": work.step(f"train nnU-Net {args.trainer}",
+                                    lambda: train_nnunet(folder, number, configuration, args.trainer))}
+    splits = json.loads((folder / "nn_pre" / name / "splits_final.json").read_text())
+    budget_s = trained["nnU-Net"]["seconds"]
+
+    def prepare_autoseg():
+        subprocess.run(autoseg_command("plan-and-preprocess", "-d", number, "-c", configuration, "-np", "2",
+                                       f"--raw={folder / 'raw'}", f"--preprocessed={folder / 'pre'}"),
+                       check=True, capture_output=True)
+        (folder / "pre" / name / "splits.json").write_text(json.dumps(splits, indent=1))  # nnU-Net's folds
+        return True
+
+    work.step("autoseg plan-and-preprocess", prepare_autoseg)
+    variants = {"autoseg": []} | ({"autoseg --fp32": ["--fp32"]} if args.also_fp32 else {})
+    for label, extra in variants.items():
+        key = label.replace(" --", "_")
+        trained[label] = work.step(f"train {label}", lambda: train_autoseg(folder, number, configuration, budget_s,
+                                                                          key, extra))
+    images, labels = validation_inputs(folder, source, splits[0]["val"])
+
+    results = {}
+    for label in trained:
+        key = label.replace(" --", "_").replace("nnU-Net", "nnunet")
+        predictions = folder / f"pred_{key}"
+
+        def predict(label=label, predictions=predictions, key=key):
+            if label == "nnU-Net":
+                command = ["nnUNetv2_predict", "-i", str(images), "-o", str(predictions), "-d", number, "-c",
+                           configuration, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1"]
+                env = nnunet_env(folder)
+            else:
+                command = autoseg_command("predict", "-i", str(images), "-o", str(predictions), "-d", number, "-c",
+                                          configuration, "-f", "0", f"--raw={folder / 'raw'}",
+                                          f"--preprocessed={folder / 'pre'}", f"--results={folder / ('res_' + key)}")
+                env = dict(os.environ)
+            _, wall, _ = run_logged(command, env, folder / f"{key}_predict.log")
+            return {"seconds": wall, **evaluate(folder, source, labels, predictions)}
+
+        results[label] = work.step(f"predict and evaluate {label}", predict)
+    print_table(args.dataset, configuration, trained, results, len(splits[0]["val"]))
+
+
+def print_table(dataset: str, configuration: str, trained: dict, results: dict, cases: int) -> None:
+    classes = list(next(iter(results.values()))["per_class"])
+    header = ["dataset", "configuration", "tool", "training s", "iterations"] + [f"Dice {c}" for c in classes] + \
+        ["mean Dice", "HD95 mm", "NSD 1 mm", "predict s"]
+    print(f"\nfold 0, {cases} validation cases, predicted with TTA; MONAI's Dice differs from autoseg evaluate's by "
+          f"at most {max(r['monai_max_difference'] for r in results.values()):.1e}")
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for tool, result in results.items():
+        row = [dataset, configuration, tool, f"{trained[tool]['seconds']:.0f}", str(trained[tool]["iterations"])]
+        row += [f"{result['per_class'][c]['dice']:.4f}" for c in classes]
+        mean = result["mean"]
+        row += [f"{mean['dice']:.4f}", _number(mean.get("hd95")), _number(mean.get("nsd")), f"{result['seconds']:.0f}"]
+        print("| " + " | ".join(row) + " |")
+    reference = results.get("nnU-Net")
+    for tool, result in results.items():
+        if reference and tool != "nnU-Net":
+            print(f"{tool} - nnU-Net mean Dice: {result['mean']['dice'] - reference['mean']['dice']:+.4f}; "
+                  f"training iterations per second ratio: "
+                  f"{(trained[tool]['iterations'] / trained[tool]['seconds']) / (trained['nnU-Net']['iterations'] / trained['nnU-Net']['seconds']):.2f}")
+
+
+def _number(value) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    main()
