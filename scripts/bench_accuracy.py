@@ -77,7 +77,8 @@ def parse_nnunet_log(text: str) -> NnunetTrainingLog:
         if re.fullmatch(r"Epoch \d+", message):
             epochs_started += 1
         elif message.startswith("Pseudo dice"):
-            pseudo = [float(v) for v in re.findall(r"[-+]?\d*\.?\d+(?:[eE][-+]?\d+)?", message.split("dice", 1)[1])]
+            values = re.sub(r"np\.float\d+\(", "", message.split("dice", 1)[1])  # "[np.float32(0.77), ...]"
+            pseudo = [float(v) for v in re.findall(r"[-+]?\d*\.?\d+(?:[eE][-+]?\d+)?", values)]
         elif message.startswith("Epoch time:"):
             epoch_seconds.append(float(re.search(r"([\d.]+) s", message).group(1)))
         elif message.startswith("Training done."):

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Every architecture trained for the same wall-clock budget on Hippocampus, fold 0: validation Dice.
 
-    python scripts/bench_arch_dice.py [--minutes 6] [--arch unet swin_unetr ...] [--work DIR] [--cpu-bf16]
+    python scripts/bench_arch_dice.py [--minutes 6] [--arch unet swin_unetr ...] [--work DIR] [--fp32]
                                       [--gpu-memory-gb GB] [--configuration 2d]
 
 For each architecture the plan holds (3d_fullres unless ``--configuration``, its own planned
@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=6.0)
     parser.add_argument("--arch", nargs="*", default=None, help="default: every architecture in the plan")
     parser.add_argument("--work", type=Path, default=Path("/tmp/autoseg_bench_arch_dice"))
-    parser.add_argument("--cpu-bf16", action="store_true")
+    parser.add_argument("--fp32", action="store_true", help="train in float32 (default: bf16 where the CPU has it)")
     parser.add_argument("--gpu-memory-gb", type=float, default=None, help="plan for this memory budget")
     parser.add_argument("--configuration", default="3d_fullres", choices=["2d", "3d_fullres"])
     args = parser.parse_args()
@@ -69,7 +69,7 @@ def main() -> None:
         if not summary_file.exists():
             start = time.perf_counter()
             command = autoseg + ["train", NAME, args.configuration, "0", "-a", arch, "--time-budget", str(args.minutes),
-                                 "--iters-per-epoch", "25", "--val-iters", "5", "--seed", "0"] + (["--cpu-bf16"] if args.cpu_bf16 else [])
+                                 "--iters-per-epoch", "25", "--val-iters", "5", "--seed", "0"] + (["--fp32"] if args.fp32 else [])
             fold_dir.mkdir(parents=True, exist_ok=True)
             with open(fold_dir.parent / "bench_stdout.txt", "w") as log:
                 code = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
@@ -84,7 +84,7 @@ def main() -> None:
         dice = {name: values["mean"]["dice"] for name, values in summary["per_class"].items()}
         rows.append((arch, planned[arch], iterations, train_seconds, dice, summary["mean_foreground"]["dice"]))
     print(f"\nHippocampus {args.configuration} fold 0, {args.minutes:g} min training budget each, "
-          f"{'bf16' if args.cpu_bf16 else 'fp32'} on {os.cpu_count()} CPU cores, planned for {plans['gpu_memory_gb']} GB")
+          f"{'fp32' if args.fp32 else 'default precision'} on {os.cpu_count()} CPU cores, planned for {plans['gpu_memory_gb']} GB")
     header = f"{'architecture':<12} {'params':>11} {'patch':<10} {'batch':>5} {'iters':>6} {'s/iter':>7}  Dice per class  mean"
     print(header + "\n" + "-" * len(header))
     for arch, plan, iterations, seconds, dice, mean in rows:
