@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from autoseg.errors import UsageError
+from autoseg.networks.precision import cuda_autocast_dtype
 from autoseg.networks.registry import build_network
 from autoseg.paths import Roots
 from autoseg.planning.plans import load_plans, save_plans
@@ -73,7 +74,7 @@ class TrainingOptions:
 
 def autocast_dtype(device: torch.device, options: TrainingOptions) -> torch.dtype | None:
     if device.type == "cuda" and options.amp:
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return cuda_autocast_dtype(device)
     if device.type == "cpu" and options.cpu_bf16:
         return torch.bfloat16
     return None
@@ -144,10 +145,13 @@ def train_fold(roots: Roots, dataset_name: str, configuration: str, fold: int | 
         schedule.load_state_dict(checkpoint["scheduler"])
         state.load_state_dict(checkpoint)
         per_rank = checkpoint.get("rng_per_rank") or [checkpoint["rng"]]
+        fresh_seed = state.seed + 1000 * rank + 7919 * state.epoch
         if rank < len(per_rank):
-            set_rng_state(per_rank[rank])
+            note = set_rng_state(per_rank[rank], fresh_seed)
+            if note and rank == 0:
+                print(f"train: --continue: {note}", flush=True)
         else:  # more ranks than when saved: a fresh, distinct stream for the new ones
-            seed_everything(state.seed + 1000 * rank + 7919 * state.epoch)
+            seed_everything(fresh_seed)
         if rank == 0:
             print(f"train: continuing from epoch {state.epoch} of {schedule.total_epochs}", flush=True)
     elif rank == 0:
