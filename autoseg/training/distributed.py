@@ -31,7 +31,9 @@ def process_group_backend(cuda: bool) -> str:
 def init_distributed() -> tuple[int, int]:
     """(rank, world size); initialises the process group when started by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
+    # Under torchrun (which sets TORCHELASTIC_RUN_ID) a group is made even for one process, so that
+    # `torchrun --nproc_per_node=1` on a one-GPU machine runs the collectives through NCCL too.
+    if (world > 1 or "TORCHELASTIC_RUN_ID" in os.environ) and not dist.is_initialized():
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
