@@ -163,6 +163,7 @@ def nnunet_plans(dataset: str, arch: dict, spacing: list[float]) -> tuple[dict, 
              "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
              "configurations": {"3d_fullres": configuration}, "experiment_planner_used": "ExperimentPlanner",
              "label_manager": "LabelManager",
+             "continue_training": False,  # nnU-Net 2.8's trainer pops this (run_training puts it there)
              "foreground_intensity_properties_per_channel": {"0": {
                  "max": 1.0, "mean": 0.0, "median": 0.0, "min": 0.0, "percentile_00_5": 0.0,
                  "percentile_99_5": 1.0, "std": 1.0}}}
