@@ -135,3 +135,63 @@ def test_swin_feature_size_is_chosen_by_the_budget():
     assert "feature_size 48: even the smallest patch needs more than 1.5 GB" in small.notes[-1]
     network = swin.build(small, 1, 3, 3, True)
     assert sum(p.numel() for p in network.parameters()) == small.num_parameters
+
+
+# nnU-Net's own planner, run on autoseg's committed Hippocampus fingerprint in the peers' environment
+# (/work/shared/peers/setup.sh makes it; AUTOSEG_PEERS_PYTHON points elsewhere). It reads the raw
+# dataset.json and one image, and plans from the fingerprint handed to it: an independent second
+# planner on the same facts, not a reference autoseg wrote itself.
+NNUNET_PLAN = '''
+import json, os, sys
+from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+plans = ExperimentPlanner("Dataset004_Hippocampus", gpu_memory_target_in_gb=8).plan_experiment()
+print(json.dumps(plans))
+'''
+
+
+def _nnunet_fingerprint(fingerprint: dict) -> dict:
+    """autoseg's fingerprint in nnU-Net's dataset_fingerprint.json layout."""
+    properties = {str(i): {k: channel[k] for k in ("max", "mean", "median", "min", "percentile_00_5",
+                                                   "percentile_99_5", "std")}
+                  for i, channel in enumerate(fingerprint["foreground_intensity"])}
+    return {"foreground_intensity_properties_per_channel": properties,
+            "median_relative_size_after_cropping": fingerprint["median_relative_size_after_crop"],
+            "shapes_after_crop": [case["shape_after_crop"] for case in fingerprint["cases"]],
+            "spacings": [case["spacing"] for case in fingerprint["cases"]]}
+
+
+def test_hippocampus_plan_equals_nnunets_planner_on_the_same_fingerprint(tmp_path):
+    import json
+    import os
+    import subprocess
+
+    python = Path(os.environ.get("AUTOSEG_PEERS_PYTHON", "/tmp/peers-venv/bin/python"))
+    if not python.exists():
+        pytest.skip(f"{python} is missing: nnU-Net's planner runs in the peers' environment "
+                    "(/work/shared/peers/setup.sh makes it; AUTOSEG_PEERS_PYTHON points elsewhere)")
+    raw = shared_dataset("Dataset004_Hippocampus")
+    roots = {name: tmp_path / name for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    for folder in roots.values():
+        folder.mkdir()
+    (roots["nnUNet_raw"] / raw.name).symlink_to(raw.resolve())
+    (roots["nnUNet_preprocessed"] / raw.name).mkdir()
+    fingerprint = json.loads((REPO / "dataset_fingerprints" / f"{raw.name}.json").read_text())
+    (roots["nnUNet_preprocessed"] / raw.name / "dataset_fingerprint.json").write_text(
+        json.dumps(_nnunet_fingerprint(fingerprint)))
+    env = {"PATH": os.environ.get("PATH", ""), "OMP_NUM_THREADS": "1", **{k: str(v) for k, v in roots.items()}}
+    result = subprocess.run([str(python), "-c", NNUNET_PLAN], capture_output=True, text=True, env=env, timeout=600,
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    theirs = json.loads(result.stdout.strip().splitlines()[-1])
+    ours = load_plans(REPO / "plans" / f"{raw.name}.json")
+    assert sorted(theirs["configurations"]) == sorted(ours.configurations)  # no 3d_lowres on either side
+    full = ours.configurations["3d_fullres"]
+    unet = full.architectures["unet"]
+    their_full = theirs["configurations"]["3d_fullres"]
+    kwargs = their_full["architecture"]["arch_kwargs"]
+    assert full.spacing == their_full["spacing"]
+    assert unet.patch_size == their_full["patch_size"] and unet.batch_size == their_full["batch_size"]
+    assert unet.features == kwargs["features_per_stage"]
+    assert unet.strides == kwargs["strides"] and unet.kernel_sizes == kwargs["kernel_sizes"]
+    assert [n.scheme for n in ours.normalization] == ["zscore"] and their_full["normalization_schemes"] == [
+        "ZScoreNormalization"]

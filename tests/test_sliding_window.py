@@ -1,4 +1,5 @@
 import dataclasses
+import itertools
 
 import numpy as np
 import pytest
@@ -66,3 +67,45 @@ def test_mirror_flips_batched_together_give_what_one_at_a_time_gives():
     assert torch.allclose(one_by_one, together, atol=1e-6)
     unmirrored = predict_probabilities([network], image, [8, 16, 16], mirror=False)
     assert (unmirrored - together).abs().max() > 1e-3  # the flips do change something: not a vacuous comparison
+
+
+class RampNetwork(torch.nn.Module):
+    """Logits 2 x input plus, on class 1, a ramp over the window's own coordinates: not invariant to any flip."""
+
+    def __init__(self, slopes):
+        super().__init__()
+        self.slopes = slopes  # one per spatial axis of the network
+
+    def forward(self, x):
+        axes = [torch.arange(n, dtype=torch.float32) - (n - 1) / 2 for n in x.shape[2:]]
+        ramp = sum(s * g for s, g in zip(self.slopes, torch.meshgrid(*axes, indexing="ij")))
+        logits = 2.0 * x.clone()
+        logits[:, 1] += ramp
+        return logits
+
+
+@pytest.mark.parametrize("patch, slopes", [([6, 10, 8], [0.7, -0.4, 0.25]), ([10, 8], [0.5, -0.3])])
+@pytest.mark.parametrize("images_per_call", [1, 3, 8])
+def test_mirroring_flips_each_axis_in_and_back_out(patch, slopes, images_per_call):
+    """One window (the image is one patch), so the result is the mean over flips of the network's softmax.
+
+    Flipping the window along axis a and the output back negates the ramp's term along a,
+    so the expected result is the mean over every sign pattern of the ramp terms, computed
+    here without flipping anything. A flip along the wrong axis, or a missing flip back,
+    leaves a ramp term unnegated and fails."""
+    torch.manual_seed(0)
+    spatial = [4, *patch] if len(patch) == 2 else patch  # a 2D network predicts a volume slice by slice
+    labels = torch.randint(0, 2, spatial)
+    one_hot = torch.nn.functional.one_hot(labels, 2).movedim(-1, 0).float()
+    axes = [torch.arange(n, dtype=torch.float32) - (n - 1) / 2 for n in patch]
+    grids = torch.meshgrid(*axes, indexing="ij")
+    expected = torch.zeros_like(one_hot)
+    signs = list(itertools.product([1, -1], repeat=len(patch)))
+    for sign in signs:
+        logits = 2.0 * one_hot.clone()
+        logits[1] += sum(k * s * g for k, s, g in zip(sign, slopes, grids))  # broadcasts over the 2D case's slices
+        expected += torch.softmax(logits, 0) / len(signs)
+    mirrored = predict_probabilities([RampNetwork(slopes)], one_hot, patch, mirror=True, images_per_call=images_per_call)
+    assert torch.allclose(mirrored, expected, atol=1e-5)
+    plain = predict_probabilities([RampNetwork(slopes)], one_hot, patch, mirror=False)
+    assert (plain - expected).abs().max() > 0.05, "the ramp is large enough for a wrong flip to show"

@@ -23,6 +23,7 @@ from autoseg.inference.ensemble import argmax_labels, region_labels
 from autoseg.inference.model import TrainedModel
 from autoseg.inference.sliding_window import predict_probabilities
 from autoseg.io.images import Geometry
+from autoseg.networks.precision import cpu_has_native_bf16, cuda_autocast_dtype
 from autoseg.planning.planner import preprocessing_digest
 from autoseg.planning.plans import Plans
 from autoseg.preprocessing.crop import uncrop
@@ -44,8 +45,9 @@ class PredictionSettings:
     mirror: bool = True
     # Network inputs per call, windows x mirror flips; None: 4 on a GPU, on the CPU up to CPU_BATCH_VOXELS voxels.
     windows_per_batch: int | None = None
-    # bf16 autocast on CUDA, and on CPUs with native bf16 (AVX-512 BF16, AMX): about 2x faster there, and
-    # scripts/bench_predict.py checks that Dice does not move. Elsewhere, and with False, float32.
+    # bf16 autocast on GPUs and CPUs with native bf16 (CUDA compute capability 8.0+; AVX-512 BF16, AMX): about
+    # 2x faster on such CPUs, and scripts/bench_predict.py checks that Dice does not move. fp16 on older
+    # CUDA GPUs. Elsewhere, and with False, float32.
     amp: bool = True
     save_probabilities: bool = False
 
@@ -77,7 +79,7 @@ def predict_case(model: TrainedModel | Sequence[TrainedModel], image: np.ndarray
         box, shape = pre.crop_box, pre.shape_after_crop
         config = one.plans.configuration(one.configuration)
         arch = one.plans.architecture(one.configuration, one.architecture)
-        amp_dtype = torch.bfloat16 if settings.amp and bf16_is_fast(device) else None
+        amp_dtype = inference_autocast_dtype(device) if settings.amp else None
         batch = settings.windows_per_batch or windows_per_batch(arch.patch_size, device)
         probabilities = predict_probabilities(
             one.networks, torch.from_numpy(pre.image).to(device), arch.patch_size, settings.step,
@@ -123,13 +125,13 @@ def windows_per_batch(patch_size: list[int], device: torch.device) -> int:
     return max(1, min(32, CPU_BATCH_VOXELS // int(np.prod(patch_size))))
 
 
-def bf16_is_fast(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return True
+def inference_autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of prediction on ``device``; None: float32."""
+    if device.type == "cuda":  # fp16 where bf16 would be emulated (V100, T4), as nnU-Net predicts
+        return cuda_autocast_dtype(device)
     if device.type == "cpu":  # emulated bf16 (no AVX-512 BF16 / AMX) is slower than float32
-        check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-        return bool(check and check())
-    return False
+        return torch.bfloat16 if cpu_has_native_bf16() else None
+    return None
 
 
 class _RunningArgmax:

@@ -36,14 +36,32 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], reseed: int) -> str | None:
+    """Restore every generator saved in ``state``; returns a one-line note when the GPUs differ.
+
+    ``--continue`` may see another number of GPUs than the run that saved (fewer free, a
+    bigger machine): the CUDA states of the GPUs present in both are restored, the other
+    visible GPUs' generators are seeded from ``reseed``, and the note says so. Without CUDA
+    the saved CUDA states are left unused.
+    """
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, position, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = list(state.get("cuda") or [])
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for index in range(visible):
+        if index < len(saved):
+            torch.cuda.set_rng_state(saved[index], index)
+        else:
+            torch.cuda.default_generators[index].manual_seed(reseed + index)
+    if saved and visible != len(saved):
+        restored = min(visible, len(saved))
+        return (f"the checkpoint holds the CUDA random state of {len(saved)} GPU(s), {visible} visible now: "
+                f"{restored} restored, {max(visible - len(saved), 0)} seeded afresh"
+                + (f", {len(saved) - visible} unused" if len(saved) > visible else ""))
+    return None
 
 
 def save_checkpoint(path: Path, content: dict[str, Any]) -> None:

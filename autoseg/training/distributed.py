@@ -1,8 +1,11 @@
 """Devices and ``torchrun``: one process per device, rank 0 writes.
 
 ``torchrun --nproc_per_node=N -m autoseg train ...`` sets ``WORLD_SIZE``/``RANK``/
-``LOCAL_RANK``; the process group is then initialised from the environment (NCCL on
-CUDA, gloo on the CPU). Without those variables everything here is a no-op.
+``LOCAL_RANK``; the process group is then initialised from the environment. On CUDA it
+is ``cpu:gloo,cuda:nccl``: NCCL accepts only CUDA tensors ("No backend type associated
+with device type cpu"), and gloo carries whatever a collective is handed on the CPU
+(object gathers, barriers), so no call site has to know the group's device. Without
+those variables everything here is a no-op.
 """
 
 from __future__ import annotations
@@ -16,14 +19,25 @@ import torch.distributed as dist
 from autoseg.errors import UsageError
 
 
+# The backend for CUDA tensors (a test swaps in a stand-in that, like NCCL, refuses CPU tensors).
+CUDA_BACKEND = "nccl"
+
+
+def process_group_backend(cuda: bool) -> str:
+    """The backend string of the process group: one backend per device type it will see."""
+    return f"cpu:gloo,cuda:{CUDA_BACKEND}" if cuda else "gloo"
+
+
 def init_distributed() -> tuple[int, int]:
     """(rank, world size); initialises the process group when started by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
+    # Under torchrun (which sets TORCHELASTIC_RUN_ID) a group is made even for one process, so that
+    # `torchrun --nproc_per_node=1` on a one-GPU machine runs the collectives through NCCL too.
+    if (world > 1 or "TORCHELASTIC_RUN_ID" in os.environ) and not dist.is_initialized():
+        cuda = torch.cuda.is_available()
+        if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend)
+        dist.init_process_group(process_group_backend(cuda))
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from autoseg.errors import UsageError
-from autoseg.inference.predictor import bf16_is_fast
+from autoseg.networks.precision import cpu_has_native_bf16, cuda_autocast_dtype
 from autoseg.networks.registry import build_network
 from autoseg.paths import Roots
 from autoseg.planning.plans import load_plans, save_plans
@@ -76,11 +76,11 @@ class TrainingOptions:
 
 def autocast_dtype(device: torch.device, options: TrainingOptions) -> torch.dtype | None:
     if device.type == "cuda" and options.amp:
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return cuda_autocast_dtype(device)
     if device.type == "cpu":
-        # Native bf16 (AVX-512 BF16, AMX) makes a step about twice as fast at the same Dice
-        # (scripts/bench_accuracy.py); emulated bf16 would be slower than float32.
-        wanted = options.cpu_bf16 if options.cpu_bf16 is not None else options.amp and bf16_is_fast(device)
+        # Native bf16 (AVX-512 BF16, AMX) makes a step about twice as fast (scripts/bench_train.py,
+        # scripts/bench_accuracy.py); emulated bf16 would be slower than float32.
+        wanted = options.cpu_bf16 if options.cpu_bf16 is not None else options.amp and cpu_has_native_bf16()
         return torch.bfloat16 if wanted else None
     return None
 
@@ -151,10 +151,13 @@ def train_fold(roots: Roots, dataset_name: str, configuration: str, fold: int | 
         schedule.load_state_dict(checkpoint["scheduler"])
         state.load_state_dict(checkpoint)
         per_rank = checkpoint.get("rng_per_rank") or [checkpoint["rng"]]
+        fresh_seed = state.seed + 1000 * rank + 7919 * state.epoch
         if rank < len(per_rank):
-            set_rng_state(per_rank[rank])
+            note = set_rng_state(per_rank[rank], fresh_seed)
+            if note and rank == 0:
+                print(f"train: --continue: {note}", flush=True)
         else:  # more ranks than when saved: a fresh, distinct stream for the new ones
-            seed_everything(state.seed + 1000 * rank + 7919 * state.epoch)
+            seed_everything(fresh_seed)
         if rank == 0:
             print(f"train: continuing from epoch {state.epoch} of {schedule.total_epochs}", flush=True)
     elif rank == 0:

@@ -146,7 +146,9 @@ class TrainingLoop:
         """Validation loss and pseudo-Dice per foreground class from TP/FP/FN summed over batches and ranks."""
         self.model.eval()
         num_foreground = len(self.regions) if self.regions else self.num_classes - 1
-        counts = torch.zeros(3, num_foreground, dtype=torch.float64)  # TP, FP, FN
+        # TP, FP, FN as integers on the loop's device: no host sync per batch and class, the
+        # collective runs on the device's backend (NCCL), and int64 exists on every device (MPS has no float64).
+        counts = torch.zeros(3, num_foreground, dtype=torch.int64, device=self.device)
         losses = []
         for _ in range(self.val_iters):
             image, target = next(self.val_batches)
@@ -166,11 +168,11 @@ class TrainingLoop:
                 target_masks = torch.stack([target == k for k in range(1, self.num_classes)], 1)
             for k in range(num_foreground):
                 p, t = predicted_masks[:, k] & valid, target_masks[:, k]
-                counts[0, k] += float((p & t).sum())
-                counts[1, k] += float((p & ~t).sum())
-                counts[2, k] += float((~p & t).sum())
+                counts[0, k] += (p & t).sum()
+                counts[1, k] += (p & ~t).sum()
+                counts[2, k] += (~p & t).sum()
         all_reduce_sum(counts)
-        tp, fp, fn = counts
+        tp, fp, fn = counts.cpu().double()
         dice = (2 * tp / (2 * tp + fp + fn).clamp_min(1)).tolist()
         return (float(np.mean(losses)) if losses else 0.0), dice
 

@@ -1,0 +1,128 @@
+"""CUDA-only paths of training checked on the CPU with stand-ins that fail as the GPU would.
+
+* Collectives: a process group whose CUDA backend is a registered stand-in which, like NCCL,
+  has no CPU backend, so a CPU tensor sent to it fails with NCCL's own error
+  ("No backend type associated with device type cpu").
+* ``--continue`` on another number of GPUs: torch.cuda's generator calls replaced by ones
+  that refuse a device index beyond the visible count, as CUDA does ("invalid device ordinal").
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from autoseg.training import distributed
+from autoseg.training.checkpoints import rng_state, set_rng_state
+from autoseg.training.loop import TrainingLoop
+from autoseg.training.loss import DeepSupervisionLoss, DiceCELoss
+from autoseg.training.schedule import PolySchedule
+
+STAND_IN = "cudaonlystandin"
+
+
+def _gloo(store, rank, size, timeout):
+    return dist.ProcessGroupGloo(store, rank, size, timeout)
+
+
+@pytest.fixture
+def cuda_group_stand_in(tmp_path, monkeypatch):
+    """A one-rank process group built from ``process_group_backend(cuda=True)`` with NCCL's device rule."""
+    if not hasattr(dist.Backend, STAND_IN.upper()):
+        dist.Backend.register_backend(STAND_IN, _gloo, devices=["cuda"])  # serves CUDA tensors only, as NCCL
+    monkeypatch.setattr(distributed, "CUDA_BACKEND", STAND_IN)
+    backend = distributed.process_group_backend(cuda=True)
+    dist.init_process_group(backend, store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        yield backend
+    finally:
+        dist.destroy_process_group()
+
+
+class FixedPrediction(torch.nn.Module):
+    """Logits whose argmax is a given label map, whatever the input."""
+
+    def __init__(self, labels: torch.Tensor, classes: int):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+        self.logits = torch.nn.functional.one_hot(labels, classes).movedim(-1, 1).float() * 10
+
+    def forward(self, image):
+        return self.logits + 0 * self.unused
+
+
+def test_training_collectives_work_on_a_group_whose_cuda_backend_refuses_cpu_tensors(cuda_group_stand_in):
+    # The stand-in reproduces the failure the review found, on its own...
+    with pytest.raises(RuntimeError, match="No backend type associated with device type cpu"):
+        dist.all_reduce(torch.ones(2), group=dist.new_group(backend=STAND_IN))
+    # ...and the group training creates carries every collective the loop and the fold use.
+    generator = np.random.default_rng(0)
+    target = torch.from_numpy(generator.integers(0, 3, (2, 4, 6, 6)))
+    predicted = torch.from_numpy(generator.integers(0, 3, (2, 4, 6, 6)))
+    batches = itertools.repeat((torch.zeros(2, 1, 4, 6, 6), target))
+    network = FixedPrediction(predicted, 3)
+    loop = TrainingLoop(network=network, model=network, loss=DeepSupervisionLoss(DiceCELoss()),
+                        train_batches=batches, val_batches=batches,
+                        optimizer=torch.optim.SGD(network.parameters(), lr=0.1), schedule=PolySchedule(0.1, 0.9, 1, 1),
+                        num_classes=3, val_iters=3, progress=False)
+    _, dice = loop.validate()
+    # Dice per class counted independently with numpy (the three batches are the same one).
+    p, t = predicted.numpy(), target.numpy()
+    expected = [2 * np.sum((p == k) & (t == k)) / (np.sum(p == k) + np.sum(t == k)) for k in (1, 2)]
+    assert dice == pytest.approx(expected)
+    assert distributed.gather({"rank": 0}) == [{"rank": 0}]
+    distributed.barrier()
+
+
+class RefusingCuda:
+    """torch.cuda's generator calls for ``visible`` devices; an index beyond them fails as CUDA does."""
+
+    def __init__(self, visible: int):
+        self.visible, self.restored, self.seeded = visible, {}, {}
+        self.default_generators = [self._generator(i) for i in range(visible)]
+
+    def _check(self, index: int) -> None:
+        if index >= self.visible:
+            raise RuntimeError("CUDA error: invalid device ordinal")
+
+    def set_rng_state(self, state, device=0):
+        index = torch.device(device).index if not isinstance(device, int) else device
+        self._check(index if index is not None else 0)
+        self.restored[index] = state
+
+    def _generator(self, index):
+        seeded = self.seeded
+
+        class Generator:
+            def manual_seed(self, seed):
+                seeded[index] = seed
+
+        return Generator()
+
+    def install(self, monkeypatch):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: self.visible)
+        monkeypatch.setattr(torch.cuda, "set_rng_state", self.set_rng_state)
+        monkeypatch.setattr(torch.cuda.random, "set_rng_state", self.set_rng_state)  # what set_rng_state_all calls
+        monkeypatch.setattr(torch.cuda, "default_generators", self.default_generators, raising=False)
+
+
+@pytest.mark.parametrize("saved, visible", [(4, 2), (1, 3), (2, 2)])
+def test_continue_on_another_number_of_gpus_restores_what_matches_and_reseeds_the_rest(saved, visible, monkeypatch):
+    state = rng_state()
+    state["cuda"] = [torch.full((16,), i, dtype=torch.uint8) for i in range(saved)]
+    cuda = RefusingCuda(visible)
+    cuda.install(monkeypatch)
+    note = set_rng_state(state, reseed=100)
+    both = min(saved, visible)
+    assert sorted(cuda.restored) == list(range(both))
+    assert all(int(cuda.restored[i][0]) == i for i in range(both)), "device i gets the state saved for device i"
+    assert cuda.seeded == {i: 100 + i for i in range(both, visible)}
+    if saved == visible:
+        assert note is None
+    else:
+        assert f"{saved} GPU(s), {visible} visible now: {both} restored" in note and "\n" not in note
