@@ -23,6 +23,7 @@ COMMANDS = [
     "demo",
     "train",
     "predict",
+    "export",
     "evaluate",
     "find_best",
     "report",
