@@ -114,8 +114,9 @@ def _load_results_folder(model_dir: Path, device: torch.device, folds: list[str]
     from autoseg.inference.ensemble import split_model_name
     from autoseg.inference.model import load_trained_model
 
-    if not model_dir.is_dir():
-        raise UsageError("neither a model package nor a trained model folder (CONFIG__ARCH)", model_dir)
+    if not model_dir.is_dir() or "__" not in model_dir.name:
+        raise UsageError("neither a model package (zip, or a folder with model.json) nor a trained model folder "
+                         "(CONFIG__ARCH)", model_dir)
     configuration, architecture = split_model_name(model_dir.name)
     if folds is None:
         folds = sorted((p.name[len("fold_"):] for p in model_dir.glob("fold_*") if p.is_dir()),

@@ -166,3 +166,20 @@ def test_export_refuses_untrained_folds_and_a_name_without_zip(pipeline, tmp_pat
     assert "zip" in capsys.readouterr().err
     assert main(["export", "-d", "999", "--best", "-o", str(tmp_path / "m.zip"), *pipeline.flags]) == 2
     assert "find_best.json" in capsys.readouterr().err
+
+
+def test_find_best_choice_exports_with_its_postprocessing(pipeline, tmp_path):
+    import shutil
+
+    results = tmp_path / "res"
+    shutil.copytree(pipeline.res, results)
+    flags = [f"--raw={pipeline.raw}", f"--preprocessed={pipeline.pre}", f"--results={results}"]
+    assert main(["find-best", "-d", "999", "-f", "0", "-np", "1", *flags]) == 0
+    target = tmp_path / "best.zip"
+    assert main(["export", "-d", "999", "--best", "-o", str(target), *flags]) == 0
+    members = _members(target)
+    manifest = json.loads(members["model.json"])
+    assert [(m["configuration"], m["architecture"], m["folds"]) for m in manifest["models"]] == [
+        ("3d_fullres", "unet", ["0"])]
+    decision = (results / pipeline.name / "3d_fullres__unet" / "postprocessing.json").read_bytes()
+    assert manifest["postprocessing"] and members["postprocessing.json"] == decision
