@@ -100,6 +100,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path)
     parser.add_argument("--disable-tta", action="store_true", help="no mirroring in 1 and 2 (8x less network time)")
     args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # each figure appears when measured
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_package_"))
     work.mkdir(parents=True, exist_ok=True)
     splits = json.loads((args.preprocessed / "Dataset004_Hippocampus" / "splits.json").read_text())
