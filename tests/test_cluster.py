@@ -35,6 +35,7 @@ def test_part_must_be_k_of_n(tmp_path, capsys):
         assert exit_info.value.code == 2 and "K/N" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_parts_write_the_bytes_of_one_run_and_a_requeued_part_writes_nothing(pipeline, tmp_path, capsys):
     inputs = tmp_path / "in"
     shutil.copytree(pipeline.dataset / "imagesTs", inputs)

@@ -44,7 +44,7 @@ def test_onnx_network_gives_the_torch_logits_on_random_windows(pipeline, onnx_pa
 
 
 def test_predict_with_onnxruntime_writes_the_torch_labels(pipeline, onnx_package, tmp_path):
-    flags = ["-i", str(pipeline.dataset / "imagesTs"), "--fp32"]
+    flags = ["-i", str(pipeline.dataset / "imagesTs"), "--fp32", "--disable-tta"]
     assert main(["predict", "-m", str(onnx_package), "-o", str(tmp_path / "torch"), *flags]) == 0
     assert main(["predict", "-m", str(onnx_package), "-o", str(tmp_path / "onnx"), "--engine", "onnxruntime",
                  *flags]) == 0
