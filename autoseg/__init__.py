@@ -10,3 +10,15 @@ spacing stored in a record is in that same array order (reversed ITK order).
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # ``from autoseg import Segmenter`` without importing torch for every ``autoseg`` command.
+    if name == "Segmenter":
+        from autoseg.api import Segmenter
+
+        return Segmenter
+    raise AttributeError(f"module 'autoseg' has no attribute {name!r}")
+
+
+__all__ = ["Segmenter", "__version__"]

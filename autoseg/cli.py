@@ -27,6 +27,7 @@ COMMANDS = [
     "demo",
     "train",
     "predict",
+    "export",
     "evaluate",
     "find_best",
     "report",

@@ -48,5 +48,9 @@ class CheckpointError(AutosegError):
     """A checkpoint is missing, unreadable or not a state dict."""
 
 
+class PackageError(AutosegError):
+    """A model package (``autoseg export``) is incomplete, tampered with or unsafe to unpack."""
+
+
 class UsageError(AutosegError):
     """Command-line arguments or folders that cannot work together."""

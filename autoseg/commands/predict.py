@@ -1,4 +1,8 @@
-"""autoseg predict -i IN -o OUT -d DATASET [-c CONFIG...] [-a ARCH...] [-f FOLDS...]: label maps in the input's geometry.
+"""autoseg predict -i IN -o OUT (-m PACKAGE | -d DATASET [-c CONFIG...] [-a ARCH...]) [-f FOLDS...]: label maps.
+
+``-m`` takes a package written by ``autoseg export`` (a zip or its unpacked folder), which
+is verified member by member before anything is loaded; no dataset or roots are needed.
+``--part K/N`` predicts the K-th of N parts of the sorted cases (a job array).
 
 Several configurations or architectures (``-c 2d 3d_fullres``, ``-a unet resenc_unet``; a
 single value goes with every value of the other) are predicted as one ensemble. The
@@ -18,12 +22,18 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("predict", help="predict a folder of images with a trained model")
     parser.add_argument("-i", "--input", required=True, help="folder of images (CASE_0000.nii.gz ...)")
     parser.add_argument("-o", "--output", required=True, help="folder for the label maps")
-    parser.add_argument("-d", "--dataset", required=True)
+    parser.add_argument("-m", "--model", help="a model package (autoseg export): a zip or its unpacked folder")
+    parser.add_argument("-d", "--dataset", help="the dataset whose trained model to use (when no -m)")
     parser.add_argument("-c", "--configuration", nargs="+", default=None,
                         help="default: the plan's default configuration; several: an ensemble")
     parser.add_argument("-a", "--architecture", nargs="+", default=None,
                         help="default: the configuration's default; several: an ensemble")
-    parser.add_argument("-f", "--folds", nargs="+", default=["0", "1", "2", "3", "4"])
+    parser.add_argument("-f", "--folds", nargs="+", default=None,
+                        help="default: 0 1 2 3 4, or with -m every fold in the package")
+    parser.add_argument("--part", type=parse_part, default=None, metavar="K/N",
+                        help="only the K-th of N parts of the sorted cases (1 <= K <= N), e.g. a job array's task")
+    parser.add_argument("--engine", choices=["torch", "onnxruntime"], default="torch",
+                        help="onnxruntime: the package's ONNX networks (export --onnx), float32 on the CPU")
     parser.add_argument("--checkpoint", default=None, help="checkpoint file name (default: final, then best)")
     parser.add_argument("--step", type=float, default=0.5, help="window step as a fraction of the patch")
     parser.add_argument("--disable-tta", action="store_true", help="no mirroring (8x faster in 3D)")
@@ -56,35 +66,68 @@ def run(args) -> int:
     from autoseg.inference.model import load_trained_model
     from autoseg.inference.predictor import PredictionSettings
     from autoseg.paths import Roots
-    from autoseg.planning.plans import load_plans
 
     if not 0 < args.step <= 1:
         raise UsageError("--step must be in (0, 1]")
     if args.windows_per_batch is not None and args.windows_per_batch < 1:
         raise UsageError("--windows-per-batch must be at least 1")
-    roots = Roots.resolve(args.raw, args.preprocessed, args.results)
-    name = roots.find_dataset(args.dataset)
-    fallback = roots.plans_file(name) if roots.plans_file(name).exists() else None
-    plans = load_plans(fallback) if fallback else None
     device = select_device(args.device)
-    models = []
-    for configuration, architecture in model_pairs(args.configuration, args.architecture):
-        configuration = configuration or (plans.default_configuration if plans else "3d_fullres")
-        architecture = architecture or (plans.architecture(configuration).name if plans else "unet")
-        model_dir = roots.training_output(name, configuration, architecture, 0).parent
-        models.append(load_trained_model(model_dir, args.folds, configuration, architecture, device, fallback,
-                                         args.checkpoint))
-    postprocessing = None if args.no_postprocessing else find_postprocessing(roots, name, models)
+    if args.model:
+        from autoseg.inference.package import load_package_models, opened_package
+
+        if args.dataset or args.configuration or args.architecture or args.checkpoint:
+            raise UsageError("-m names the model: leave out -d, -c, -a and --checkpoint")
+        with opened_package(args.model) as (folder, manifest):
+            models, postprocessing = load_package_models(folder, manifest, device, args.folds, args.engine)
+        postprocessing = None if args.no_postprocessing else postprocessing
+        print(f"postprocessing: {postprocessing.describe() if postprocessing else 'none'} (from the package)")
+    else:
+        if not args.dataset:
+            raise UsageError("give the model: -m PACKAGE, or -d DATASET (with -c/-a/-f)")
+        if args.engine != "torch":
+            raise UsageError("--engine onnxruntime runs a package's ONNX networks: give -m PACKAGE")
+        roots = Roots.resolve(args.raw, args.preprocessed, args.results)
+        name = roots.find_dataset(args.dataset)
+        fallback = roots.plans_file(name) if roots.plans_file(name).exists() else None
+        models = [load_trained_model(roots.training_output(name, configuration, architecture, 0).parent,
+                                     args.folds or ["0", "1", "2", "3", "4"], configuration, architecture, device,
+                                     fallback, args.checkpoint)
+                  for configuration, architecture in planned_models(roots, name, args.configuration, args.architecture)]
+        postprocessing = None if args.no_postprocessing else find_postprocessing(roots, name, models)
     settings = PredictionSettings(step=args.step, mirror=not args.disable_tta, windows_per_batch=args.windows_per_batch,
-                                  amp=not args.fp32, save_probabilities=args.save_probabilities)
+                                  amp=not args.fp32 and args.engine == "torch",
+                                  save_probabilities=args.save_probabilities)
     result = predict_folder(models[0] if len(models) == 1 else models, args.input, args.output, settings, device,
-                            overwrite=args.overwrite, postprocessing=postprocessing)
+                            overwrite=args.overwrite, postprocessing=postprocessing, part=args.part)
     print(f"predict: {len(result.written)} written, {len(result.skipped_existing)} already there, "
           f"{len(result.failed)} failed -> {args.output}")
     if result.failed:
         print(f"autoseg: error: {len(result.failed)} case(s) could not be predicted (see above)", file=sys.stderr)
         return 2
     return 0
+
+
+def parse_part(text: str) -> tuple[int, int]:
+    """``K/N`` -> (K, N), 1 <= K <= N."""
+    import argparse
+
+    part, _, count = text.partition("/")
+    if not (part.isdigit() and count.isdigit() and 1 <= int(part) <= int(count)):
+        raise argparse.ArgumentTypeError(f"'{text}' is not K/N with 1 <= K <= N (e.g. --part 3/50)")
+    return int(part), int(count)
+
+
+def planned_models(roots, dataset_name: str, configurations: list[str] | None,
+                   architectures: list[str] | None) -> list[tuple[str, str]]:
+    """(configuration, architecture) of each model asked for; what is not given is the plan's default."""
+    from autoseg.planning.plans import load_plans
+
+    plans = load_plans(roots.plans_file(dataset_name)) if roots.plans_file(dataset_name).exists() else None
+    models = []
+    for configuration, architecture in model_pairs(configurations, architectures):
+        configuration = configuration or (plans.default_configuration if plans else "3d_fullres")
+        models.append((configuration, architecture or (plans.architecture(configuration).name if plans else "unet")))
+    return models
 
 
 def model_pairs(configurations: list[str] | None, architectures: list[str] | None) -> list[tuple[str | None, str | None]]:

@@ -4,7 +4,8 @@ The next case is read and decoded in a background thread while the current one i
 predicted. A case that cannot be read is reported (file and reason) and skipped; the
 others are still predicted and the caller exits non-zero at the end. Each output is
 written under a temporary name and renamed, and cases whose output exists are skipped
-unless ``overwrite``, so an interrupted run continues where it stopped. A postprocessing
+unless ``overwrite``, so an interrupted run continues where it stopped. ``part`` (K, N)
+keeps the K-th of N contiguous slices of the sorted cases, so N jobs write every case once. A postprocessing
 decision (``postprocessing.py``), when given, is applied to every label map written.
 """
 
@@ -95,9 +96,18 @@ def _read(case: InputCase, num_channels: int):
     return image, geometry
 
 
+def select_part(cases: list[InputCase], part: tuple[int, int] | None) -> list[InputCase]:
+    """The K-th (1-based) of N contiguous, nearly equal slices of ``cases`` (sorted by case id); all without ``part``."""
+    if part is None:
+        return cases
+    number, count = part
+    return cases[(number - 1) * len(cases) // count: number * len(cases) // count]
+
+
 def predict_folder(model: TrainedModel | list[TrainedModel], input_dir: Path, output_dir: Path,
                    settings: PredictionSettings, device: torch.device, overwrite: bool = False, progress: bool = True,
-                   postprocessing: PostprocessingDecision | None = None) -> FolderResult:
+                   postprocessing: PostprocessingDecision | None = None,
+                   part: tuple[int, int] | None = None) -> FolderResult:
     """Predict every case of ``input_dir`` with ``model`` (or the average of several) into ``output_dir``."""
     from autoseg.io.images import write_label
 
@@ -106,7 +116,7 @@ def predict_folder(model: TrainedModel | list[TrainedModel], input_dir: Path, ou
         raise UsageError("output folder must differ from the input folder (predictions would mix with images)",
                          output_dir)
     channels = (model if isinstance(model, TrainedModel) else model[0]).plans.num_input_channels
-    cases = list_input_cases(input_dir, channels)
+    cases = select_part(list_input_cases(input_dir, channels), part)
     check_writable_folder(output_dir)
     result = FolderResult()
     todo = []

@@ -1,0 +1,119 @@
+"""autoseg.Segmenter: every input kind gives what `autoseg predict` wrote, with the input's geometry."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+import autoseg
+from autoseg.cli import main
+from autoseg.errors import UsageError
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+CASES = ("synth_006", "synth_007")  # the synthetic test cases; the pipeline predicted them without mirroring
+
+
+@pytest.fixture(scope="module")
+def model_package(pipeline, tmp_path_factory) -> Path:
+    target = tmp_path_factory.mktemp("api") / "model.zip"
+    assert main(["export", "-d", "999", "-c", "3d_fullres", "-f", "0", "-o", str(target), *pipeline.flags]) == 0
+    return target
+
+
+@pytest.fixture(scope="module")
+def segmenter(model_package):
+    return autoseg.Segmenter.load(model_package, device="cpu", tta=False, threads=1)
+
+
+def _cli_output(pipeline, case):
+    return pipeline.predictions / f"{case}.nii.gz"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_each_input_kind_returns_the_cli_output_with_the_input_geometry(pipeline, segmenter, case):
+    image_file = pipeline.dataset / "imagesTs" / f"{case}_0000.nii.gz"
+    written = sitk.ReadImage(str(_cli_output(pipeline, case)))
+    expected = sitk.GetArrayFromImage(written)
+    assert expected.any(), "a prediction with foreground makes the comparison mean something"
+
+    image = sitk.ReadImage(str(image_file))
+    for result in (segmenter.predict(image), segmenter.predict(image_file), segmenter.predict([str(image_file)])):
+        assert isinstance(result, sitk.Image)
+        assert np.array_equal(sitk.GetArrayFromImage(result), expected)
+        assert result.GetPixelID() == written.GetPixelID()
+        assert result.GetSpacing() == image.GetSpacing() and result.GetOrigin() == image.GetOrigin()
+        assert result.GetDirection() == image.GetDirection()
+
+    loaded = nib.load(str(image_file))
+    result = segmenter.predict(loaded)
+    written_nib = nib.load(str(_cli_output(pipeline, case)))
+    assert isinstance(result, nib.Nifti1Image)
+    assert np.array_equal(np.asarray(result.dataobj), np.asarray(written_nib.dataobj))
+    assert np.array_equal(result.affine, loaded.affine) and result.get_data_dtype() == written_nib.get_data_dtype()
+
+    array = sitk.GetArrayFromImage(image)
+    result = segmenter.predict(array, spacing=image.GetSpacing()[::-1], origin=image.GetOrigin(),
+                               direction=image.GetDirection())
+    assert isinstance(result, np.ndarray) and result.shape == array.shape
+    assert np.array_equal(result, expected)
+
+
+def test_probabilities_are_what_save_probabilities_writes(pipeline, model_package, segmenter, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copy(pipeline.dataset / "imagesTs" / f"{CASES[0]}_0000.nii.gz", inputs)
+    assert main(["predict", "-m", str(model_package), "-i", str(inputs), "-o",
+                 str(tmp_path / "out"), "--disable-tta", "--save-probabilities"]) == 0
+    with np.load(tmp_path / "out" / f"{CASES[0]}.npz") as stored:
+        expected, values = stored["probabilities"], stored["label_values"].tolist()
+    probabilities = segmenter.predict_probabilities(sitk.ReadImage(str(inputs / f"{CASES[0]}_0000.nii.gz")))
+    assert segmenter.label_values == values
+    assert probabilities.shape == expected.shape and np.array_equal(probabilities, expected)
+    assert np.allclose(probabilities.astype(np.float32).sum(0), 1.0, atol=1e-2)
+
+
+def test_a_results_folder_loads_like_its_package(pipeline, segmenter):
+    from_folder = autoseg.Segmenter.load(pipeline.fold.parent, tta=False)
+    image = sitk.ReadImage(str(pipeline.dataset / "imagesTs" / f"{CASES[1]}_0000.nii.gz"))
+    assert np.array_equal(sitk.GetArrayFromImage(from_folder.predict(image)),
+                          sitk.GetArrayFromImage(segmenter.predict(image)))
+
+
+def test_bad_inputs_say_what_is_wrong(segmenter, tmp_path):
+    with pytest.raises(UsageError, match="needs its spacing"):
+        segmenter.predict(np.zeros((4, 5, 6), np.float32))
+    with pytest.raises(UsageError, match="channel"):
+        segmenter.predict(np.zeros((2, 4, 5, 6), np.float32), spacing=(1, 1, 1))
+    with pytest.raises(UsageError, match="cannot segment a dict"):
+        segmenter.predict({})
+    with pytest.raises(autoseg.errors.ImageReadError, match="does not exist"):
+        segmenter.predict(tmp_path / "nothing.nii.gz")
+    with pytest.raises(UsageError, match="neither a model package"):
+        autoseg.Segmenter.load(tmp_path)
+
+
+def test_the_readme_example_runs(pipeline, model_package, tmp_path, monkeypatch):
+    text = README.read_text()
+    section = text[text.index("### Python API"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(model_package, "hippocampus.zip")
+    shutil.copy(pipeline.dataset / "imagesTs" / f"{CASES[0]}_0000.nii.gz", "scan.nii.gz")
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own README's example
+    # The example predicts with mirroring (the default); the CLI on the same file must agree.
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copy("scan.nii.gz", inputs / "scan_0000.nii.gz")
+    assert main(["predict", "-m", "hippocampus.zip", "-i", str(inputs), "-o", str(tmp_path / "out")]) == 0
+    written = sitk.ReadImage(str(tmp_path / "out" / "scan.nii.gz"))
+    mask = sitk.ReadImage("scan_mask.nii.gz")
+    assert np.array_equal(sitk.GetArrayFromImage(mask), sitk.GetArrayFromImage(written))
+    assert mask.GetOrigin() == written.GetOrigin() and mask.GetDirection() == written.GetDirection()
+    assert namespace["probs"].shape == (3, *sitk.GetArrayFromImage(written).shape)
