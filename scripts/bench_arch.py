@@ -1,140 +1,172 @@
-"""Size, speed and memory of every registered architecture at the Hippocampus patch.
+"""Memory model against reality: one training step's measured peak beside its estimate.
 
-Each architecture at its planned 3d_fullres patch and topology in the committed
-``plans/Dataset004_Hippocampus.json`` (U-Nets 40x56x40; Swin UNETR 64x64x64 by its
-multiple-of-32 rule), 1 input channel, 3 classes, batch 2 for all. Per architecture:
-parameters, forward GFLOPs per patch, forward+backward time (median of 3 after 1 warm-up)
-and peak RSS increase on CPU next to the memory model's fp32 estimate of the same step
-(saved activations + gradients; no allocator or CUDA-context terms); on CUDA
-(bf16 autocast) also time and ``max_memory_allocated`` against the model's AMP estimate.
+For each plans file, configuration and architecture (default: the committed Hippocampus and
+ACDC plans, 2d and 3d_fullres, every architecture at its planned patch and batch), a child
+process runs one real training step (``TrainingLoop.train_step``: forward, Dice+CE with deep
+supervision, backward, gradient clipping, SGD with momentum) on random data and reports:
 
-Each architecture runs in its own process so one's peak RSS does not hide another's. The
-child sets MALLOC_MMAP_THRESHOLD_=4 MiB: otherwise glibc keeps freed multi-MB blocks in its
-heap and the chunked scans (which allocate and free ~16 MB blocks) show several GB of
-"peak RSS" that is allocator cache, not live tensors.
+* on the CPU, the resident-memory increase: VmHWM after the step minus VmRSS before the network
+  was built, with the peak reset (``/proc/self/clear_refs``) after a warm-up step of a first
+  copy that loads the kernels; the child returns freed memory to the system as training does
+  (``autoseg.training.memory_guard``). Included: weights, gradients, momentum, the batch,
+  activations, recomputation, the loss; not included: libraries and thread pools loaded once.
+* on CUDA, ``torch.cuda.max_memory_allocated`` over the step (weights included, context not).
 
-    python scripts/bench_arch.py [--arch NAME ...] [--reps 3] [--no-cuda]
+beside ``memory_guard.step_bytes``, the memory model's estimate for that device and precision
+(fp32 on the CPU unless ``--cpu-bf16``; bf16 autocast on CUDA; the CUDA estimate also holds
+the allocator overhead and the context). Also parameters and the step's seconds and the forward GFLOPs per patch.
+
+    python scripts/bench_arch.py [--plans FILE ...] [--configuration 2d 3d_fullres] [--arch NAME ...]
+                                 [--batch N] [--patch 24x24x24] [--device cpu cuda] [--cpu-bf16]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
-import math
 import os
-import resource
-import statistics
+import re
 import subprocess
 import sys
 import time
 
-BATCH, IN_CHANNELS, NUM_CLASSES = 2, 1, 3
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+DEFAULT_PLANS = [os.path.join(REPO, "plans", f) for f in ("Dataset004_Hippocampus.json", "Dataset027_ACDC.json")]
 
 
-def make_plan(name: str):
-    """The architecture's plan in the committed Hippocampus plans (its own patch and topology), at batch 2."""
-    from autoseg.planning.plans import load_plans
-
-    plan = load_plans(os.path.join(REPO, "plans", "Dataset004_Hippocampus.json")).architecture("3d_fullres", name)
-    plan.batch_size = BATCH
-    return plan
+def _status_mb(key: str) -> float:
+    with open("/proc/self/status") as status:
+        return int(re.search(rf"{key}:\s+(\d+)", status.read()).group(1)) / 1024
 
 
-def step(model, x, y, device: str) -> float:
-    import torch
+def _trim() -> None:
+    import ctypes
 
-    start = time.perf_counter()
-    with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
-        out = model(x)
-        logits = out[0] if isinstance(out, list) else out
-        loss = torch.nn.functional.cross_entropy(logits.float(), y)
-    loss.backward()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def measure(name: str, device: str, reps: int) -> dict:
+def step_once(plan, plans, dims: int, device, amp_dtype):
+    """Build the network and optimiser as ``train_fold`` does and run one step; returns (loop, seconds)."""
     import torch
 
     from autoseg.networks.registry import build_network
+    from autoseg.training.loop import TrainingLoop
+    from autoseg.training.loss import DeepSupervisionLoss, DiceCELoss
+    from autoseg.training.schedule import PolySchedule
 
-    torch.manual_seed(0)
-    plan = make_plan(name)
-    model = build_network(plan, IN_CHANNELS, NUM_CLASSES, 3, deep_supervision=True).to(device).train()
-    x = torch.randn(BATCH, IN_CHANNELS, *plan.patch_size, device=device)
-    y = torch.randint(0, NUM_CLASSES, (BATCH, *plan.patch_size), device=device)
-    from autoseg.networks.flops import forward_flops
-    from autoseg.networks.memory import measure as measure_memory
-    from autoseg.networks.topology import UNetTopology
+    network = build_network(plan, plans.num_input_channels, plans.num_segmentation_heads, dims, True).to(device)
+    optimizer = torch.optim.SGD(network.parameters(), lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5)
+    loop = TrainingLoop(network=network, model=network, loss=DeepSupervisionLoss(DiceCELoss()), train_batches=iter(()),
+                        val_batches=iter(()), optimizer=optimizer, schedule=PolySchedule(1e-2, 0.9, 1, 1),
+                        num_classes=plans.num_segmentation_heads, device=device, amp_dtype=amp_dtype, progress=False)
+    image = torch.randn(plan.batch_size, plans.num_input_channels, *plan.patch_size, device=device)
+    target = torch.randint(0, plans.num_segmentation_heads, (plan.batch_size, *plan.patch_size), device=device)
+    network.train()
+    start = time.perf_counter()
+    loop.train_step(image, target)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return loop, time.perf_counter() - start
 
-    divisor = UNetTopology(plan.patch_size, plan.kernel_sizes, plan.strides, plan.features).divisor()
-    estimate = measure_memory(lambda: build_network(plan, IN_CHANNELS, NUM_CLASSES, 3, True), IN_CHANNELS,
-                              [2 * d for d in divisor])
-    voxels = math.prod(plan.patch_size)
-    result = {"name": name, "patch": plan.patch_size, "features": plan.features,
-              "params": sum(p.numel() for p in model.parameters()),
-              "gflops": forward_flops(build_network(plan, IN_CHANNELS, NUM_CLASSES, 3, False),
-                                      (1, IN_CHANNELS, *plan.patch_size)) / 1e9,
-              # the weights are in RSS before the step; it adds activations and gradients
-              # (SGD momentum appears only after an optimiser step)
-              "estimate_cpu_mb": (estimate.activation_bytes_per_voxel * voxels * BATCH
-                                  + 4 * estimate.parameter_count) / 2**20,
-              "estimate_cuda_mb": estimate.training_bytes(BATCH, voxels, amp=True) / 2**20}
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if device == "cuda":
+
+def measure(plans_file: str, configuration: str, name: str, device_name: str, batch: int | None,
+            patch: list[int] | None, cpu_bf16: bool) -> dict:
+    import torch
+
+    from autoseg.planning.plans import load_plans
+    from autoseg.training.memory_guard import return_freed_memory_to_system, step_bytes
+
+    device = torch.device(device_name)
+    plans = load_plans(plans_file)
+    plan = plans.architecture(configuration, name)
+    plan.batch_size = batch or plan.batch_size
+    plan.patch_size = patch or plan.patch_size
+    dims = plans.configuration(configuration).dimensions
+    amp_dtype = torch.bfloat16 if device.type == "cuda" or cpu_bf16 else None
+    estimate = step_bytes(plan, plans.num_input_channels, plans.num_segmentation_heads, dims, plan.batch_size,
+                          device.type, amp_dtype is not None)
+    result = {"plans": os.path.basename(plans_file), "configuration": configuration, "name": name,
+              "device": device.type, "precision": "fp32" if amp_dtype is None else "bf16",
+              "patch": plan.patch_size, "batch": plan.batch_size, "estimate_mb": estimate / 2**20}
+    if device.type == "cpu":
+        return_freed_memory_to_system()
+        warm, _ = step_once(plan, plans, dims, device, amp_dtype)  # loads kernels and thread pools
+        del warm
+        _trim()
+        base = _status_mb("VmRSS")
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")  # resets VmHWM to the current resident size
+        loop, seconds = step_once(plan, plans, dims, device, amp_dtype)
+        result["peak_mb"] = _status_mb("VmHWM") - base
+    else:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    times = []
-    for i in range(reps + 1):
-        model.zero_grad(set_to_none=True)
-        t = step(model, x, y, device)
-        if i:  # the first is the warm-up
-            times.append(t)
-    result["seconds"] = statistics.median(times)
-    result["rss_increase_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
-    if device == "cuda":
-        result["cuda_peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+        loop, seconds = step_once(plan, plans, dims, device, amp_dtype)
+        result["peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    result["seconds"] = seconds
+    result["params"] = sum(p.numel() for p in loop.network.parameters())
+    from autoseg.networks.flops import forward_flops
+    from autoseg.networks.registry import build_network
+
+    network = build_network(plan, plans.num_input_channels, plans.num_segmentation_heads, dims, False)
+    result["gflops"] = forward_flops(network, (1, plans.num_input_channels, *plan.patch_size)) / 1e9
     return result
 
 
-def main() -> None:
-    from autoseg.networks.registry import ARCHITECTURES
+def run_child(plans_file: str, configuration: str, name: str, device: str, batch: int | None = None,
+              patch: list[int] | None = None, cpu_bf16: bool = False) -> dict:
+    """``measure`` in a fresh process, so that one measurement's peak cannot hide another's."""
+    spec = json.dumps([plans_file, configuration, name, device, batch, patch, cpu_bf16])
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", spec], capture_output=True,
+                          text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": os.path.abspath(REPO)})
+    if proc.returncode:
+        raise RuntimeError((proc.stderr.strip().splitlines() or ["?"])[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
+
+def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--arch", nargs="*", default=sorted(ARCHITECTURES))
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--no-cuda", action="store_true")
-    parser.add_argument("--child", nargs=2, metavar=("NAME", "DEVICE"), help=argparse.SUPPRESS)
+    parser.add_argument("--plans", nargs="+", default=DEFAULT_PLANS)
+    parser.add_argument("--configuration", nargs="+", default=["2d", "3d_fullres"])
+    parser.add_argument("--arch", nargs="*", help="default: every architecture in the plans")
+    parser.add_argument("--batch", type=int, help="instead of the planned batch")
+    parser.add_argument("--patch", help="instead of the planned patch, e.g. 24x24x24")
+    parser.add_argument("--device", nargs="+", help="default: cpu, and cuda where available")
+    parser.add_argument("--cpu-bf16", action="store_true", help="the CPU step under bf16 autocast")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child[0], args.child[1], args.reps)))
+        print(json.dumps(measure(*json.loads(args.child))))
         return
 
     import torch
 
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and not args.no_cuda else [])
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(4 * 2 ** 20)}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, batch {BATCH}, "
-          f"planned Hippocampus patches, fwd+bwd median of {args.reps} after 1 warm-up")
-    header = (f"{'architecture':<12} {'device':<6} {'patch':<10} {'params':>11} {'GFLOPs':>7} {'s/step':>7} "
-              f"{'peak MB':>8} {'model MB':>8}")
+    from autoseg.planning.plans import load_plans
+
+    devices = args.device or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    patch = [int(v) for v in args.patch.split("x")] if args.patch else None
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; one training step per row")
+    header = (f"{'plans':<28} {'config':<10} {'architecture':<12} {'device':<5} {'prec':<5} {'patch':<11} "
+              f"{'batch':>5} {'params':>11} {'GFLOPs':>7} {'s/step':>7} {'peak MB':>8} {'model MB':>8} {'model/peak':>10}")
     print(header + "\n" + "-" * len(header))
-    for name in args.arch:
-        for device in devices:
-            proc = subprocess.run([sys.executable, __file__, "--reps", str(args.reps), "--child", name, device],
-                                  capture_output=True, text=True, env=env)
-            if proc.returncode:
-                last = (proc.stderr.strip().splitlines() or ["?"])[-1]
-                print(f"{name:<12} {device:<6} failed: {last}")
+    for plans_file in args.plans:
+        plans = load_plans(plans_file)
+        for configuration in args.configuration:
+            if configuration not in plans.configurations:
                 continue
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
-            peak, model = ((r["cuda_peak_mb"], r["estimate_cuda_mb"]) if device == "cuda"
-                           else (r["rss_increase_mb"], r["estimate_cpu_mb"]))
-            patch = "x".join(map(str, r["patch"]))
-            print(f"{name:<12} {device:<6} {patch:<10} {r['params']:>11,} {r['gflops']:7.1f} {r['seconds']:7.2f} "
-                  f"{peak:8.0f} {model:8.0f}  (model/peak {model / peak:.2f})", flush=True)
+            for name in args.arch or sorted(plans.configurations[configuration].architectures):
+                for device in devices:
+                    label = f"{os.path.basename(plans_file):<28} {configuration:<10} {name:<12} {device:<5}"
+                    try:
+                        r = run_child(plans_file, configuration, name, device, args.batch, patch, args.cpu_bf16)
+                    except RuntimeError as exc:
+                        print(f"{label} failed: {exc}", flush=True)
+                        continue
+                    print(f"{label} {r['precision']:<5} {'x'.join(map(str, r['patch'])):<11} {r['batch']:>5} "
+                          f"{r['params']:>11,} {r['gflops']:7.1f} {r['seconds']:7.2f} {r['peak_mb']:8.0f} {r['estimate_mb']:8.0f} "
+                          f"{r['estimate_mb'] / r['peak_mb']:10.2f}", flush=True)
 
 
 if __name__ == "__main__":

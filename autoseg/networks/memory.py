@@ -5,7 +5,15 @@ runs one forward pass on a small input on PyTorch's ``meta`` device (shapes only
 arithmetic, no memory), recording every tensor autograd saves for the backward pass.
 Those saved activations dominate training memory and grow linearly with the number
 of voxels, so one measurement per topology scales to any batch and patch of that
-topology. Parameters, gradients and optimiser state are added on top.
+topology. Parameters, gradients and optimiser state are added on top, and so is the
+transient peak of recomputing a gradient-checkpointed region in the backward pass (the
+selective scan's blocks): it does not grow with the patch, and the meta pass cannot see it
+because checkpointing saves nothing, so such modules report it (``recompute_peak_bytes``).
+
+The estimate is asked for a device type and a precision: on CUDA the caching allocator's
+overhead and the context are added; on the CPU neither (the training process returns freed
+blocks to the system, see ``autoseg.training.memory_guard``), and the step runs in fp32
+unless bf16 autocast is on.
 """
 
 from __future__ import annotations
@@ -31,30 +39,44 @@ CPU_PROBE_MAX_VOXELS = 64**3
 class MemoryEstimate:
     activation_bytes_per_voxel: float  # per sample, fp32
     parameter_count: int
+    # Peak of recomputing the largest checkpointed region during backward (independent of the patch).
+    recompute_bytes: float = 0.0
 
-    def training_bytes(self, batch_size: int, patch_voxels: int, amp: bool = True) -> float:
+    def training_bytes(self, batch_size: int, patch_voxels: int, amp: bool = True, device_type: str = "cuda") -> float:
+        """Peak bytes of one SGD step; ``amp``: autocast (bf16/fp16) activations, else fp32."""
         activations = self.activation_bytes_per_voxel * patch_voxels * batch_size
         if amp:
             activations *= AMP_ACTIVATION_FACTOR
         # weights, gradients, SGD momentum: three fp32 copies
         params = 3 * 4 * self.parameter_count
-        return (activations + params) * ALLOCATOR_OVERHEAD + CONTEXT_BYTES
+        step = activations + params + self.recompute_bytes
+        if device_type == "cuda":
+            return step * ALLOCATOR_OVERHEAD + CONTEXT_BYTES
+        return step
 
 
 def saved_activation_bytes(network: nn.Module, input_shape: tuple[int, ...], device: str = "meta") -> int:
     """Bytes autograd saves for backward in one forward pass of ``network`` on ``input_shape``."""
+    network = network.to(device).train()
+    # Layers save their weights for backward too; those are counted with the parameters.
+    x = torch.zeros(input_shape, device=device, requires_grad=False)
+    return saved_bytes(network, x, exclude=list(network.parameters()))
+
+
+def saved_bytes(function, *inputs: torch.Tensor, exclude: list[torch.Tensor] = ()) -> int:
+    """Bytes autograd saves for backward while ``function(*inputs)`` runs, plus its outputs.
+
+    Storages of ``exclude`` (say, parameters) are not counted."""
     seen: dict[int, int] = {}
     # Every packed tensor is held until the pass ends, so that no storage (or object) is
     # freed and its address reused by a later one: keys stay unique and the plan repeatable.
     alive: list[torch.Tensor] = []
-    network = network.to(device).train()
 
     def storage_key(tensor: torch.Tensor) -> int:
         # The StorageImpl's address: views of one storage share it, on the meta device too.
         return tensor.untyped_storage()._cdata
 
-    # Layers save their weights for backward too; those are counted with the parameters.
-    param_keys = {storage_key(p) for p in network.parameters()}
+    param_keys = {storage_key(p) for p in exclude}
 
     def pack(tensor: torch.Tensor):
         try:
@@ -68,9 +90,8 @@ def saved_activation_bytes(network: nn.Module, input_shape: tuple[int, ...], dev
         seen[key] = size
         return tensor
 
-    x = torch.zeros(input_shape, device=device, requires_grad=False)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = network(x)
+        out = function(*inputs)
     outputs = out if isinstance(out, (list, tuple)) else [out]
     output_bytes = sum(o.numel() * o.element_size() for o in outputs)
     return sum(seen.values()) + output_bytes
@@ -92,4 +113,6 @@ def measure(build, input_channels: int, probe_patch: list[int]) -> MemoryEstimat
             raise
         network = build()
         activation = saved_activation_bytes(network, (1, input_channels, *probe_patch), "cpu")
-    return MemoryEstimate(activation / voxels, params)
+    recompute = max((m.recompute_peak_bytes() for m in network.modules() if hasattr(m, "recompute_peak_bytes")),
+                    default=0.0)
+    return MemoryEstimate(activation / voxels, params, recompute)

@@ -23,7 +23,7 @@ from torch import nn
 
 from autoseg.networks.precision import without_autocast
 from autoseg.networks.resenc_unet import ResidualEncoderUNet
-from autoseg.networks.selective_scan import selective_scan
+from autoseg.networks.selective_scan import recompute_peak_bytes, selective_scan
 from autoseg.planning.plans import ArchitecturePlan
 
 UMAMBA_BLOCKS_PER_STAGE = [2]
@@ -53,6 +53,10 @@ class MambaBlock(nn.Module):
         self.A_log = nn.Parameter(torch.log(a))
         self.D = nn.Parameter(torch.ones(self.d_inner))
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+
+    def recompute_peak_bytes(self) -> float:
+        """The memory model's transient term: see ``selective_scan.recompute_peak_bytes``."""
+        return recompute_peak_bytes(self.d_inner, self.d_state, self.chunk_size)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (batch, L, d_model)
         length = tokens.shape[1]

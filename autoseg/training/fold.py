@@ -38,6 +38,7 @@ from autoseg.training.data import PatchSampler, batch_iterator
 from autoseg.training.distributed import barrier, init_distributed, select_device
 from autoseg.training.loop import TrainingLoop, TrainingState
 from autoseg.training.loss import DeepSupervisionLoss, DiceCELoss, RegionDiceBCELoss
+from autoseg.training.memory_guard import check_training_memory
 from autoseg.training.schedule import PolySchedule
 from autoseg.training.splits import DEFAULT_GROUP_PATTERN, cases_for_fold, load_or_create_splits
 
@@ -127,6 +128,7 @@ def train_fold(roots: Roots, dataset_name: str, configuration: str, fold: int | 
     optimizer = torch.optim.SGD(network.parameters(), lr=options.initial_lr, momentum=0.99, nesterov=True,
                                 weight_decay=3e-5)
     amp_dtype = autocast_dtype(device, options)
+    check_training_memory(plans, plans_file, configuration, arch, per_rank_batch, device, amp_dtype)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     schedule = PolySchedule(options.initial_lr, 0.9, options.epochs, options.iters_per_epoch)
     state = TrainingState(seed=seed)
