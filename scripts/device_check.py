@@ -177,6 +177,10 @@ def child_nnunet(spec: dict) -> dict:
         for root in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
             os.environ[root] = os.path.join(work, root)
         os.environ["nnUNet_compile"] = "f"  # autoseg does not compile either
+        # initialize() infers the dataset class from the preprocessed folder's file endings; no data is read.
+        data = Path(work, "nnUNet_preprocessed", spec["dataset"], "nnUNetPlans_3d_fullres")
+        data.mkdir(parents=True)
+        (data / "unused.npz").touch()
         import torch
         import torch.nn.functional as F
         from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
