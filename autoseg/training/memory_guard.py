@@ -31,6 +31,9 @@ from autoseg.planning.plans import ArchitecturePlan
 M_MMAP_THRESHOLD = -3  # mallopt parameter (glibc malloc.h)
 MMAP_THRESHOLD_BYTES = 4 * 2**20
 CGROUP_UNLIMITED = 2**60  # cgroup v1 writes "no limit" as a huge number
+# Only the selective scan's thousands of large temporaries need the fixed threshold; elsewhere it costs
+# time (each large tensor gets fresh pages from the kernel), unmeasured for the CNNs, so they keep glibc's default.
+FIXED_THRESHOLD_ARCHITECTURES = {"umamba_bot", "umamba_enc"}
 
 
 def return_freed_memory_to_system() -> bool:
@@ -114,7 +117,7 @@ def step_bytes(plan: ArchitecturePlan, in_channels: int, num_classes: int, dimen
 def check_training_memory(plans, plans_file: Path, configuration: str, plan: ArchitecturePlan, batch_size: int,
                           device: torch.device, amp_dtype: torch.dtype | None) -> None:
     """Prepare the allocator and raise ``PlanError`` when one step of ``plan`` needs more than is available."""
-    if device.type == "cpu":
+    if device.type == "cpu" and plan.name in FIXED_THRESHOLD_ARCHITECTURES:
         return_freed_memory_to_system()
     available = available_bytes(device)
     if available is None:
