@@ -76,7 +76,7 @@ def measure(plans_file: str, configuration: str, name: str, device_name: str, ba
     import torch
 
     from autoseg.planning.plans import load_plans
-    from autoseg.training.memory_guard import return_freed_memory_to_system, step_bytes
+    from autoseg.training.memory_guard import FIXED_THRESHOLD_ARCHITECTURES, return_freed_memory_to_system, step_bytes
 
     device = torch.device(device_name)
     plans = load_plans(plans_file)
@@ -91,7 +91,8 @@ def measure(plans_file: str, configuration: str, name: str, device_name: str, ba
               "device": device.type, "precision": "fp32" if amp_dtype is None else "bf16",
               "patch": plan.patch_size, "batch": plan.batch_size, "estimate_mb": estimate / 2**20}
     if device.type == "cpu":
-        return_freed_memory_to_system()
+        if name in FIXED_THRESHOLD_ARCHITECTURES:  # as training sets the allocator
+            return_freed_memory_to_system()
         warm, _ = step_once(plan, plans, dims, device, amp_dtype)  # loads kernels and thread pools
         del warm
         _trim()
