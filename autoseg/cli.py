@@ -22,6 +22,7 @@ COMMANDS = [
     "convert_msd",
     "demo",
     "train",
+    "pretrain",
     "predict",
     "evaluate",
     "find_best",

@@ -95,6 +95,9 @@ def _read(case: InputCase, num_channels: int):
     return image, geometry
 
 
+read_input_case = _read  # public name for other stages (pre-training reads unlabelled folders the same way)
+
+
 def predict_folder(model: TrainedModel | list[TrainedModel], input_dir: Path, output_dir: Path,
                    settings: PredictionSettings, device: torch.device, overwrite: bool = False, progress: bool = True,
                    postprocessing: PostprocessingDecision | None = None) -> FolderResult:

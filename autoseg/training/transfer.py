@@ -99,16 +99,21 @@ def read_source_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str,
     if is_nnunet_checkpoint(content):
         state, class_name, dropped = nnunet_state_dict(content, path)
         return state, f"nnunet-v2:{class_name}", dropped
+    dropped: dict[str, str] = {}
     if isinstance(content, dict) and isinstance(content.get("model"), dict):
         kind = "autoseg-pretraining" if content.get("format") == "autoseg-pretraining" else "autoseg-checkpoint"
-        state = content["model"]
+        state = dict(content["model"])
+        # A pre-training head (reconstruction) is no segmentation head, even where the shapes agree.
+        for name in content.get("pretrain_head_names") or []:
+            if state.pop(name, None) is not None:
+                dropped[name] = "pre-training head"
     else:
         kind, state = "state-dict", content
     if not isinstance(state, dict) or not state or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise CheckpointError("holds no state dict of network weights (a dict of name -> tensor, or one "
                               "under 'model')", path)
-    return state, kind, {}
+    return state, kind, dropped
 
 
 def encoder_names(network: nn.Module, architecture: str) -> set[str]:
