@@ -40,6 +40,7 @@ def test_the_mask_covers_whole_cubes_and_the_loss_counts_only_masked_voxels():
     assert float(MaskedReconstructionLoss()((reconstruction, 1 - half), target)) == pytest.approx(9.0)
 
 
+@pytest.mark.slow
 def test_pretraining_lowers_the_reconstruction_loss_continues_and_feeds_pretrained(planned, tmp_path, capfd):
     roots, name, flags = planned
     extra = tmp_path / "unlabelled"  # an extra folder of scans without labels: the test images again

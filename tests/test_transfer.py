@@ -159,6 +159,7 @@ def nnunet_checkpoints(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,architecture", [("PlainConvUNet", "unet"), ("ResidualEncoderUNet", "resenc_unet")])
 def test_nnunet_weights_give_nnunets_logits(nnunet_checkpoints, kind, architecture):
     folder = nnunet_checkpoints / kind
