@@ -26,6 +26,7 @@ COMMANDS = [
     "convert_msd",
     "demo",
     "train",
+    "pretrain",
     "predict",
     "export",
     "evaluate",

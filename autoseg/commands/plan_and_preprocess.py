@@ -20,6 +20,10 @@ def register(subparsers) -> None:
     parser.add_argument("--no-preprocess", action="store_true", help="stop after writing plans.json")
     parser.add_argument("--keep-plans", action="store_true", help="keep an existing (possibly edited) plans.json")
     parser.add_argument("--summary", action="store_true", help="print parameters and memory per architecture")
+    parser.add_argument("--plans-from", metavar="SOURCE",
+                        help="plan with the configurations (spacing, topology, patch, batch) of SOURCE (a dataset "
+                             "or a plans.json), so its trained networks fine-tune here; normalisation, channels "
+                             "and labels stay this dataset's")
     add_common(parser)
     parser.set_defaults(func=run)
 
@@ -52,6 +56,10 @@ def plan_and_preprocess_one(roots: Roots, name: str, args) -> None:
     fingerprint = compute_fingerprint(raw, args.num_processes)  # checks everything before anything is written
     plans_file = roots.plans_file(name)
     kept = load_plans(plans_file) if args.keep_plans and plans_file.exists() else None  # validated before writing
+    source_plans = _source_plans(roots, args.plans_from) if getattr(args, "plans_from", None) else None
+    source_name = source_plans.dataset_name if source_plans else None
+    if source_plans is not None and kept is not None:
+        raise UsageError("--plans-from and --keep-plans exclude each other (which plan should win?)")
     check_writable_folder(out)
     save_fingerprint(fingerprint, roots.fingerprint_file(name))
     copy_file_atomic(raw / "dataset.json", out / "dataset.json")
@@ -63,8 +71,13 @@ def plan_and_preprocess_one(roots: Roots, name: str, args) -> None:
     else:
         plans = plan_dataset(fingerprint, spec.labels, args.gpu_memory_gb, args.architectures,
                              spec.regions_class_order)
+        if source_plans is not None:
+            from autoseg.planning.plans_from import plans_from_source
+
+            plans = plans_from_source(plans, source_plans, source_name)
         save_plans(plans, plans_file)
-        say(f"{name}: planned {', '.join(plans.configurations)} -> {plans_file}")
+        say(f"{name}: planned {', '.join(plans.configurations)}"
+            f"{f' with the configurations of {source_name}' if source_name else ''} -> {plans_file}")
     for config in plans.configurations.values():
         arch = config.architectures[config.default_architecture]
         say(f"  {config.name:11s} spacing {_fmt(config.spacing)}  patch {'x'.join(map(str, arch.patch_size))}  "
@@ -79,6 +92,17 @@ def plan_and_preprocess_one(roots: Roots, name: str, args) -> None:
         done, skipped = preprocess_dataset(spec, plans, configuration, out, args.num_processes)
         say(f"{name}: {configuration}: {done} case(s) preprocessed, {skipped} already done, "
             f"{time.perf_counter() - start:.1f} s -> {out / plans.configurations[configuration].data_identifier}")
+
+
+def _source_plans(roots: Roots, source: str):
+    """--plans-from: a dataset id or name (its preprocessed plans.json), or a plans.json file."""
+    from pathlib import Path
+
+    from autoseg.planning.plans import load_plans
+
+    if source.endswith(".json") or Path(source).is_file():
+        return load_plans(source)
+    return load_plans(roots.plans_file(roots.find_dataset(source)))
 
 
 def print_summary(plans) -> None:

@@ -39,6 +39,17 @@ def register(subparsers) -> None:
                         help="validation also writes each case's class probabilities (find-best needs them for ensembles)")
     parser.add_argument("--validation-only", action="store_true",
                         help="only (re-)run the end-of-training validation of a trained fold")
+    parser.add_argument("--pretrained", metavar="CHECKPOINT",
+                        help="start from these weights: an autoseg checkpoint (training or pretrain), an exported "
+                             "state dict or an nnU-Net v2 checkpoint_final.pth; tensors whose name and shape match "
+                             "are loaded, the rest stay freshly initialised (table in fold_N/transfer.txt)")
+    parser.add_argument("--allow-partial", action="store_true",
+                        help="accept a --pretrained that loads less than half of the encoder's weights")
+    parser.add_argument("--warmup-epochs", type=int, default=0,
+                        help="ramp the learning rate linearly from ~0 to the schedule's over this many epochs")
+    parser.add_argument("--freeze-encoder-epochs", type=int, default=0,
+                        help="with --pretrained: do not update the encoder for this many epochs (decoder and heads "
+                             "adapt first)")
     add_common(parser)
     parser.set_defaults(func=run)
 
@@ -65,7 +76,9 @@ def run(args) -> int:
                               num_workers=args.num_workers, seed=args.seed,
                               resume=args.resume, validate_at_end=not args.no_validation,
                               save_probabilities=args.save_probabilities,
-                              group_pattern=args.group_cases or DEFAULT_GROUP_PATTERN, started=STARTED)
+                              group_pattern=args.group_cases or DEFAULT_GROUP_PATTERN, started=STARTED,
+                              pretrained=args.pretrained, allow_partial=args.allow_partial,
+                              warmup_epochs=args.warmup_epochs, freeze_encoder_epochs=args.freeze_encoder_epochs)
     output = train_fold(roots, name, args.configuration, args.fold, args.architecture, options)
     import torch.distributed as dist
 

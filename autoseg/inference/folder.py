@@ -104,6 +104,9 @@ def select_part(cases: list[InputCase], part: tuple[int, int] | None) -> list[In
     return cases[(number - 1) * len(cases) // count: number * len(cases) // count]
 
 
+read_input_case = _read  # public name for other stages (pre-training reads unlabelled folders the same way)
+
+
 def predict_folder(model: TrainedModel | list[TrainedModel], input_dir: Path, output_dir: Path,
                    settings: PredictionSettings, device: torch.device, overwrite: bool = False, progress: bool = True,
                    postprocessing: PostprocessingDecision | None = None,

@@ -48,6 +48,9 @@ class ArchitectureSpec:
     # Options the planner chooses between, most preferred first (say, Swin's feature_size): each
     # is passed to ``topology`` as keywords and stored in the plan's options. See plan_architecture.
     option_choices: tuple[dict[str, Any], ...] = ({},)
+    # Tensor-name prefixes of the encoder: what --freeze-encoder-epochs freezes and what the
+    # --pretrained threshold counts (autoseg.training.transfer).
+    encoder_prefixes: tuple[str, ...] = ()
 
     def check_plan(self, plan: ArchitecturePlan, dimensions: int) -> str | None:
         """A reason the plan cannot be built, or None."""
@@ -62,27 +65,37 @@ class ArchitectureSpec:
         return self.extra_check(plan, dimensions) if self.extra_check else None
 
 
+_UNET_ENCODER = ("net.input_block.", "net.downsamples.", "net.bottleneck.")
+_RESENC_ENCODER = ("stem.", "encoder.", "mixers.")  # also U-Mamba's and xLSTM-UNet's (their mixers sit in it)
+# The Swin transformer and the residual blocks on its input and hidden states (encoder1-4, encoder10).
+_SWIN_ENCODER = ("swinViT.", "encoder1.", "encoder2.", "encoder3.", "encoder4.", "encoder10.")
 _UMAMBA_OPTIONS = {"blocks_per_stage": UMAMBA_BLOCKS_PER_STAGE, "d_state": 16, "d_conv": 4, "expand": 2}
 
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
-    "unet": ArchitectureSpec("unet", "CNN U-Net (nnU-Net's dynamic U-Net, MONAI DynUNet)", build_unet),
+    "unet": ArchitectureSpec("unet", "CNN U-Net (nnU-Net's dynamic U-Net, MONAI DynUNet)", build_unet,
+                             encoder_prefixes=_UNET_ENCODER),
     "resenc_unet": ArchitectureSpec("resenc_unet", "Residual-encoder U-Net (nnU-Net ResEnc, 1,3,4,6,6,... blocks)",
                                     build_resenc_unet,
-                                    default_options={"blocks_per_stage": RESENC_BLOCKS_PER_STAGE}),
+                                    default_options={"blocks_per_stage": RESENC_BLOCKS_PER_STAGE},
+                                    encoder_prefixes=_RESENC_ENCODER),
     "swin_unetr": ArchitectureSpec("swin_unetr", "Swin UNETR (MONAI), patch multiple of 32, no deep supervision",
                                    build_swin_unetr, topology=swin_topology,
                                    default_options={"feature_size": DEFAULT_FEATURE_SIZE},
                                    extra_check=check_swin_plan,
                                    option_choices=tuple({"feature_size": f} for f in SWIN_FEATURE_SIZES),
-                                   available=lambda: importlib.util.find_spec("einops") is not None),
+                                   available=lambda: importlib.util.find_spec("einops") is not None,
+                                   encoder_prefixes=_SWIN_ENCODER),
     "umamba_bot": ArchitectureSpec("umamba_bot", "U-Mamba Bot: residual U-Net, Mamba layer at the bottleneck",
-                                   build_umamba_bot, default_options=_UMAMBA_OPTIONS),
+                                   build_umamba_bot, default_options=_UMAMBA_OPTIONS,
+                                   encoder_prefixes=_RESENC_ENCODER),
     "umamba_enc": ArchitectureSpec("umamba_enc", "U-Mamba Enc: residual U-Net, Mamba layer after every encoder stage",
-                                   build_umamba_enc, default_options=_UMAMBA_OPTIONS),
+                                   build_umamba_enc, default_options=_UMAMBA_OPTIONS,
+                                   encoder_prefixes=_RESENC_ENCODER),
     "xlstm_unet": ArchitectureSpec("xlstm_unet", "xLSTM-UNet: residual U-Net, Vision-LSTM (mLSTM) blocks per encoder stage",
                                    build_xlstm_unet,
                                    default_options={"blocks_per_stage": XLSTM_BLOCKS_PER_STAGE, "vil_blocks": 2,
-                                                    "heads": 4, "expand": 2, "chunk_size": 64}),
+                                                    "heads": 4, "expand": 2, "chunk_size": 64},
+                                   encoder_prefixes=_RESENC_ENCODER),
 }
 
 

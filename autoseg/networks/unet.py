@@ -33,6 +33,8 @@ class PlannedUNet(nn.Module):
             deep_supervision=self.deep_supervision,
             deep_supr_num=max(1, len(plan.strides) - 2),
             res_block=residual,
+            # Off by default (nnU-Net's bias there is nearly redundant); on for weights mapped from nnU-Net exactly.
+            trans_bias=bool(plan.options.get("transposed_conv_bias", False)),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:

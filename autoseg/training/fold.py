@@ -65,6 +65,11 @@ class TrainingOptions:
     progress: bool = True
     group_pattern: str = DEFAULT_GROUP_PATTERN  # cases whose first group matches share a fold
     started: float | None = None  # time.perf_counter() at which a time budget starts; None: train_fold's start
+    # Transfer learning (autoseg.training.transfer, autoseg.training.finetune)
+    pretrained: str | None = None  # a checkpoint to start from: autoseg (training, pre-training), state dict, nnU-Net v2
+    allow_partial: bool = False  # accept a --pretrained that loads less than half of the encoder
+    warmup_epochs: int = 0  # linear learning-rate warm-up over this many epochs
+    freeze_encoder_epochs: int = 0  # the encoder is not updated for this many epochs
 
     def check(self) -> None:
         if self.epochs < 1 or self.iters_per_epoch < 1 or self.val_iters < 0:
@@ -73,6 +78,10 @@ class TrainingOptions:
             raise UsageError("--num-workers must be at least 0")
         if self.time_budget_minutes is not None and self.time_budget_minutes <= 0:
             raise UsageError("--time-budget must be a positive number of minutes")
+        if self.warmup_epochs < 0 or self.freeze_encoder_epochs < 0:
+            raise UsageError("--warmup-epochs and --freeze-encoder-epochs must be at least 0")
+        if self.freeze_encoder_epochs and not self.pretrained:
+            raise UsageError("--freeze-encoder-epochs needs --pretrained (a random encoder would stay random)")
 
 
 def autocast_dtype(device: torch.device, options: TrainingOptions) -> torch.dtype | None:
@@ -141,6 +150,13 @@ def train_fold(roots: Roots, dataset_name: str, configuration: str, fold: int | 
     resuming = options.resume and latest.exists()
     if options.resume and not resuming and rank == 0:
         print(f"train: --continue: no {latest.name} yet; starting from the beginning", flush=True)
+    transfer = None
+    if options.pretrained and not resuming:  # refused (below the encoder threshold) before anything is written
+        from autoseg.training.transfer import transfer_weights
+
+        transfer = transfer_weights(network, options.pretrained, arch.name, options.allow_partial, rank == 0)
+    elif options.pretrained and rank == 0:
+        print("train: --pretrained is ignored with --continue (the weights come from the checkpoint)", flush=True)
     if rank == 0:
         check_writable_folder(output)
     if resuming:
@@ -164,6 +180,8 @@ def train_fold(roots: Roots, dataset_name: str, configuration: str, fold: int | 
             print(f"train: continuing from epoch {state.epoch} of {schedule.total_epochs}", flush=True)
     elif rank == 0:
         _write_model_files(roots, dataset_name, plans, output)
+        if transfer is not None:
+            transfer.save(output)  # transfer.json / transfer.txt: the table beside the fold
     barrier()
 
     model = network
@@ -176,6 +194,10 @@ def train_fold(roots: Roots, dataset_name: str, configuration: str, fold: int | 
         loop_callbacks.append(TimeBudget(options.time_budget_minutes, options.started or started))
     elif options.time_budget_minutes and rank == 0:
         print("train: --time-budget is ignored with --continue (the schedule was fitted when the run started)")
+    if options.warmup_epochs or options.freeze_encoder_epochs:
+        from autoseg.training.finetune import fine_tuning_phases
+
+        loop_callbacks.append(fine_tuning_phases(network, arch.name, optimizer, schedule, options, state.epoch))
     loop_callbacks += [CheckpointWriter(output, identity), ProgressWriter(output), EpochReport()]
     loop = TrainingLoop(
         network=network, model=model,

@@ -1,0 +1,43 @@
+"""autoseg pretrain -d DATASET -c CONFIG: self-supervised pre-training on images without labels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from autoseg.cli import add_common
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("pretrain", help="self-supervised pre-training (masked-volume inpainting) on "
+                                                    "unlabelled images; feed the result to train --pretrained")
+    parser.add_argument("-d", "--dataset", required=True, help="dataset id or name (its plan and images)")
+    parser.add_argument("-c", "--configuration", required=True, help="a planned configuration: 2d, 3d_fullres ...")
+    parser.add_argument("-a", "--architecture", help="default: the plan's default for the configuration")
+    parser.add_argument("--images", nargs="+", type=Path, default=[], metavar="FOLDER",
+                        help="more folders of unlabelled scans (same channels) besides imagesTr and imagesTs")
+    parser.add_argument("--task", default="inpainting", choices=["inpainting"],
+                        help="masked-volume inpainting: random cubes masked, reconstructed (loss on them only)")
+    parser.add_argument("--continue", dest="resume", action="store_true", help="resume from checkpoint_latest.pt")
+    parser.add_argument("--epochs", type=int, default=1000)
+    parser.add_argument("--iters-per-epoch", type=int, default=250)
+    parser.add_argument("--time-budget", type=float, metavar="MINUTES",
+                        help="fit the number of epochs so the run ends within it")
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu", "mps"])
+    parser.add_argument("--num-workers", type=int, default=0, help="patch-drawing processes (default 0: in-process)")
+    parser.add_argument("--seed", type=int)
+    add_common(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from autoseg.paths import Roots
+    from autoseg.pretraining.run import PretrainingOptions, pretrain
+
+    roots = Roots.resolve(args.raw, args.preprocessed, args.results)
+    options = PretrainingOptions(epochs=args.epochs, iters_per_epoch=args.iters_per_epoch,
+                                 time_budget_minutes=args.time_budget, extra_image_folders=list(args.images),
+                                 task=args.task, device=args.device, num_workers=args.num_workers, seed=args.seed,
+                                 resume=args.resume)
+    output = pretrain(roots, roots.find_dataset(args.dataset), args.configuration, args.architecture, options)
+    print(f"pretrain: done -> {output}")
+    return 0

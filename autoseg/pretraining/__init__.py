@@ -1,0 +1,1 @@
+"""Self-supervised pre-training on images without labels (masked-volume inpainting)."""

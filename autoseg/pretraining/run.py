@@ -1,0 +1,148 @@
+"""``pretrain``: self-supervised pre-training of a planned architecture on images without labels.
+
+    from autoseg.pretraining.run import PretrainingOptions, pretrain
+
+    output = pretrain(roots, "Dataset004_Hippocampus", "3d_fullres", "unet",
+                      PretrainingOptions(time_budget_minutes=60, extra_image_folders=[Path("/data/scans")]))
+
+The network is the plan's, built with one output per input channel; ``MaskedInpainting``
+masks cubes of each patch and the loss is the reconstruction error on them. Everything else
+is training's: the same ``TrainingLoop`` (no validation pass: there is nothing to segment),
+SGD with poly decay, ``TimeBudget``, checkpoints every epoch (``--continue``), the log and
+``progress.png``. Checkpoints say ``format: autoseg-pretraining`` and list the output-head
+tensors (``pretrain_head_names``), which ``train --pretrained`` leaves out: a reconstruction
+head is no segmentation head, even where the shapes happen to agree.
+
+Output: ``AUTOSEG_RESULTS/DatasetNNN_Name/pretrain/<configuration>__<architecture>/``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from autoseg.errors import UsageError
+from autoseg.networks.registry import build_network
+from autoseg.paths import Roots
+from autoseg.planning.plans import load_plans
+from autoseg.pretraining.data import UnlabelledPatchSampler, preprocess_unlabelled
+from autoseg.pretraining.inpainting import MaskedInpainting, MaskedReconstructionLoss
+from autoseg.records import check_writable_folder
+from autoseg.training.callbacks import CheckpointWriter, ProgressWriter, TimeBudget
+from autoseg.training.checkpoints import check_identity, load_checkpoint, set_rng_state
+from autoseg.training.data import batch_iterator
+from autoseg.training.distributed import select_device
+from autoseg.training.fold import seed_everything
+from autoseg.training.loop import TrainingLoop, TrainingState
+from autoseg.training.schedule import PolySchedule
+
+PRETRAIN_FORMAT = "autoseg-pretraining"
+
+
+@dataclass
+class PretrainingOptions:
+    epochs: int = 1000
+    iters_per_epoch: int = 250
+    time_budget_minutes: float | None = None
+    extra_image_folders: list[Path] = field(default_factory=list)
+    task: str = "inpainting"
+    device: str = "auto"
+    num_workers: int = 0
+    seed: int | None = None
+    resume: bool = False
+    initial_lr: float = 1e-2
+    progress: bool = True
+
+    def check(self) -> None:
+        if self.epochs < 1 or self.iters_per_epoch < 1:
+            raise UsageError("epochs and iterations per epoch must be at least 1")
+        if self.time_budget_minutes is not None and self.time_budget_minutes <= 0:
+            raise UsageError("--time-budget must be a positive number of minutes")
+        if self.task != "inpainting":
+            raise UsageError(f"unknown pre-training task '{self.task}'; known: inpainting")
+        for folder in self.extra_image_folders:
+            if not Path(folder).is_dir():
+                raise UsageError("--images folder does not exist", folder)
+
+
+def pretraining_output(roots: Roots, dataset_name: str, configuration: str, architecture: str) -> Path:
+    return roots.results / dataset_name / "pretrain" / f"{configuration}__{architecture}"
+
+
+def head_names(plan, in_channels: int, dimensions: int) -> list[str]:
+    """Tensors whose shape depends on the number of outputs: the heads (built on the meta device, no memory)."""
+    with torch.device("meta"):
+        one = build_network(plan, in_channels, in_channels, dimensions, False).state_dict()
+        other = build_network(plan, in_channels, in_channels + 1, dimensions, False).state_dict()
+    return sorted(k for k in one if one[k].shape != other[k].shape)
+
+
+def pretrain(roots: Roots, dataset_name: str, configuration: str, architecture: str | None = None,
+             options: PretrainingOptions | None = None, callbacks: list[Any] | None = None) -> Path:
+    options = options or PretrainingOptions()
+    options.check()
+    plans = load_plans(roots.plans_file(dataset_name))
+    config = plans.configuration(configuration)
+    arch = plans.architecture(configuration, architecture)
+    raw = roots.raw_dataset(dataset_name)
+    folders = [raw / f for f in ("imagesTr", "imagesTs") if (raw / f).is_dir()] + list(options.extra_image_folders)
+    if not folders:
+        raise UsageError(f"no imagesTr/imagesTs under {raw} and no --images folder: nothing to pre-train on")
+    output = pretraining_output(roots, dataset_name, configuration, arch.name)
+    check_writable_folder(output.parent)
+    data_folder = roots.preprocessed_dataset(dataset_name) / f"pretrain_{config.data_identifier}"
+    case_ids = preprocess_unlabelled(plans, configuration, folders, data_folder)
+    print(f"pretrain: {len(case_ids)} image(s) from {len(folders)} folder(s) -> {data_folder}", flush=True)
+
+    device = select_device(options.device)
+    seed = options.seed if options.seed is not None else int.from_bytes(os.urandom(4), "little")
+    seed_everything(seed)
+    channels = plans.num_input_channels
+    network = build_network(arch, channels, channels, config.dimensions, False).to(device)
+    optimizer = torch.optim.SGD(network.parameters(), lr=options.initial_lr, momentum=0.99, nesterov=True,
+                                weight_decay=3e-5)
+    schedule = PolySchedule(options.initial_lr, 0.9, options.epochs, options.iters_per_epoch)
+    state = TrainingState(seed=seed)
+    identity = {"plan": {"dataset": dataset_name, "configuration": configuration, "architecture": arch.name,
+                         "data_identifier": config.data_identifier, "patch_size": list(arch.patch_size),
+                         "batch_size": arch.batch_size, "task": options.task},
+                "split": {"cases": case_ids},
+                "format": PRETRAIN_FORMAT, "pretrain_head_names": head_names(arch, channels, config.dimensions)}
+    latest = output / "checkpoint_latest.pt"
+    resuming = options.resume and latest.exists()
+    check_writable_folder(output)
+    if resuming:  # as training's --continue: weights, optimiser, schedule, epoch, history, RNG
+        checkpoint = load_checkpoint(latest)
+        check_identity(checkpoint, identity["plan"], identity["split"], latest)
+        network.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        schedule.load_state_dict(checkpoint["scheduler"])
+        state.load_state_dict(checkpoint)
+        set_rng_state(checkpoint["rng"])
+        print(f"pretrain: continuing from epoch {state.epoch} of {schedule.total_epochs}", flush=True)
+    loop_callbacks: list[Any] = [TimeBudget(options.time_budget_minutes)] if (
+        options.time_budget_minutes and not resuming) else []
+    loop_callbacks += [CheckpointWriter(output, identity), ProgressWriter(output), _EpochLine()]
+    sampler = UnlabelledPatchSampler(data_folder, case_ids, arch.patch_size, arch.batch_size)
+    loop = TrainingLoop(network=network, model=MaskedInpainting(network), loss=MaskedReconstructionLoss(),
+                        train_batches=batch_iterator(sampler, options.num_workers, seed + 7919 * state.epoch),
+                        val_batches=iter(()), optimizer=optimizer, schedule=schedule, num_classes=1, val_iters=0,
+                        device=device, callbacks=loop_callbacks + list(callbacks or []), state=state,
+                        progress=options.progress)
+    try:
+        loop.run()
+    finally:
+        close = getattr(loop.train_batches, "close", None)
+        if close:
+            close()
+    return output
+
+
+class _EpochLine:
+    def on_epoch_end(self, loop, entry: dict[str, Any]) -> None:
+        print(f"pretrain epoch {entry['epoch']}: masked reconstruction loss {entry['train_loss']:.4f}, "
+              f"{entry['epoch_seconds']:.1f} s, lr {entry['lr']:.5f}", flush=True)

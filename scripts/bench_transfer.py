@@ -1,0 +1,126 @@
+#!/usr/bin/env python3
+"""Does transfer pay on a small dataset? Hippocampus with few labels, same CPU budget, three arms.
+
+    python scripts/bench_transfer.py [--minutes 20] [--seeds 0 1 2] [--labelled 20]
+                                     [--configuration 2d] [--gpu-memory-gb 1] [--work DIR]
+
+Fold 0 of Hippocampus, its training part cut to the first ``--labelled`` cases (the
+validation part unchanged: the same cases for every arm), validation Dice after:
+
+(a) ``train`` from scratch for ``--minutes``;
+(b) ``pretrain`` (masked-volume inpainting on all of Hippocampus' images, imagesTr and
+    imagesTs, labels unused) for half of it, then ``train --pretrained --warmup-epochs 1``
+    for the other half;
+(c) ``train --pretrained`` for half of it from a model trained on ACDC (planned with
+    Hippocampus' configurations: ``plan-and-preprocess -d 27 --plans-from 4``, fold ``all``,
+    ``--source-minutes``; that source training is not counted in the budget, as a
+    downloaded model would not be).
+
+Each side's budget counts its training (and pre-training) time only; the end-of-fold
+validation (sliding window + mirroring on the 40 validation cases) is after it and
+identical for all arms. Prints per arm the mean and spread (sample std) over the seeds and
+the difference to (a). The work folder is kept: a rerun skips what is done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+TARGET, SOURCE = "Dataset004_Hippocampus", "Dataset027_ACDC"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=20.0, help="the budget of each arm")
+    parser.add_argument("--source-minutes", type=float, default=None, help="ACDC training (default: --minutes)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--labelled", type=int, default=20)
+    parser.add_argument("--configuration", default="2d", choices=["2d", "3d_fullres"])
+    parser.add_argument("--gpu-memory-gb", type=float, default=1.0, help="plan for this memory budget")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/autoseg_bench_transfer"))
+    args = parser.parse_args()
+    for name in (TARGET, SOURCE):
+        if not (DATA / name).is_dir():
+            sys.exit(f"skipped: {DATA / name} is missing")
+    raw, pre = args.work / "raw", args.work / "pre"
+    raw.mkdir(parents=True, exist_ok=True)
+    for name in (TARGET, SOURCE):
+        if not (raw / name).exists():
+            (raw / name).symlink_to(DATA / name)
+    config, half = args.configuration, args.minutes / 2
+
+    def autoseg(results: Path, *command: str, log: Path | None = None) -> None:
+        env = dict(os.environ, AUTOSEG_RAW=str(raw), AUTOSEG_PREPROCESSED=str(pre), AUTOSEG_RESULTS=str(results),
+                   PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+        log = log or results / "bench_log.txt"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a") as out:
+            done = subprocess.run([sys.executable, "-m", "autoseg", *command], env=env, stdout=out,
+                                  stderr=subprocess.STDOUT)
+        if done.returncode:
+            sys.exit(f"`autoseg {' '.join(command)}` failed; see {log}")
+
+    plan = ["-c", config, "--gpu-memory-gb", str(args.gpu_memory_gb), "-np", "2"]
+    if not (pre / TARGET / "plans.json").exists():
+        autoseg(args.work / "res", "plan-and-preprocess", "-d", TARGET, *plan)
+    _few_labels(pre / TARGET, config, args.labelled)
+    source_model = args.work / "res_source" / SOURCE / f"{config}__unet" / "fold_all" / "checkpoint_final.pt"
+    if not source_model.exists():
+        autoseg(args.work / "res_source", "plan-and-preprocess", "-d", SOURCE, "--plans-from", TARGET, *plan)
+        autoseg(args.work / "res_source", "train", SOURCE, config, "all", "--time-budget",
+                str(args.source_minutes or args.minutes), "--seed", "0")
+    train = ["train", TARGET, config, "0", "--seed"]
+    results: dict[str, list[float]] = {"a": [], "b": [], "c": []}
+    for seed in args.seeds:
+        arm = {k: args.work / f"res_{k}_{seed}" for k in results}
+        if not _summary(arm["a"], config).exists():
+            autoseg(arm["a"], *train, str(seed), "--time-budget", str(args.minutes))
+        if not _summary(arm["b"], config).exists():
+            pretrained = arm["b"] / TARGET / "pretrain" / f"{config}__unet" / "checkpoint_final.pt"
+            if not pretrained.exists():
+                autoseg(arm["b"], "pretrain", "-d", TARGET, "-c", config, "--time-budget", str(half), "--seed", str(seed))
+            autoseg(arm["b"], *train, str(seed), "--time-budget", str(half), "--pretrained", str(pretrained),
+                    "--warmup-epochs", "1")
+        if not _summary(arm["c"], config).exists():
+            autoseg(arm["c"], *train, str(seed), "--time-budget", str(half), "--pretrained", str(source_model),
+                    "--warmup-epochs", "1")
+        for key in results:
+            results[key].append(json.loads(_summary(arm[key], config).read_text())["mean_foreground"]["dice"])
+    print(f"\nHippocampus {config} fold 0, {args.labelled} labelled training cases, {args.minutes:g} min per arm, "
+          f"seeds {args.seeds}, {os.cpu_count()} CPU cores; validation Dice (mean over foreground classes)")
+    labels = {"a": "(a) from scratch", "b": "(b) pretrain 1/2 + fine-tune 1/2", "c": "(c) ACDC model + fine-tune 1/2"}
+    for key, values in results.items():
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        gain = statistics.mean(values) - statistics.mean(results["a"])
+        print(f"{labels[key]:<34} {statistics.mean(values):.3f} ± {spread:.3f}  "
+              f"({', '.join(f'{v:.3f}' for v in values)})" + (f"  vs (a): {gain:+.3f}" if key != "a" else ""))
+
+
+def _summary(results: Path, config: str) -> Path:
+    return results / TARGET / f"{config}__unet" / "fold_0" / "validation" / "summary.json"
+
+
+def _few_labels(preprocessed: Path, config: str, labelled: int) -> None:
+    """splits.json with fold 0's training part cut to its first ``labelled`` cases (validation unchanged)."""
+    sys.path.insert(0, str(REPO))
+    from autoseg.planning.plans import load_plans
+    from autoseg.preprocessing.store import list_finished_cases
+    from autoseg.training.splits import make_splits
+
+    cases = list_finished_cases(preprocessed / load_plans(preprocessed / "plans.json").configuration(config)
+                                .data_identifier)
+    splits = make_splits(cases)
+    splits[0]["train"] = sorted(splits[0]["train"])[:labelled]
+    (preprocessed / "splits.json").write_text(json.dumps(splits, indent=1))
+
+
+if __name__ == "__main__":
+    main()
