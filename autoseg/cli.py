@@ -20,6 +20,7 @@ COMMANDS = [
     "check",
     "plan_and_preprocess",
     "convert_msd",
+    "convert_dicom",
     "demo",
     "train",
     "predict",

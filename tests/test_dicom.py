@@ -116,16 +116,12 @@ def test_defective_series_are_refused_by_name(tmp_path):
 
 @pytest.fixture(scope="module")
 def model_flags(synthetic_raw, tmp_path_factory) -> list[str]:
-    """A tiny one-channel U-Net with random weights, planned on the synthetic dataset (labels 1 and 2), at 3 mm
-    so that the CT is predicted at its own spacing and quickly."""
-    from autoseg.dataset.spec import load_dataset_spec
-    from autoseg.fingerprint import compute_fingerprint
+    """A tiny one-channel U-Net with random weights, from the committed plan of the synthetic dataset (labels 1
+    and 2), at 3 mm so that the CT is predicted at its own spacing and quickly."""
     from autoseg.networks.registry import build_network
-    from autoseg.planning.planner import plan_dataset
     from autoseg.planning.plans import load_plans, save_plans
 
-    spec = load_dataset_spec(synthetic_raw)
-    plans = plan_dataset(compute_fingerprint(synthetic_raw, 1, False), spec.labels, architectures=["unet"])
+    plans = load_plans(Path(__file__).resolve().parents[1] / "plans" / "Dataset999_Synthetic.json")
     results = tmp_path_factory.mktemp("results")
     fold = results / synthetic_raw.name / "3d_fullres__unet" / "fold_0"
     fold.mkdir(parents=True)
@@ -137,7 +133,8 @@ def model_flags(synthetic_raw, tmp_path_factory) -> list[str]:
     network = build_network(plans.architecture("3d_fullres"), 1, 3, 3, deep_supervision=True)
     torch.save({"model": network.state_dict()}, fold / "checkpoint_final.pt")
     save_plans(plans, fold / "plans.json")
-    return ["-d", "999", "-c", "3d_fullres", "-f", "0", "--disable-tta", "--fp32", f"--raw={synthetic_raw.parent}",
+    return ["-d", "999", "-c", "3d_fullres", "-f", "0", "--disable-tta", "--fp32", "--step", "1",
+            f"--raw={synthetic_raw.parent}",
             f"--preprocessed={results.parent / 'pre'}", f"--results={results}"]
 
 
@@ -262,3 +259,48 @@ def test_evaluate_accepts_seg_predictions_and_references(mixed_folder, tmp_path,
         if key != "case":
             assert summaries["pred_seg"][key] == pytest.approx(value, abs=1e-9)
             assert summaries["ref_nifti"][key] == pytest.approx(value, abs=1e-6), key  # metrics are symmetric
+
+
+def _highdicom_seg(series_files: list[Path], labels_zyx: np.ndarray, names: dict[int, str], path: Path) -> None:
+    """A SEG written by highdicom directly (empty frames omitted, as most tools do), not by autoseg."""
+    from pydicom.sr.codedict import codes
+
+    sources = sorted((pydicom.dcmread(f) for f in series_files), key=lambda d: int(d.InstanceNumber))
+    values = sorted(names)
+    segment_numbers = np.zeros_like(labels_zyx, dtype=np.uint16)
+    for number, value in enumerate(values, start=1):
+        segment_numbers[labels_zyx == value] = number
+    algorithm = hd.AlgorithmIdentificationSequence("test", codes.cid7162.ArtificialIntelligence, "1")
+    descriptions = [hd.seg.SegmentDescription(n, names[v], codes.SCT.Tissue, codes.SCT.Tissue, "AUTOMATIC", algorithm)
+                    for n, v in enumerate(values, start=1)]
+    seg = hd.seg.Segmentation(sources, segment_numbers, "BINARY", descriptions, hd.UID(), 2, hd.UID(), 1, "test",
+                              "test", "1", "1")
+    seg.save_as(path)
+
+
+def test_convert_dicom_round_trip_gives_back_the_labels_and_lists_unmapped_segments(mixed_folder, tmp_path, capsys):
+    dicom, nifti = mixed_folder
+    dataset = shared_dataset("Dataset030_CTExample")
+    truth_file = dataset / "labelsTr" / "ct_small.nii.gz"
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(truth_file)))
+    names = {1: "spleen", 2: "kidney right", 3: "kidney left", 10: "lung"}
+    kept = np.where(np.isin(truth, list(names)), truth, 0)
+    (tmp_path / "labels").mkdir()
+    _highdicom_seg([f for f in dicom.glob("a*.dcm")], kept, names, tmp_path / "labels" / "ct_seg.dcm")
+    mapping = tmp_path / "labels.json"
+    mapping.write_text(json.dumps({"spleen": 1, "kidney right": 2, "lung": 10}))
+    target = tmp_path / "raw" / "Dataset050_Mine"
+    assert main(["convert-dicom", str(dicom), str(tmp_path / "labels"), "-o", str(target), "--labels", str(mapping)]) == 2
+    assert "['kidney left'] are not in labels.json" in capsys.readouterr().err and not target.exists()
+    mapping.write_text(json.dumps({"spleen": 1, "kidney right": 2, "kidney left": 3, "lung": 10}))
+    assert main(["convert-dicom", str(dicom), str(tmp_path / "labels"), "-o", str(target), "--labels", str(mapping)]) == 0
+    label, geometry = read_label(target / "labelsTr" / "CT1_20240102_1.nii.gz")
+    image, image_geometry = read_image(target / "imagesTr" / "CT1_20240102_1_0000.nii.gz")
+    expected_image, expected_geometry = read_image(nifti / "CT1_20240102_1_0000.nii.gz")
+    assert np.array_equal(label, kept) and np.array_equal(image, expected_image)
+    assert geometry == image_geometry and geometry.matches(expected_geometry, 1e-6, 1e-4, 1e-6) == []
+    assert (target / "imagesTs" / "HIP1_20240102_1_0000.nii.gz").is_file()  # no SEG: a test case
+    description = json.loads((target / "dataset.json").read_text())
+    assert description["labels"] == {"background": 0, "spleen": 1, "kidney right": 2, "kidney left": 3, "lung": 10}
+    assert description["numTraining"] == 1 and description["channel_names"] == {"0": "CT"}
+    assert main(["check", "-d", "50", f"--raw={tmp_path / 'raw'}", "-np", "1"]) == 0

@@ -58,6 +58,8 @@ class DicomSeries:
     study_date: str = ""
     series_number: str = ""
     description: str = ""
+    modality: str = ""
+    instance_uids: list[str] = field(default_factory=list)  # SOPInstanceUID of each file, in slice order
     geometry: Geometry | None = None
     problem: str | None = None  # why the series is refused
 
@@ -116,11 +118,13 @@ def examine_series(uid: str, items: list[tuple[Path, object]]) -> DicomSeries:
     first = items[0][1]
     series = DicomSeries(uid, [p for p, _ in items], str(getattr(first, "StudyInstanceUID", "")),
                          str(getattr(first, "PatientID", "")), str(getattr(first, "StudyDate", "")),
-                         str(getattr(first, "SeriesNumber", "")), str(getattr(first, "SeriesDescription", "")))
+                         str(getattr(first, "SeriesNumber", "")), str(getattr(first, "SeriesDescription", "")),
+                         str(getattr(first, "Modality", "")))
     series.problem = _refusal(items)
     if series.problem is None:
         order, series.geometry = _geometry(items)
         series.files = [items[i][0] for i in order]
+        series.instance_uids = [str(getattr(items[i][1], "SOPInstanceUID", "")) for i in order]
         if int(np.prod(series.geometry.shape)) > MAX_VOXELS:
             series.problem, series.geometry = f"{series.geometry.shape} voxels exceed AUTOSEG_MAX_VOXELS", None
     return series
