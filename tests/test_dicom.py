@@ -154,10 +154,12 @@ def test_predicting_dicom_equals_predicting_nifti_and_the_seg_holds_the_same_mas
     assert main(["predict", "-i", str(nifti), "-o", str(tmp_path / "from_nifti"), *model_flags]) == 0
     rows = (tmp_path / "from_dicom" / "cases.csv").read_text().splitlines()
     assert rows[1].startswith(f"CT1_20240102_1,0,{CT_UID},") and rows[2].startswith(f"HIP1_20240102_1,0,{HIPPO_UID},")
+    found = set()
     for case, uid in (("CT1_20240102_1", CT_UID), ("HIP1_20240102_1", HIPPO_UID)):  # ... the others are written
         from_dicom, geometry = read_label(tmp_path / "from_dicom" / f"{case}.nii.gz")
         from_nifti, nifti_geometry = read_label(tmp_path / "from_nifti" / f"{case}.nii.gz")
         assert np.array_equal(from_dicom, from_nifti)
+        found |= set(np.unique(from_nifti).tolist())
         assert geometry.matches(nifti_geometry, 1e-6, 1e-4, 1e-6) == []
         seg = hd.seg.segread(tmp_path / "from_dicom" / f"{case}.dcm")
         sources = sorted((pydicom.dcmread(f, stop_before_pixels=True) for f in (work).glob("*.dcm")),
@@ -173,6 +175,7 @@ def test_predicting_dicom_equals_predicting_nifti_and_the_seg_holds_the_same_mas
         masks = seg.get_pixels_by_source_instance([str(d.SOPInstanceUID) for d in sources], combine_segments=True,
                                                   relabel=False)
         assert np.array_equal(masks, from_nifti)
+    assert found == {0, 1, 2}  # the random network predicts every class somewhere, so the masks are not trivial
 
 
 def test_seg_of_a_many_class_ct_reads_back_voxel_identical_at_the_source_positions(mixed_folder, tmp_path):

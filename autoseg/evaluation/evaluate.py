@@ -150,7 +150,7 @@ def _label_files(folder: Path, file_ending: str) -> dict[str, str]:
     files: dict[str, str] = {}
     for ending in (SEG_ENDING, file_ending):
         files.update({p.name[: -len(ending)]: p.name for p in folder.iterdir()
-                      if p.name.endswith(ending) and not p.name.startswith(".") and p.is_file()})
+                      if p.name.endswith(ending) and not p.name.startswith(".")})
     return files
 
 

@@ -127,6 +127,10 @@ def folder_sources(references: str | Path, predictions: str | Path, spec: Datase
     pairs = pair_label_files(references, predictions, ending)  # label maps or DICOM SEGs, paired by case
     prediction_of = dict(pairs)
     names = [r for r, _ in pairs]
+    missing = [n for n in names if not (predictions / prediction_of[n]).is_file()]
+    if missing:
+        raise DatasetError(f"no prediction for {len(missing)} reference(s): {', '.join(missing[:5])}"
+                           f"{' ...' if len(missing) > 5 else ''}", predictions)
     folders = image_folders(references, spec, images)
     image_files = {n: find_images(case_id_of(n, _ending_of(n, ending)), folders, ending) for n in names}
     lost = [case_id_of(n, _ending_of(n, ending)) for n, f in image_files.items() if not f]
