@@ -24,6 +24,7 @@ COMMANDS = [
     "check",
     "plan_and_preprocess",
     "convert_msd",
+    "convert_dicom",
     "demo",
     "train",
     "pretrain",

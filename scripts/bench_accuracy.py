@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -151,6 +152,12 @@ def train_nnunet(work: Path, number: str, configuration: str, trainer: str) -> d
     parsed = parse_nnunet_log(log.read_text())
     if done is None:
         sys.exit(f"nnU-Net's training did not finish; see {log}")
+    # Stopped before its end-of-training validation, nnU-Net has not yet copied the dataset.json and plans
+    # that its predictor reads beside the folds: copy the same files, as it would.
+    for model in (work / "nn_res").glob(f"*/{trainer}__nnUNetPlans__{configuration}"):
+        preprocessed = work / "nn_pre" / model.parent.name
+        shutil.copyfile(preprocessed / "dataset.json", model / "dataset.json")
+        shutil.copyfile(preprocessed / "nnUNetPlans.json", model / "plans.json")
     return {"seconds": done, "epochs": parsed.epochs, "iterations": parsed.epochs * (parsed.iterations_per_epoch or 250),
             "log": str(log)}
 
@@ -264,7 +271,7 @@ def main() -> None:
         def predict(label=label, predictions=predictions, key=key):
             if label == "nnU-Net":
                 command = ["nnUNetv2_predict", "-i", str(images), "-o", str(predictions), "-d", number, "-c",
-                           configuration, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1"]
+                           configuration, "-f", "0", "-tr", args.trainer, "-device", "cpu", "-npp", "1", "-nps", "1"]
                 env = nnunet_env(folder)
             else:
                 command = autoseg_command("predict", "-i", str(images), "-o", str(predictions), "-d", number, "-c",

@@ -41,6 +41,11 @@ def register(subparsers) -> None:
     parser.add_argument("--overwrite", action="store_true", help="predict cases whose output exists")
     parser.add_argument("--no-postprocessing", action="store_true",
                         help="do not apply the postprocessing chosen on the cross-validation")
+    parser.add_argument("--output-format", default="nifti", choices=["nifti", "dicom-seg", "both"],
+                        help="DICOM input: also (both) or only (dicom-seg) a DICOM SEG per case, CASE.dcm")
+    parser.add_argument("--dicom-channels", nargs="+", default=None, metavar="PATTERN",
+                        help="DICOM input to a multi-channel model: one SeriesDescription pattern per channel "
+                        "(case-insensitive glob, e.g. '*T1*' '*FLAIR*'), matched within each study")
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu", "mps"])
     parser.add_argument("--windows-per-batch", type=int, default=None,
                         help="network inputs per call, windows x mirror flips (default: 4 on a GPU; on the CPU as "
@@ -98,7 +103,8 @@ def run(args) -> int:
                                   amp=not args.fp32 and args.engine == "torch",
                                   save_probabilities=args.save_probabilities)
     result = predict_folder(models[0] if len(models) == 1 else models, args.input, args.output, settings, device,
-                            overwrite=args.overwrite, postprocessing=postprocessing, part=args.part)
+                            overwrite=args.overwrite, postprocessing=postprocessing, part=args.part,
+                            output_format=args.output_format, dicom_channels=args.dicom_channels)
     print(f"predict: {len(result.written)} written, {len(result.skipped_existing)} already there, "
           f"{len(result.failed)} failed -> {args.output}")
     if result.failed:

@@ -3,7 +3,9 @@
 Per case and per class (or region: a set of label values evaluated as one mask) Dice,
 IoU, HD95 and NSD in mm (see ``metrics.py`` for definitions and the empty-mask rules);
 per class mean and std over cases; ``summary.json``, ``per_case.csv`` and a table.
-Voxels under the reference's ``ignore`` label are excluded from both masks.
+Voxels under the reference's ``ignore`` label are excluded from both masks. References and
+predictions may be label maps or DICOM SEGs (``CASE.dcm``, segments named as in dataset.json);
+a case is paired by its name, whatever the format on either side.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 
 from autoseg.errors import DatasetError
 from autoseg.evaluation.metrics import pair_metrics
-from autoseg.io.images import read_label
+from autoseg.io.dicom_seg import SEG_ENDING, is_seg_file, read_any_label
 from autoseg.parallel import map_with_progress
 from autoseg.records import atomic_write_bytes, check_writable_folder, save_json
 
@@ -52,10 +54,16 @@ def evaluation_classes(labels: dict[str, Any]) -> dict[str, list[int]]:
             if name not in ("background", "ignore")}
 
 
+def segment_values(classes: dict[str, list[int]]) -> dict[str, int]:
+    """Class name -> label value, for reading DICOM SEG segments by their label (regions have no single value)."""
+    return {name: values[0] for name, values in classes.items() if len(values) == 1}
+
+
 def evaluate_case(args) -> dict[str, Any]:
     reference_path, prediction_path, classes, tolerances, ignore = args
-    reference, ref_geometry = read_label(reference_path)
-    prediction, pred_geometry = read_label(prediction_path)
+    reference, ref_geometry = read_any_label(reference_path, segment_values(classes))
+    prediction, pred_geometry = read_any_label(prediction_path, segment_values(classes),
+                                               ref_geometry if is_seg_file(prediction_path) else None)
     problems = pred_geometry.matches(ref_geometry)
     if problems:
         raise DatasetError(f"does not match its reference {reference_path}: {'; '.join(problems)}", prediction_path)
@@ -85,19 +93,11 @@ def evaluate_folder(reference_dir: str | Path, prediction_dir: str | Path, label
     classes = evaluation_classes(labels)
     tolerances = {name: float(tolerance_mm[name] if isinstance(tolerance_mm, dict) and name in tolerance_mm
                               else tolerance_mm if not isinstance(tolerance_mm, dict) else 1.0) for name in classes}
-    references, predictions = (_label_files(folder, file_ending) for folder in (reference_dir, prediction_dir))
-    if not references:
-        raise DatasetError(f"no reference files ending in {file_ending}", reference_dir)
-    for what, unpaired in (("no prediction for {} reference(s)", set(references) - set(predictions)),
-                           (f"no reference in {reference_dir} for {{}} prediction(s)", set(predictions) - set(references))):
-        if unpaired:
-            raise DatasetError(f"{what.format(len(unpaired))}: {', '.join(sorted(unpaired)[:5])}"
-                               f"{' ...' if len(unpaired) > 5 else ''}", prediction_dir)
+    pairs = pair_label_files(reference_dir, prediction_dir, file_ending)
     if output_dir is not None:
         check_writable_folder(output_dir)
-    references = [reference_dir / name for name in references]
     ignore = labels.get("ignore")
-    jobs = [(p, prediction_dir / p.name, classes, tolerances, ignore) for p in references]
+    jobs = [(reference_dir / r, prediction_dir / p, classes, tolerances, ignore) for r, p in pairs]
     rows = map_with_progress(evaluate_case, jobs, num_processes, "evaluate", progress)
     per_class, mean_foreground = summarize_rows(rows, list(classes))
     summary = EvaluationSummary(str(reference_dir), str(prediction_dir), tolerances, EMPTY_MASK_RULES, per_class,
@@ -129,10 +129,29 @@ def summarize_rows(rows: list[dict[str, Any]], classes: list[str]) -> tuple[dict
     return per_class, mean_foreground
 
 
-def _label_files(folder: Path, file_ending: str) -> list[str]:
+def pair_label_files(reference_dir: Path, prediction_dir: Path, file_ending: str) -> list[tuple[str, str]]:
+    """(reference, prediction) file names of each case, every reference paired or the unpaired ones named."""
+    references, predictions = (_label_files(folder, file_ending) for folder in (reference_dir, prediction_dir))
+    if not references:
+        raise DatasetError(f"no reference files ending in {file_ending} (or DICOM SEGs, {SEG_ENDING})", reference_dir)
+    for what, unpaired in (("no prediction for {} reference(s)", set(references) - set(predictions)),
+                           (f"no reference in {reference_dir} for {{}} prediction(s)", set(predictions) - set(references))):
+        if unpaired:
+            names = sorted((references | predictions)[case] for case in unpaired)
+            raise DatasetError(f"{what.format(len(unpaired))}: {', '.join(names[:5])}"
+                               f"{' ...' if len(unpaired) > 5 else ''}", prediction_dir)
+    return [(references[case], predictions[case]) for case in sorted(references)]
+
+
+def _label_files(folder: Path, file_ending: str) -> dict[str, str]:
+    """Case name -> file name; a label map wins over a DICOM SEG of the same case (``--output-format both``)."""
     if not folder.is_dir():
         raise DatasetError("folder does not exist", folder)
-    return sorted(p.name for p in folder.iterdir() if p.name.endswith(file_ending) and not p.name.startswith("."))
+    files: dict[str, str] = {}
+    for ending in (SEG_ENDING, file_ending):
+        files.update({p.name[: -len(ending)]: p.name for p in folder.iterdir()
+                      if p.name.endswith(ending) and not p.name.startswith(".")})
+    return files
 
 
 def _json_row(row: dict[str, Any]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,6 +38,7 @@ class InputCase:
     case_id: str
     files: list[Path]
     ending: str
+    dicom: Any = None  # the case's DICOM series (autoseg.io.dicom.DicomCase) when the input is DICOM
 
 
 @dataclass
@@ -74,6 +76,10 @@ def list_input_cases(folder: Path, num_channels: int) -> list[InputCase]:
 
 
 def _read(case: InputCase, num_channels: int):
+    if case.dicom is not None:
+        from autoseg.io.dicom import read_dicom_case
+
+        return read_dicom_case(case.dicom, num_channels)
     numbers = [int(m["channel"]) if (m := _CHANNEL.match(f.name[: -len(case.ending)])) else 0 for f in case.files]
     if numbers != list(range(len(numbers))):  # a missing _0000 must not let _0001 stand in for it
         raise AutosegError(f"case {case.case_id} has channel files {numbers}, expected 0..{len(numbers) - 1} "
@@ -109,9 +115,15 @@ read_input_case = _read  # public name for other stages (pre-training reads unla
 
 def predict_folder(model: TrainedModel | list[TrainedModel], input_dir: Path, output_dir: Path,
                    settings: PredictionSettings, device: torch.device, overwrite: bool = False, progress: bool = True,
-                   postprocessing: PostprocessingDecision | None = None,
-                   part: tuple[int, int] | None = None) -> FolderResult:
-    """Predict every case of ``input_dir`` with ``model`` (or the average of several) into ``output_dir``."""
+                   postprocessing: PostprocessingDecision | None = None, part: tuple[int, int] | None = None,
+                   output_format: str = "nifti", dicom_channels: list[str] | None = None) -> FolderResult:
+    """Predict every case of ``input_dir`` with ``model`` (or the average of several) into ``output_dir``.
+
+    ``input_dir`` may hold DICOM series instead of image files (``dicom_cases.py``); then
+    ``output_format`` may also be ``dicom-seg`` or ``both``, and ``cases.csv`` names the series.
+    ``part`` (K, N) keeps the K-th of N slices of the sorted cases (a job array's share).
+    """
+    from autoseg.inference.dicom_cases import list_dicom_input, output_files, seg_writer
     from autoseg.io.images import write_label
 
     input_dir, output_dir = Path(input_dir).resolve(), Path(output_dir).resolve()
@@ -119,12 +131,22 @@ def predict_folder(model: TrainedModel | list[TrainedModel], input_dir: Path, ou
         raise UsageError("output folder must differ from the input folder (predictions would mix with images)",
                          output_dir)
     channels = (model if isinstance(model, TrainedModel) else model[0]).plans.num_input_channels
-    cases = select_part(list_input_cases(input_dir, channels), part)
+    dicom = list_dicom_input(input_dir, channels, dicom_channels)
+    if dicom is None and output_format != "nifti":
+        raise UsageError(f"--output-format {output_format} needs DICOM series as input (a SEG references them)",
+                         input_dir)
+    cases, refused = dicom or (list_input_cases(input_dir, channels), [])
+    cases = select_part(cases, part)
     check_writable_folder(output_dir)
-    result = FolderResult()
+    result = FolderResult(failed=list(refused))
+    if dicom is not None:
+        from autoseg.io.dicom import write_cases_csv
+
+        write_cases_csv([c.dicom for c in cases], output_dir / "cases.csv")
+    write_seg = seg_writer(model) if output_format != "nifti" else None
     todo = []
     for case in cases:
-        if (output_dir / f"{case.case_id}{case.ending}").exists() and not overwrite:
+        if all(f.exists() for f in output_files(case.case_id, case.ending, output_dir, output_format)) and not overwrite:
             result.skipped_existing.append(case.case_id)
         else:
             todo.append(case)
@@ -146,8 +168,11 @@ def predict_folder(model: TrainedModel | list[TrainedModel], input_dir: Path, ou
             if settings.save_probabilities:
                 save_probability_file(output_dir / f"{case.case_id}.npz", prediction.probabilities,
                                       prediction.label_values, prediction.regions)
-            write_label(apply_postprocessing(prediction.labels, postprocessing), target, geometry,
-                        reference_file=case.files[0])
+            labels = apply_postprocessing(prediction.labels, postprocessing)
+            if output_format != "dicom-seg":
+                write_label(labels, target, geometry, reference_file=case.files[0])
+            if write_seg is not None:
+                write_seg(labels, case, output_dir / f"{case.case_id}.dcm")
             result.written.append(case.case_id)
             bar.update()
     bar.close()

@@ -20,7 +20,8 @@ from typing import Any
 
 from autoseg.dataset.spec import DatasetSpec, load_dataset_spec
 from autoseg.errors import DatasetError, UsageError
-from autoseg.evaluation.evaluate import EvaluationSummary, evaluate_folder, evaluation_classes
+from autoseg.evaluation.evaluate import EvaluationSummary, evaluate_folder, evaluation_classes, pair_label_files
+from autoseg.io.dicom_seg import SEG_ENDING
 from autoseg.io.images import SUPPORTED_ENDINGS
 from autoseg.paths import Roots
 from autoseg.planning.plans import Plans, load_plans
@@ -98,7 +99,8 @@ def find_images(case_id: str, folders: list[Path], file_ending: str) -> list[str
     return []
 
 
-def _matching_summary(references: Path, predictions: Path, names: list[str], classes: list[str]) -> EvaluationSummary | None:
+def _matching_summary(references: Path, predictions: Path, pairs: list[tuple[str, str]], classes: list[str]
+                      ) -> EvaluationSummary | None:
     """``predictions/summary.json`` if it was computed for exactly these files and is newer than all of them."""
     file = predictions / "summary.json"
     if not file.is_file():
@@ -109,8 +111,8 @@ def _matching_summary(references: Path, predictions: Path, names: list[str], cla
     same_folders = (Path(summary.reference_dir).resolve() == references.resolve()
                     and Path(summary.prediction_dir).resolve() == predictions.resolve())
     has_classes = all(f"{c}/dice" in row and f"{c}/hd95" in row for c in classes for row in summary.per_case)
-    fresh = all(max((references / n).stat().st_mtime, (predictions / n).stat().st_mtime) <= written for n in names)
-    return summary if same_folders and rows == set(names) and has_classes and fresh else None
+    fresh = all(max((references / r).stat().st_mtime, (predictions / p).stat().st_mtime) <= written for r, p in pairs)
+    return summary if same_folders and rows == {r for r, _ in pairs} and has_classes and fresh else None
 
 
 def folder_sources(references: str | Path, predictions: str | Path, spec: DatasetSpec, channel: int,
@@ -122,22 +124,22 @@ def folder_sources(references: str | Path, predictions: str | Path, spec: Datase
             raise UsageError("is not a folder", folder)
     channel_name = _check_channel(channel, spec)
     ending = spec.file_ending
-    names = sorted(p.name for p in references.iterdir() if p.name.endswith(ending) and not p.name.startswith("."))
-    if not names:
-        raise DatasetError(f"no reference files ending in {ending}", references)
-    missing = [n for n in names if not (predictions / n).is_file()]
+    pairs = pair_label_files(references, predictions, ending)  # label maps or DICOM SEGs, paired by case
+    prediction_of = dict(pairs)
+    names = [r for r, _ in pairs]
+    missing = [n for n in names if not (predictions / prediction_of[n]).is_file()]
     if missing:
         raise DatasetError(f"no prediction for {len(missing)} reference(s): {', '.join(missing[:5])}"
                            f"{' ...' if len(missing) > 5 else ''}", predictions)
     folders = image_folders(references, spec, images)
-    image_files = {n: find_images(case_id_of(n, ending), folders, ending) for n in names}
-    lost = [case_id_of(n, ending) for n, f in image_files.items() if not f]
+    image_files = {n: find_images(case_id_of(n, _ending_of(n, ending)), folders, ending) for n in names}
+    lost = [case_id_of(n, _ending_of(n, ending)) for n, f in image_files.items() if not f]
     if lost:
         looked = ", ".join(str(f) for f in folders) or "no image folder found"
         raise DatasetError(f"no image for {len(lost)} case(s): {', '.join(lost[:5])}"
                            f"{' ...' if len(lost) > 5 else ''} (looked in {looked}; give --images FOLDER)", references)
     classes = list(evaluation_classes(spec.labels))
-    summary = _matching_summary(references, predictions, names, classes)
+    summary = _matching_summary(references, predictions, pairs, classes)
     if summary is not None:
         metrics_from = str(predictions / "summary.json")
     else:  # evaluate_folder itself: the same metrics as `autoseg evaluate`, saved beside the report
@@ -145,10 +147,14 @@ def folder_sources(references: str | Path, predictions: str | Path, spec: Datase
                                   progress=False)
         metrics_from = "summary.json of this report (evaluated now: no up-to-date summary.json beside the predictions)"
     rows = {row["case"]: row for row in summary.per_case}
-    cases = [CaseSource(case_id_of(n, ending), image_files[n], str(references / n), str(predictions / n), rows[n])
-             for n in names]
+    cases = [CaseSource(case_id_of(n, _ending_of(n, ending)), image_files[n], str(references / n),
+                        str(predictions / prediction_of[n]), rows[n]) for n in names]
     return ReportSources(spec.name, f"{predictions.name} against {references.name}", spec.labels, channel,
                          channel_name, cases, [metrics_from], ct_window(channel or 0, channel_name, plans, fingerprint_file))
+
+
+def _ending_of(name: str, file_ending: str) -> str:
+    return SEG_ENDING if name.endswith(SEG_ENDING) and not name.endswith(file_ending) else file_ending
 
 
 # ---- the validation of trained folds ---------------------------------------------------------------------

@@ -1,0 +1,173 @@
+"""DICOM Segmentation objects (highdicom): label maps out as SEG, SEG back in as label maps.
+
+A SEG written here references its source series (study, series, every SOP instance, the
+frame of reference), holds one BINARY segment per class named as in dataset.json, with a
+colour and the algorithm (autoseg's version, the model's dataset, configuration and folds).
+Every frame is kept, empty ones included (``omit_empty_frames=False``): the standard allows
+both, and a complete SEG describes the source grid on its own, so it can be read back
+(evaluate, report) without the source images. A class the model did not find is still
+described, with empty frames.
+
+Reading maps segments to label values by their SegmentLabel through dataset.json's names; a
+segment whose label is not there is refused with its name, never guessed.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from autoseg.errors import ImageReadError
+from autoseg.io.dicom import DicomSeries, require
+from autoseg.io.images import Geometry, read_label
+from autoseg.records import atomic_write_bytes
+
+SEG_ENDING = ".dcm"
+
+
+@dataclass
+class SegAlgorithm:
+    """What produced the segmentation, stored in every segment's algorithm identification."""
+
+    dataset: str
+    models: list[str]  # CONFIGURATION__ARCHITECTURE of each ensemble member
+    folds: list[str] = field(default_factory=list)
+
+
+def segment_names(plans) -> dict[int, str]:
+    """Label value -> class name of what a model writes (regions: the value each region writes)."""
+    if plans.has_regions:
+        names = [k for k in plans.labels if k not in ("background", "ignore")]
+        return dict(zip(plans.regions_class_order, names))
+    return {int(v): k for k, v in plans.labels.items() if k not in ("background", "ignore")}
+
+
+def _colours(count: int) -> list[tuple[int, int, int]]:
+    from matplotlib import colormaps
+
+    table = colormaps["tab20"].colors
+    return [tuple(int(round(255 * c)) for c in table[i % len(table)]) for i in range(count)]
+
+
+def write_seg(labels_zyx: np.ndarray, series: DicomSeries, names: dict[int, str], algorithm: SegAlgorithm,
+              path: Path) -> None:
+    """Write the label map (on ``series``' grid, slices in its file order) as a DICOM SEG, atomically."""
+    hd, pydicom = require("highdicom"), require("pydicom")
+    from pydicom.sr.codedict import codes
+
+    from autoseg import __version__
+
+    present = set(np.unique(labels_zyx).tolist()) - {0}
+    if present - set(names):
+        raise ValueError(f"label values {sorted(present - set(names))} have no class name")
+    values = sorted(names)
+    lookup = np.zeros(max(values) + 1, dtype=np.uint16)
+    lookup[values] = np.arange(1, len(values) + 1)
+    segment_numbers = lookup[np.asarray(labels_zyx, dtype=np.int64)]
+    identification = hd.AlgorithmIdentificationSequence(
+        name="autoseg", family=codes.cid7162.ArtificialIntelligence, version=__version__,
+        parameters={"dataset": algorithm.dataset, "model": " + ".join(algorithm.models),
+                    "folds": " ".join(algorithm.folds) or "all"})
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=number, segment_label=names[value][:64],
+            segmented_property_category=codes.SCT.Tissue, segmented_property_type=codes.SCT.AnatomicalStructure,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=identification,
+            tracking_id=f"label {value}", tracking_uid=hd.UID(),
+            display_color=hd.color.CIELabColor.from_rgb(*colour))
+        for number, (value, colour) in enumerate(zip(values, _colours(len(values))), start=1)]
+    sources = [pydicom.dcmread(f) for f in series.files]
+    seg = hd.seg.Segmentation(
+        source_images=sources, pixel_array=segment_numbers, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=9000,
+        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="autoseg",
+        manufacturer_model_name=f"{algorithm.dataset} {' + '.join(algorithm.models)}"[:64],
+        software_versions=f"autoseg {__version__}", device_serial_number="none", omit_empty_frames=False,
+        series_description=f"autoseg {algorithm.dataset}"[:64])
+    buffer = io.BytesIO()
+    seg.save_as(buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def is_seg_file(path: str | Path) -> bool:
+    return str(path).lower().endswith(SEG_ENDING)
+
+
+def read_seg(path: str | Path, label_values: dict[str, int], onto: Geometry | None = None
+             ) -> tuple[np.ndarray, Geometry]:
+    """A SEG as an int16 ``(Z, Y, X)`` label map of dataset label values, and its geometry.
+
+    ``label_values`` maps class names (SegmentLabel) to values. With ``onto`` the masks are
+    placed on that grid (which must share the SEG's orientation and spacing), so a SEG that
+    omits empty frames still fits a label map of the whole image.
+    """
+    hd = require("highdicom")
+    path = Path(path)
+    try:
+        seg = hd.seg.segread(path)
+    except Exception as exc:  # noqa: BLE001 - pydicom/highdicom raise many types for a bad file
+        raise ImageReadError(f"cannot be read as a DICOM Segmentation ({exc.__class__.__name__}: "
+                             f"{str(exc)[:200]})", path) from None
+    numbers = list(seg.get_segment_numbers())
+    segment_labels = {n: str(seg.get_segment_description(n).segment_label) for n in numbers}
+    unknown = sorted({label for label in segment_labels.values() if label not in label_values})
+    if unknown:
+        raise ImageReadError(f"segment label(s) {unknown} are not class names of dataset.json "
+                             f"({sorted(label_values)})", path)
+    try:
+        volume = seg.get_volume(combine_segments=True, relabel=False)
+    except (ValueError, RuntimeError) as exc:
+        raise ImageReadError(f"segments do not form one regular 3D grid with one class per voxel ({exc})", path) from None
+    lookup = np.zeros(max(numbers) + 1, dtype=np.int16)
+    for number, label in segment_labels.items():
+        lookup[number] = label_values[label]
+    array = lookup[np.asarray(volume.array, dtype=np.int64)]
+    geometry = _volume_geometry(volume.affine, array.shape)
+    if np.linalg.det(np.reshape(geometry.direction, (3, 3))) < 0:
+        array, geometry = _flip_slices(array, geometry)
+    return (array, geometry) if onto is None else (_place(array, geometry, onto, path), onto)
+
+
+def _volume_geometry(affine: np.ndarray, shape) -> Geometry:
+    """highdicom's affine (array axes slices, rows, columns -> LPS) as ITK's (x, y, z) geometry."""
+    axes = [affine[:3, 2], affine[:3, 1], affine[:3, 0]]  # x: along a row, y: down the rows, z: across slices
+    spacing = [float(np.linalg.norm(a)) for a in axes]
+    direction = np.stack([a / s for a, s in zip(axes, spacing)], axis=1)
+    return Geometry(shape=list(shape), spacing=spacing, origin=[float(v) for v in affine[:3, 3]],
+                    direction=[float(v) for v in direction.ravel()])
+
+
+def _flip_slices(array: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, Geometry]:
+    """Slices ordered along row x column, as DICOM series are read, so both give the same grid."""
+    direction = np.reshape(geometry.direction, (3, 3)).copy()
+    origin = np.array(geometry.origin) + (array.shape[0] - 1) * geometry.spacing[2] * direction[:, 2]
+    direction[:, 2] *= -1
+    return array[::-1].copy(), Geometry(geometry.shape, geometry.spacing, origin.tolist(), direction.ravel().tolist())
+
+
+def _place(array: np.ndarray, geometry: Geometry, onto: Geometry, path: Path) -> np.ndarray:
+    if not (np.allclose(geometry.direction, onto.direction, atol=1e-3)
+            and np.allclose(geometry.spacing[:2], onto.spacing[:2], rtol=1e-3)
+            and (array.shape[0] == 1 or np.isclose(geometry.spacing[2], onto.spacing[2], rtol=1e-3))):
+        raise ImageReadError(f"its grid (spacing {geometry.spacing}, direction {geometry.direction}) differs from "
+                             f"the image's ({onto.spacing}, {onto.direction})", path)
+    direction = np.reshape(onto.direction, (3, 3))
+    index = np.linalg.solve(direction * np.array(onto.spacing), np.subtract(geometry.origin, onto.origin))[::-1]
+    start = np.rint(index).astype(int)  # (z, y, x)
+    if np.abs(index - start).max() > 1e-2 or (start < 0).any() or (start + array.shape > onto.shape).any():
+        raise ImageReadError(f"its frames do not lie on the image's grid (offset {index.round(3).tolist()} voxels)", path)
+    placed = np.zeros(onto.shape, dtype=np.int16)
+    placed[start[0]:start[0] + array.shape[0], start[1]:start[1] + array.shape[1], start[2]:start[2] + array.shape[2]] = array
+    return placed
+
+
+def read_any_label(path: str | Path, label_values: dict[str, int], onto: Geometry | None = None
+                   ) -> tuple[np.ndarray, Geometry]:
+    """A label map from an image file, or from a DICOM SEG (``.dcm``) through the class names."""
+    if is_seg_file(path):
+        return read_seg(path, label_values, onto)
+    return read_label(path)

@@ -1,0 +1,309 @@
+"""DICOM series in, DICOM SEG out: reading, refusals, prediction from DICOM, the SEG read back.
+
+Series are written by SimpleITK (``dicom_series.py``) from a Hippocampus case and from
+Dataset030_CTExample; expected values come from the NIfTI files themselves (read by
+SimpleITK) and the SEG is read back with highdicom, never by autoseg's own reader alone.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+pydicom = pytest.importorskip("pydicom", reason="the [dicom] extra (pydicom) is not installed")
+hd = pytest.importorskip("highdicom", reason="the [dicom] extra (highdicom) is not installed")
+
+from autoseg.cli import main  # noqa: E402
+from autoseg.io.dicom import dicom_cases, read_dicom_case  # noqa: E402
+from autoseg.io.dicom_seg import SegAlgorithm, read_seg, write_seg  # noqa: E402
+from autoseg.io.images import read_image, read_label  # noqa: E402
+from conftest import shared_dataset, shrink_plan_to_tiny_unet  # noqa: E402
+from dicom_series import oblique_direction, write_series  # noqa: E402
+
+CT_UID, HIPPO_UID = "1.2.826.0.1.3680043.8.498.10", "1.2.826.0.1.3680043.8.498.20"
+
+
+def _ct_image() -> sitk.Image:
+    image = sitk.ReadImage(str(shared_dataset("Dataset030_CTExample") / "imagesTr" / "ct_small_0000.nii.gz"))
+    image.SetDirection(oblique_direction())
+    return image
+
+
+def _hippocampus_image() -> sitk.Image:  # a case stored as uint8, so int16 DICOM holds it exactly
+    path = shared_dataset("Dataset004_Hippocampus") / "imagesTr" / "hippocampus_033_0000.nii.gz"
+    return sitk.Cast(sitk.ReadImage(str(path)), sitk.sitkInt16)
+
+
+@pytest.fixture(scope="module")
+def mixed_folder(tmp_path_factory) -> tuple[Path, Path]:
+    """Two good series in one folder (shuffled file names) and their NIfTI twins in another."""
+    root = tmp_path_factory.mktemp("dicom")
+    dicom, nifti = root / "dicom", root / "nifti"
+    nifti.mkdir()
+    ct, hippocampus = _ct_image(), _hippocampus_image()
+    write_series(ct, dicom, CT_UID, patient_id="CT1", shuffle_seed=1, prefix="a")
+    write_series(hippocampus, dicom, HIPPO_UID, patient_id="HIP1", modality="MR", shuffle_seed=2, prefix="b",
+                 description="hippocampus T1")
+    sitk.WriteImage(ct, str(nifti / "CT1_20240102_1_0000.nii.gz"))
+    sitk.WriteImage(hippocampus, str(nifti / "HIP1_20240102_1_0000.nii.gz"))
+    return dicom, nifti
+
+
+def test_series_read_from_a_mixed_shuffled_folder_equal_their_nifti(mixed_folder):
+    dicom, nifti = mixed_folder
+    cases, refused = dicom_cases(dicom, 1)
+    assert refused == []
+    assert [c.case_id for c in cases] == ["CT1_20240102_1", "HIP1_20240102_1"]
+    for case in cases:
+        array, geometry = read_dicom_case(case, 1)
+        expected, expected_geometry = read_image(nifti / f"{case.case_id}_0000.nii.gz")
+        assert np.array_equal(array, expected)
+        assert geometry.shape == expected_geometry.shape
+        # Spacing from the positions (the files claim SliceThickness 99), direction oblique.
+        assert np.allclose(geometry.spacing, expected_geometry.spacing, atol=1e-6)
+        assert np.allclose(geometry.origin, expected_geometry.origin, atol=1e-4)
+        assert np.allclose(geometry.direction, expected_geometry.direction, atol=1e-6)
+
+
+def test_rescale_slope_and_intercept_are_applied(tmp_path):
+    image = _ct_image()
+    files = write_series(image, tmp_path / "series", CT_UID)
+    hu = sitk.GetArrayFromImage(image).astype(np.int32)
+    for index, path in enumerate(files):  # stored values shifted and halved, as a scanner may store them
+        ds = pydicom.dcmread(path)
+        slope = 2 if index % 2 else 1
+        stored = (hu[index] + 2048) // slope
+        ds.PixelRepresentation, ds.RescaleIntercept, ds.RescaleSlope = 0, -2048, slope
+        ds.PixelData = stored.astype(np.uint16).tobytes()
+        ds.save_as(path)
+    expected = np.stack([((hu[i] + 2048) // (2 if i % 2 else 1)) * (2 if i % 2 else 1) - 2048
+                         for i in range(len(files))])
+    cases, _ = dicom_cases(tmp_path / "series", 1)
+    array, _ = read_dicom_case(cases[0], 1)
+    assert np.array_equal(array[0], expected.astype(np.float32))
+
+
+def _defective_folder(root: Path) -> dict[str, str]:
+    """Series that must be refused, by UID, with the words the reason must contain."""
+    ct = _ct_image()
+    missing = write_series(ct, root / "missing", "9.1", series_number=11)
+    missing[12].unlink()
+    write_series(ct, root / "tilted", "9.2", series_number=12, tilt_mm_per_slice=0.8)
+    mixed = write_series(ct, root / "mixed", "9.3", series_number=13)
+    ds = pydicom.dcmread(mixed[5])
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.save_as(mixed[5])
+    duplicated = write_series(ct, root / "duplicated", "9.4", series_number=14)
+    ds = pydicom.dcmread(duplicated[3])
+    ds.ImagePositionPatient = pydicom.dcmread(duplicated[4]).ImagePositionPatient
+    ds.save_as(duplicated[3])
+    return {"9.1": "missing slice", "9.2": "gantry tilt", "9.3": "mixed orientations", "9.4": "duplicated slices"}
+
+
+def test_defective_series_are_refused_by_name(tmp_path):
+    reasons = _defective_folder(tmp_path)
+    cases, refused = dicom_cases(tmp_path, 1)
+    assert cases == []
+    for uid, words in reasons.items():
+        assert [line for line in refused if f"series {uid} " in line and words in line], (uid, refused)
+
+
+@pytest.fixture(scope="module")
+def model_flags(synthetic_raw, tmp_path_factory) -> list[str]:
+    """A tiny one-channel U-Net with random weights, from the committed plan of the synthetic dataset (labels 1
+    and 2), at 3 mm so that the CT is predicted at its own spacing and quickly."""
+    from autoseg.networks.registry import build_network
+    from autoseg.planning.plans import load_plans, save_plans
+
+    plans = load_plans(Path(__file__).resolve().parents[1] / "plans" / "Dataset999_Synthetic.json")
+    results = tmp_path_factory.mktemp("results")
+    fold = results / synthetic_raw.name / "3d_fullres__unet" / "fold_0"
+    fold.mkdir(parents=True)
+    plans.configurations["3d_fullres"].spacing = [3.0, 3.0, 3.0]
+    save_plans(plans, fold / "plans.json")
+    shrink_plan_to_tiny_unet(fold / "plans.json")
+    plans = load_plans(fold / "plans.json")
+    torch.manual_seed(0)
+    network = build_network(plans.architecture("3d_fullres"), 1, 3, 3, deep_supervision=True)
+    torch.save({"model": network.state_dict()}, fold / "checkpoint_final.pt")
+    save_plans(plans, fold / "plans.json")
+    return ["-d", "999", "-c", "3d_fullres", "-f", "0", "--disable-tta", "--fp32", "--step", "1",
+            f"--raw={synthetic_raw.parent}",
+            f"--preprocessed={results.parent / 'pre'}", f"--results={results}"]
+
+
+@pytest.mark.slow
+def test_predicting_dicom_equals_predicting_nifti_and_the_seg_holds_the_same_masks(mixed_folder, model_flags,
+                                                                                      tmp_path, capsys):
+    dicom, nifti = mixed_folder
+    work = tmp_path / "in"
+    shutil.copytree(dicom, work)
+    reasons = _defective_folder(work / "bad")
+    code = main(["predict", "-i", str(work), "-o", str(tmp_path / "from_dicom"), "--output-format", "both",
+                 *model_flags])
+    err = capsys.readouterr().err
+    assert code == 2  # some series were refused ...
+    for uid in reasons:
+        assert f"series {uid} " in err
+    assert main(["predict", "-i", str(nifti), "-o", str(tmp_path / "from_nifti"), *model_flags]) == 0
+    rows = (tmp_path / "from_dicom" / "cases.csv").read_text().splitlines()
+    assert rows[1].startswith(f"CT1_20240102_1,0,{CT_UID},") and rows[2].startswith(f"HIP1_20240102_1,0,{HIPPO_UID},")
+    found = set()
+    for case, uid in (("CT1_20240102_1", CT_UID), ("HIP1_20240102_1", HIPPO_UID)):  # ... the others are written
+        from_dicom, geometry = read_label(tmp_path / "from_dicom" / f"{case}.nii.gz")
+        from_nifti, nifti_geometry = read_label(tmp_path / "from_nifti" / f"{case}.nii.gz")
+        assert np.array_equal(from_dicom, from_nifti)
+        found |= set(np.unique(from_nifti).tolist())
+        assert geometry.matches(nifti_geometry, 1e-6, 1e-4, 1e-6) == []
+        seg = hd.seg.segread(tmp_path / "from_dicom" / f"{case}.dcm")
+        sources = sorted((pydicom.dcmread(f, stop_before_pixels=True) for f in (work).glob("*.dcm")),
+                         key=lambda d: int(d.InstanceNumber))
+        sources = [d for d in sources if d.SeriesInstanceUID == uid]
+        assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == uid
+        assert seg.StudyInstanceUID == sources[0].StudyInstanceUID
+        assert seg.FrameOfReferenceUID == sources[0].FrameOfReferenceUID
+        assert [seg.get_segment_description(n).segment_label for n in (1, 2)] == ["organ_a", "organ_b"]
+        algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+        assert algorithm.AlgorithmName == "autoseg" and seg.SegmentationType == "BINARY"
+        # InstanceNumber i is slice i of the image (written so by SimpleITK from the NIfTI's index).
+        masks = seg.get_pixels_by_source_instance([str(d.SOPInstanceUID) for d in sources], combine_segments=True,
+                                                  relabel=False)
+        assert np.array_equal(masks, from_nifti)
+    assert found == {0, 1, 2}  # the random network predicts every class somewhere, so the masks are not trivial
+
+
+def test_seg_of_a_many_class_ct_reads_back_voxel_identical_at_the_source_positions(mixed_folder, tmp_path):
+    dicom, _ = mixed_folder
+    dataset = shared_dataset("Dataset030_CTExample")
+    labels = json.loads((dataset / "dataset.json").read_text())["labels"]
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(dataset / "labelsTr" / "ct_small.nii.gz")))
+    truth[truth == 5] = 0  # one class absent: still described, with empty frames
+    series = next(c for c in dicom_cases(dicom, 1)[0] if c.case_id.startswith("CT1")).channels[0]
+    names = {v: k for k, v in labels.items() if k != "background"}
+    write_seg(truth, series, names, SegAlgorithm("Dataset030_CTExample", ["3d_fullres__unet"], ["0"]),
+              tmp_path / "ct.dcm")
+    seg = hd.seg.segread(tmp_path / "ct.dcm")
+    assert len(seg.SegmentSequence) == len(names)
+    by_number = {int(s.SegmentNumber): s.SegmentLabel for s in seg.SegmentSequence}
+    sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in series.files]
+    for frame in seg.PerFrameFunctionalGroupsSequence:  # every frame sits where its source slice is
+        source_uid = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        source = next(s for s in sources if s.SOPInstanceUID == source_uid)
+        assert np.allclose(frame.PlanePositionSequence[0].ImagePositionPatient, source.ImagePositionPatient)
+    masks = seg.get_pixels_by_source_instance([str(s.SOPInstanceUID) for s in sources], combine_segments=False)
+    order = [int(s.InstanceNumber) - 1 for s in sources]  # slice index of each source file
+    for number, name in by_number.items():
+        assert np.array_equal(masks[..., number - 1].astype(bool), truth[order] == labels[name]), name
+    array, geometry = read_seg(tmp_path / "ct.dcm", labels)
+    assert np.array_equal(array, truth) and geometry.matches(series.geometry) == []
+
+
+def test_multi_channel_models_need_dicom_channels(mixed_folder, tmp_path):
+    from autoseg.errors import UsageError
+
+    dicom, _ = mixed_folder
+    with pytest.raises(UsageError, match="--dicom-channels"):
+        dicom_cases(dicom, 2)
+    # Both series in one study: two patterns pick one each; a pattern matching nothing refuses the study.
+    cases, refused = dicom_cases(dicom, 2, ["test*", "*HIPPO*"])
+    assert refused == [] and [[s.uid for s in c.channels] for c in cases] == [[CT_UID, HIPPO_UID]]
+    cases, refused = dicom_cases(dicom, 2, ["test*", "*flair*"])
+    assert cases == [] and "pattern '*flair*' matches 0 series" in refused[0]
+
+
+def test_a_missing_extra_says_what_to_install(monkeypatch, mixed_folder):
+    import sys
+
+    from autoseg.errors import UsageError
+
+    monkeypatch.setitem(sys.modules, "pydicom", None)  # what an install without the extra sees: ImportError
+    with pytest.raises(UsageError, match=r"pip install 'autoseg\[dicom\]'"):
+        dicom_cases(mixed_folder[0], 1)
+
+
+def test_evaluate_accepts_seg_predictions_and_references(mixed_folder, tmp_path, capsys):
+    dicom, nifti = mixed_folder
+    dataset = shared_dataset("Dataset030_CTExample")
+    labels = json.loads((dataset / "dataset.json").read_text())["labels"]
+    ct = sitk.ReadImage(str(nifti / "CT1_20240102_1_0000.nii.gz"))
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(dataset / "labelsTr" / "ct_small.nii.gz")))
+    shifted = np.roll(truth, 1, axis=2)  # a prediction one voxel off
+    folders = {name: tmp_path / name for name in ("ref_nifti", "pred_nifti", "pred_seg", "ref_seg")}
+    for name, array in (("ref_nifti", truth), ("pred_nifti", shifted)):
+        folders[name].mkdir()
+        image = sitk.GetImageFromArray(array)
+        image.CopyInformation(ct)
+        sitk.WriteImage(image, str(folders[name] / "CT1_20240102_1.nii.gz"))
+    series = next(c for c in dicom_cases(dicom, 1)[0] if c.case_id.startswith("CT1")).channels[0]
+    names = {v: k for k, v in labels.items() if k != "background"}
+    algorithm = SegAlgorithm("Dataset030_CTExample", ["3d_fullres__unet"], ["0"])
+    folders["pred_seg"].mkdir()
+    folders["ref_seg"].mkdir()
+    write_seg(shifted, series, names, algorithm, folders["pred_seg"] / "CT1_20240102_1.dcm")
+    shutil.copy(folders["pred_seg"] / "CT1_20240102_1.dcm", folders["ref_seg"])
+    flags = ["--dataset-json", str(dataset / "dataset.json"), "-np", "1"]
+    summaries = {}
+    for reference, prediction in (("ref_nifti", "pred_nifti"), ("ref_nifti", "pred_seg"), ("ref_seg", "ref_nifti")):
+        out = tmp_path / f"eval_{reference}_{prediction}"
+        assert main(["evaluate", str(folders[reference]), str(folders[prediction]), "-o", str(out), *flags]) == 0
+        summaries[prediction] = json.loads((out / "summary.json").read_text())["per_case"][0]
+    for name in ("class_1", "class_10", "class_52"):  # Dice from numpy, independently
+        a, b = truth == labels[name], shifted == labels[name]
+        dice = 2 * (a & b).sum() / (a.sum() + b.sum())
+        for row in summaries.values():
+            assert row[f"{name}/dice"] == pytest.approx(dice, abs=1e-9)
+    for key, value in summaries["pred_nifti"].items():  # every metric equal whatever the format
+        if key != "case":
+            assert summaries["pred_seg"][key] == pytest.approx(value, abs=1e-9)
+            assert summaries["ref_nifti"][key] == pytest.approx(value, abs=1e-6), key  # metrics are symmetric
+
+
+def _highdicom_seg(series_files: list[Path], labels_zyx: np.ndarray, names: dict[int, str], path: Path) -> None:
+    """A SEG written by highdicom directly (empty frames omitted, as most tools do), not by autoseg."""
+    from pydicom.sr.codedict import codes
+
+    sources = sorted((pydicom.dcmread(f) for f in series_files), key=lambda d: int(d.InstanceNumber))
+    values = sorted(names)
+    segment_numbers = np.zeros_like(labels_zyx, dtype=np.uint16)
+    for number, value in enumerate(values, start=1):
+        segment_numbers[labels_zyx == value] = number
+    algorithm = hd.AlgorithmIdentificationSequence("test", codes.cid7162.ArtificialIntelligence, "1")
+    descriptions = [hd.seg.SegmentDescription(n, names[v], codes.SCT.Tissue, codes.SCT.Tissue, "AUTOMATIC", algorithm)
+                    for n, v in enumerate(values, start=1)]
+    seg = hd.seg.Segmentation(sources, segment_numbers, "BINARY", descriptions, hd.UID(), 2, hd.UID(), 1, "test",
+                              "test", "1", "1")
+    seg.save_as(path)
+
+
+def test_convert_dicom_round_trip_gives_back_the_labels_and_lists_unmapped_segments(mixed_folder, tmp_path, capsys):
+    dicom, nifti = mixed_folder
+    dataset = shared_dataset("Dataset030_CTExample")
+    truth_file = dataset / "labelsTr" / "ct_small.nii.gz"
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(truth_file)))
+    names = {1: "spleen", 2: "kidney right", 3: "kidney left", 10: "lung"}
+    kept = np.where(np.isin(truth, list(names)), truth, 0)
+    (tmp_path / "labels").mkdir()
+    _highdicom_seg([f for f in dicom.glob("a*.dcm")], kept, names, tmp_path / "labels" / "ct_seg.dcm")
+    mapping = tmp_path / "labels.json"
+    mapping.write_text(json.dumps({"spleen": 1, "kidney right": 2, "lung": 10}))
+    target = tmp_path / "raw" / "Dataset050_Mine"
+    assert main(["convert-dicom", str(dicom), str(tmp_path / "labels"), "-o", str(target), "--labels", str(mapping)]) == 2
+    assert "['kidney left'] are not in labels.json" in capsys.readouterr().err and not target.exists()
+    mapping.write_text(json.dumps({"spleen": 1, "kidney right": 2, "kidney left": 3, "lung": 10}))
+    assert main(["convert-dicom", str(dicom), str(tmp_path / "labels"), "-o", str(target), "--labels", str(mapping)]) == 0
+    label, geometry = read_label(target / "labelsTr" / "CT1_20240102_1.nii.gz")
+    image, image_geometry = read_image(target / "imagesTr" / "CT1_20240102_1_0000.nii.gz")
+    expected_image, expected_geometry = read_image(nifti / "CT1_20240102_1_0000.nii.gz")
+    assert np.array_equal(label, kept) and np.array_equal(image, expected_image)
+    assert geometry == image_geometry and geometry.matches(expected_geometry, 1e-6, 1e-4, 1e-6) == []
+    assert (target / "imagesTs" / "HIP1_20240102_1_0000.nii.gz").is_file()  # no SEG: a test case
+    description = json.loads((target / "dataset.json").read_text())
+    assert description["labels"] == {"background": 0, "spleen": 1, "kidney right": 2, "kidney left": 3, "lung": 10}
+    assert description["numTraining"] == 1 and description["channel_names"] == {"0": "CT"}
+    assert main(["check", "-d", "50", f"--raw={tmp_path / 'raw'}", "-np", "1"]) == 0
