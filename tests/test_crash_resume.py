@@ -111,10 +111,15 @@ def _assert_no_partial_files(folder: Path) -> None:
 EPOCHS = 4
 
 
-def test_killed_training_continues_from_its_last_checkpoint_to_the_same_weights(pipeline, tmp_path, capsys):
+def test_killed_training_continues_from_its_last_checkpoint_to_the_same_weights(pipeline, tmp_path, capsys, request):
     train = ["train", "999", "3d_fullres", "0", "--epochs", EPOCHS, "--iters-per-epoch", 3, "--val-iters", 1,
              "--num-workers", 0, "--seed", 5, "--no-validation", *pipeline.flags[:2]]
     fold = tmp_path / "{}" / pipeline.name / "3d_fullres__unet" / "fold_0"
+    # One torch thread in-process too, as in the killed subprocess: bf16 kernels (the CPU default where native)
+    # sum in another order with another thread count, so bit-identity holds for equal thread counts only.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
     start = time.perf_counter()
     assert main([*map(str, train), f"--results={tmp_path / 'straight'}"]) == 0
     epoch_seconds = (time.perf_counter() - start) / EPOCHS  # with checkpoints and plots

@@ -87,7 +87,7 @@ def test_train_refuses_a_plan_above_host_memory_in_one_line(monkeypatch, tiny_pl
     capsys.readouterr()
     # The tiny U-Net's fp32 CPU step needs a few MB of weights, gradients and momentum alone.
     monkeypatch.setattr(memory_guard, "host_available_bytes", lambda *a: 2**20)
-    assert main([*TRAIN_TINY, "--device", "cpu", *flags]) == 2
+    assert main([*TRAIN_TINY, "--device", "cpu", "--fp32", *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert str(plans_file) in err and "unet" in err and "(fp32) but 0.0 GB are available" in err

@@ -122,7 +122,9 @@ def pretrain(roots: Roots, dataset_name: str, configuration: str, architecture: 
         optimizer.load_state_dict(checkpoint["optimizer"])
         schedule.load_state_dict(checkpoint["scheduler"])
         state.load_state_dict(checkpoint)
-        set_rng_state(checkpoint["rng"])
+        note = set_rng_state(checkpoint["rng"], state.seed + 7919 * state.epoch)
+        if note:
+            print(f"pretrain: --continue: {note}", flush=True)
         print(f"pretrain: continuing from epoch {state.epoch} of {schedule.total_epochs}", flush=True)
     loop_callbacks: list[Any] = [TimeBudget(options.time_budget_minutes)] if (
         options.time_budget_minutes and not resuming) else []
