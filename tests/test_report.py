@@ -132,7 +132,7 @@ def test_page_renders_in_headless_chromium_without_a_broken_image(shifted, tmp_p
     command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=20000", "--dump-dom",
                probe.as_uri()]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, encoding="utf-8",
                                start_new_session=True)
     try:
         dom, _ = process.communicate(timeout=90)
