@@ -57,6 +57,18 @@ def edit_json(path: Path, **changes) -> None:
     path.write_text(json.dumps(data))
 
 
+def preprocess_tiny_synthetic(synthetic_raw: Path, work: Path):
+    """The synthetic dataset planned (3d_fullres U-Net) and preprocessed under ``work``, its plan shrunk to a
+    network that trains in seconds: (roots, dataset name, the --raw/--preprocessed/--results flags)."""
+    from autoseg.paths import Roots
+
+    roots = Roots(synthetic_raw.parent, work / "pre", work / "res")
+    flags = [f"--raw={roots.raw}", f"--preprocessed={roots.preprocessed}", f"--results={roots.results}"]
+    assert main(["plan-and-preprocess", "-d", "999", "-c", "3d_fullres", "-np", "1", "-a", "unet"] + flags) == 0
+    shrink_plan_to_tiny_unet(roots.plans_file(synthetic_raw.name))
+    return roots, synthetic_raw.name, flags
+
+
 def shrink_plan_to_tiny_unet(plans_file: Path) -> None:
     """Edit a planned 3d_fullres U-Net down to one that trains in seconds (8x32x32 patch, 4-8-16 features)."""
     from autoseg.planning.plans import load_plans, save_plans

@@ -8,19 +8,15 @@ import pytest
 import torch
 
 from autoseg.cli import main
-from autoseg.paths import Roots
 from autoseg.pretraining.inpainting import MaskedReconstructionLoss, random_cube_mask
 from autoseg.pretraining.run import PretrainingOptions, pretrain, pretraining_output
-from tests.conftest import shrink_plan_to_tiny_unet
+from tests.conftest import preprocess_tiny_synthetic
 
 
 @pytest.fixture(scope="module")
 def planned(synthetic_raw, tmp_path_factory):
     work = tmp_path_factory.mktemp("pretrain")
-    roots = Roots(synthetic_raw.parent, work / "pre", work / "res")
-    flags = [f"--raw={roots.raw}", f"--preprocessed={roots.preprocessed}", f"--results={roots.results}"]
-    assert main(["plan-and-preprocess", "-d", "999", "-c", "3d_fullres", "-np", "1", "-a", "unet"] + flags) == 0
-    shrink_plan_to_tiny_unet(roots.plans_file(synthetic_raw.name))
+    roots, _, flags = preprocess_tiny_synthetic(synthetic_raw, work)
     return roots, synthetic_raw.name, flags
 
 

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from autoseg.cli import main
 from autoseg.errors import CheckpointError, UsageError
 from autoseg.networks.registry import build_network
 from autoseg.paths import Roots
@@ -20,7 +19,7 @@ from autoseg.training.data import PatchSampler
 from autoseg.training.loss import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights
 from autoseg.training.schedule import PolySchedule
 from autoseg.training.splits import load_or_create_splits, make_splits
-from tests.conftest import shrink_plan_to_tiny_unet
+from tests.conftest import preprocess_tiny_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,11 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 def tiny(synthetic_raw, tmp_path_factory):
     """The synthetic dataset preprocessed, with the plan shrunk to a network that trains in seconds."""
     work = tmp_path_factory.mktemp("train")
-    roots = Roots(synthetic_raw.parent, work / "pre", work / "res")
-    flags = [f"--raw={roots.raw}", f"--preprocessed={roots.preprocessed}", f"--results={roots.results}"]
-    assert main(["plan-and-preprocess", "-d", "999", "-c", "3d_fullres", "-np", "1", "-a", "unet"] + flags) == 0
-    shrink_plan_to_tiny_unet(roots.plans_file(synthetic_raw.name))
-    return roots, synthetic_raw.name
+    roots, name, _ = preprocess_tiny_synthetic(synthetic_raw, work)
+    return roots, name
 
 
 def _options(**changes):

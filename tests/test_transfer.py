@@ -4,7 +4,6 @@ import json
 import os
 import pickle
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ from autoseg.training import TrainingOptions, train_fold
 from autoseg.training.finetune import FineTuningPhases
 from autoseg.training.schedule import PolySchedule
 from autoseg.training.transfer import encoder_names, transfer_weights
-from tests.conftest import shrink_plan_to_tiny_unet
+from tests.conftest import preprocess_tiny_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 PEERS_PYTHON = Path(os.environ.get("AUTOSEG_PEERS_VENV", "/tmp/peers-venv")) / "bin" / "python"
@@ -30,10 +29,7 @@ PEERS_PYTHON = Path(os.environ.get("AUTOSEG_PEERS_VENV", "/tmp/peers-venv")) / "
 def source(synthetic_raw, tmp_path_factory):
     """A tiny unet trained for one short epoch on the synthetic set: (roots, name, its checkpoint_final.pt)."""
     work = tmp_path_factory.mktemp("transfer")
-    roots = Roots(synthetic_raw.parent, work / "pre", work / "res")
-    flags = [f"--raw={roots.raw}", f"--preprocessed={roots.preprocessed}", f"--results={roots.results}"]
-    assert main(["plan-and-preprocess", "-d", "999", "-c", "3d_fullres", "-np", "1", "-a", "unet"] + flags) == 0
-    shrink_plan_to_tiny_unet(roots.plans_file(synthetic_raw.name))
+    roots, _, flags = preprocess_tiny_synthetic(synthetic_raw, work)
     options = TrainingOptions(epochs=1, iters_per_epoch=2, val_iters=1, num_workers=0, seed=0, validate_at_end=False,
                               progress=False)
     output = train_fold(roots, synthetic_raw.name, "3d_fullres", 0, options=options)
