@@ -75,7 +75,7 @@ def list_input_cases(folder: Path, num_channels: int) -> list[InputCase]:
     return [InputCase(case, [files[c] for c in sorted(files)], endings[case]) for case, files in sorted(grouped.items())]
 
 
-def _read(case: InputCase, num_channels: int):
+def read_input_case(case: InputCase, num_channels: int):
     if case.dicom is not None:
         from autoseg.io.dicom import read_dicom_case
 
@@ -108,9 +108,6 @@ def select_part(cases: list[InputCase], part: tuple[int, int] | None) -> list[In
         return cases
     number, count = part
     return cases[(number - 1) * len(cases) // count: number * len(cases) // count]
-
-
-read_input_case = _read  # public name for other stages (pre-training reads unlabelled folders the same way)
 
 
 def predict_folder(model: TrainedModel | list[TrainedModel], input_dir: Path, output_dir: Path,
@@ -152,10 +149,10 @@ def predict_folder(model: TrainedModel | list[TrainedModel], input_dir: Path, ou
             todo.append(case)
     bar = tqdm(total=len(todo), desc="predict", unit="case", disable=not (progress and sys.stderr.isatty()))
     with ThreadPoolExecutor(1) as reader:
-        pending = reader.submit(_read, todo[0], channels) if todo else None
+        pending = reader.submit(read_input_case, todo[0], channels) if todo else None
         for index, case in enumerate(todo):
             current = pending
-            pending = reader.submit(_read, todo[index + 1], channels) if index + 1 < len(todo) else None
+            pending = reader.submit(read_input_case, todo[index + 1], channels) if index + 1 < len(todo) else None
             try:
                 image, geometry = current.result()
             except AutosegError as exc:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import io
-import os
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -30,13 +29,14 @@ import torch
 
 from autoseg import __version__
 from autoseg.errors import CheckpointError, UsageError
+from autoseg.evaluation.evaluate import summarize_rows
 from autoseg.inference.ensemble import ensemble_folder, model_name
 from autoseg.inference.model import find_checkpoint, load_state_dict
 from autoseg.inference.package import (MANIFEST, PACKAGE_SCHEMA_VERSION, ModelManifest, PackagedFile, PackagedModel,
                                        member_folder)
 from autoseg.inference.postprocessing import POSTPROCESSING_FILE
 from autoseg.paths import Roots
-from autoseg.records import _UMASK, dumps, read_json, temporary_sibling
+from autoseg.records import atomic_write_bytes, dumps, read_json
 
 _ZIP_DATE = (2020, 1, 1, 0, 0, 0)  # fixed member dates: the same model gives the same members
 CHECKPOINT_NAMES = {"final": "checkpoint_final.pt", "best": "checkpoint_best.pt"}
@@ -133,15 +133,9 @@ def _cross_validation(model_dir: Path, folds: list[str]) -> dict[str, dict[str, 
         if summary.is_file():
             rows += read_json(summary).get("per_case", [])
     classes = sorted({key.rsplit("/", 1)[0] for row in rows for key in row if "/" in key})
-    result = {}
-    for name in classes:
-        metrics = {}
-        for metric in ("dice", "hd95"):
-            values = [row[f"{name}/{metric}"] for row in rows if row.get(f"{name}/{metric}") is not None]
-            metrics[metric] = float(np.mean(values)) if values else None
-        metrics["cases"] = len(rows)
-        result[name] = metrics
-    return result
+    per_class, _ = summarize_rows(rows, classes)  # evaluate's own per-class means
+    return {name: {"dice": summary.mean["dice"], "hd95": summary.mean["hd95"], "cases": len(rows)}
+            for name, summary in per_class.items()}
 
 
 def _onnx_opset() -> int:
@@ -151,20 +145,12 @@ def _onnx_opset() -> int:
 
 
 def _write_zip(output: Path, members: dict[str, bytes]) -> None:
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = temporary_sibling(output)
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a package is meant to be shared
-        with os.fdopen(fd, "wb") as handle:
-            with zipfile.ZipFile(handle, "w") as archive:
-                for name, data in members.items():
-                    info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
-                    info.compress_type = zipfile.ZIP_DEFLATED
-                    info.external_attr = 0o644 << 16
-                    archive.writestr(info, data, compresslevel=1)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, output)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """The zip built in memory (weights are tens of MB), then written atomically like every other output."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in members.items():
+            info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            archive.writestr(info, data, compresslevel=1)
+    atomic_write_bytes(output, buffer.getvalue())

@@ -20,7 +20,7 @@ from autoseg.inference.folder import list_input_cases, read_input_case
 from autoseg.planning.plans import Plans
 from autoseg.preprocessing.preprocess import preprocess_arrays
 from autoseg.records import atomic_write_bytes
-from autoseg.training.data import _extract
+from autoseg.training.data import extract_window
 
 
 def preprocess_unlabelled(plans: Plans, configuration: str, folders: list[Path], output: Path) -> list[str]:
@@ -66,9 +66,9 @@ class UnlabelledPatchSampler:
             if len(self.patch_size) == 2:  # a slice, then a 2D window in it
                 z = np.random.randint(shape[0])
                 window = [(z, z + 1)] + _random_window(shape[1:], self.patch_size)
-                patch = _extract(image, window, 0.0)[:, 0]
+                patch = extract_window(image, window, 0.0)[:, 0]
             else:
-                patch = _extract(image, _random_window(shape, self.patch_size), 0.0)
+                patch = extract_window(image, _random_window(shape, self.patch_size), 0.0)
             for axis in range(1, patch.ndim):
                 if np.random.rand() < 0.5:
                     patch = np.flip(patch, axis)

@@ -76,17 +76,17 @@ class TimeBudget:
         per_epoch_fixed = validation_s + self.writes_s
         remaining = self.budget_s - self.elapsed() - 1.5 * self.writes_s  # this epoch's and the final writes
         more = int(max(0.0, remaining) // (self.step_s + per_epoch_fixed / schedule.iters_per_epoch))
-        total = gather(min(done + more, self.max_iterations or done + more))[0]
+        total = gather(min(done + more, self.max_iterations))[0]  # every rank follows rank 0
         schedule.set_total_iterations(max(total, done))
 
     def on_epoch_end(self, loop, entry: dict[str, Any]) -> None:
         now = time.perf_counter()
         seconds = self.epoch_iteration_seconds[1:] if entry["epoch"] == 0 else self.epoch_iteration_seconds
-        if seconds:
-            self.step_s = gather(_mean(seconds))[0]
+        if seconds:  # rank-local measurements: only the refit's total is shared, from rank 0
+            self.step_s = _mean(seconds)
         if self.last_epoch_end is not None:  # the interval holds the previous epoch's writes, then this epoch
             train_s = sum(self.epoch_iteration_seconds) + entry["validation_seconds"]
-            self.writes_s = gather(max(0.0, now - self.last_epoch_end - train_s))[0]
+            self.writes_s = max(0.0, now - self.last_epoch_end - train_s)
         self.epoch_iteration_seconds = []
         if self.step_s is not None:
             done = sum(e["iterations"] for e in loop.state.history)

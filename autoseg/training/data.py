@@ -112,8 +112,8 @@ class PatchSampler:
             window = [(z, z + 1)] + self._window(shape[1:], None if centre is None else centre[1:])
         else:
             window = self._window(shape, centre)
-        image_patch = _extract(image, window, 0.0)
-        seg_patch = _extract(seg, window, 0)
+        image_patch = extract_window(image, window, 0.0)
+        seg_patch = extract_window(seg, window, 0)
         if self.dims == 2:
             image_patch, seg_patch = image_patch[:, 0], seg_patch[0]
         return image_patch, seg_patch
@@ -151,7 +151,7 @@ class PatchSampler:
             torch.from_numpy(np.rint(data["seg"][:, 0]).astype(np.int64))
 
 
-def _extract(array: np.ndarray, window: list[tuple[int, int]], fill) -> np.ndarray:
+def extract_window(array: np.ndarray, window: list[tuple[int, int]], fill) -> np.ndarray:
     """``array[..., window]`` with out-of-bounds parts filled (patches may exceed small images)."""
     spatial = array.shape[-len(window):]
     lead = array.shape[: array.ndim - len(window)]
