@@ -8,9 +8,11 @@ Fold 0 of Hippocampus, its training part cut to the first ``--labelled`` cases (
 validation part unchanged: the same cases for every arm), validation Dice after:
 
 (a) ``train`` from scratch for ``--minutes``;
-(b) ``pretrain`` (masked-volume inpainting on all of Hippocampus' images, imagesTr and
-    imagesTs, labels unused) for half of it, then ``train --pretrained --warmup-epochs 1``
-    for the other half;
+(b) ``pretrain`` (masked-volume inpainting, labels unused) for half of it, then
+    ``train --pretrained --warmup-epochs 1`` for the other half. The unlabelled pool is every
+    Hippocampus image but fold 0's validation cases (the training part of imagesTr, and
+    imagesTs where there is one, through a raw folder of links): pre-training on the images it is scored on
+    would flatter (b);
 (c) ``train --pretrained`` for half of it from a model trained on ACDC (planned with
     Hippocampus' configurations: ``plan-and-preprocess -d 27 --plans-from 4``, fold ``all``,
     ``--source-minutes``; that source training is not counted in the budget, as a
@@ -57,8 +59,8 @@ def main() -> None:
             (raw / name).symlink_to(DATA / name)
     config, half = args.configuration, args.minutes / 2
 
-    def autoseg(results: Path, *command: str, log: Path | None = None) -> None:
-        env = dict(os.environ, AUTOSEG_RAW=str(raw), AUTOSEG_PREPROCESSED=str(pre), AUTOSEG_RESULTS=str(results),
+    def autoseg(results: Path, *command: str, log: Path | None = None, raw_root: Path = raw) -> None:
+        env = dict(os.environ, AUTOSEG_RAW=str(raw_root), AUTOSEG_PREPROCESSED=str(pre), AUTOSEG_RESULTS=str(results),
                    PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
         log = log or results / "bench_log.txt"
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -71,7 +73,8 @@ def main() -> None:
     plan = ["-c", config, "--gpu-memory-gb", str(args.gpu_memory_gb), "-np", "2"]
     if not (pre / TARGET / "plans.json").exists():
         autoseg(args.work / "res", "plan-and-preprocess", "-d", TARGET, *plan)
-    _few_labels(pre / TARGET, config, args.labelled)
+    validation = _few_labels(pre / TARGET, config, args.labelled)
+    pool = _pool_without(raw / TARGET, validation, args.work / "raw_pool")
     source_model = args.work / "res_source" / SOURCE / f"{config}__unet" / "fold_all" / "checkpoint_final.pt"
     if not source_model.exists():
         autoseg(args.work / "res_source", "plan-and-preprocess", "-d", SOURCE, "--plans-from", TARGET, *plan)
@@ -86,7 +89,8 @@ def main() -> None:
         if not _summary(arm["b"], config).exists():
             pretrained = arm["b"] / TARGET / "pretrain" / f"{config}__unet" / "checkpoint_final.pt"
             if not pretrained.exists():
-                autoseg(arm["b"], "pretrain", "-d", TARGET, "-c", config, "--time-budget", str(half), "--seed", str(seed))
+                autoseg(arm["b"], "pretrain", "-d", TARGET, "-c", config, "--time-budget", str(half), "--seed", str(seed),
+                        raw_root=pool)
             autoseg(arm["b"], *train, str(seed), "--time-budget", str(half), "--pretrained", str(pretrained),
                     "--warmup-epochs", "1")
         if not _summary(arm["c"], config).exists():
@@ -108,8 +112,9 @@ def _summary(results: Path, config: str) -> Path:
     return results / TARGET / f"{config}__unet" / "fold_0" / "validation" / "summary.json"
 
 
-def _few_labels(preprocessed: Path, config: str, labelled: int) -> None:
-    """splits.json with fold 0's training part cut to its first ``labelled`` cases (validation unchanged)."""
+def _few_labels(preprocessed: Path, config: str, labelled: int) -> list[str]:
+    """splits.json with fold 0's training part cut to its first ``labelled`` cases (validation unchanged);
+    returns fold 0's validation cases."""
     sys.path.insert(0, str(REPO))
     from autoseg.planning.plans import load_plans
     from autoseg.preprocessing.store import list_finished_cases
@@ -120,6 +125,22 @@ def _few_labels(preprocessed: Path, config: str, labelled: int) -> None:
     splits = make_splits(cases)
     splits[0]["train"] = sorted(splits[0]["train"])[:labelled]
     (preprocessed / "splits.json").write_text(json.dumps(splits, indent=1))
+    return list(splits[0]["val"])
+
+
+def _pool_without(dataset: Path, excluded: list[str], root: Path) -> Path:
+    """A raw root whose copy of ``dataset`` links every image but those of ``excluded`` cases."""
+    target = root / dataset.name
+    for folder in ("imagesTr", "imagesTs"):
+        if not (dataset / folder).is_dir():
+            continue
+        (target / folder).mkdir(parents=True, exist_ok=True)
+        for image in sorted((dataset / folder).iterdir()):
+            case = image.name.split(".")[0].rsplit("_", 1)[0]  # case_0000.nii.gz -> case
+            link = target / folder / image.name
+            if not (folder == "imagesTr" and case in excluded) and not link.exists():
+                link.symlink_to(image.resolve())
+    return root
 
 
 if __name__ == "__main__":

@@ -33,9 +33,11 @@ TABLE_NAME = "transfer"  # transfer.json and transfer.txt beside the fold
 
 # Data types an nnU-Net checkpoint needs beyond tensors and containers: its logged history and
 # ``_best_ema`` hold numpy float64 scalars. Plain data classes only; nothing that can run code.
-NUMPY_ALLOWED = [(np._core.multiarray.scalar, "numpy.core.multiarray.scalar"),
-                 (np._core.multiarray.scalar, "numpy._core.multiarray.scalar"), np.dtype,
-                 np.dtypes.Float64DType, np.dtypes.Float32DType, np.dtypes.Int64DType]
+_MULTIARRAY = (np._core if hasattr(np, "_core") else np.core).multiarray  # numpy 2 renamed core to _core
+NUMPY_ALLOWED = [(_MULTIARRAY.scalar, "numpy.core.multiarray.scalar"),
+                 (_MULTIARRAY.scalar, "numpy._core.multiarray.scalar"), np.dtype,
+                 # numpy >= 1.25 pickles a dtype by its class (np.dtypes.Float64DType ...); 1.24 has no np.dtypes
+                 *(type(np.dtype(name)) for name in ("float64", "float32", "int64"))]
 
 
 @dataclass
