@@ -195,3 +195,11 @@ def test_hippocampus_plan_equals_nnunets_planner_on_the_same_fingerprint(tmp_pat
     assert unet.strides == kwargs["strides"] and unet.kernel_sizes == kwargs["kernel_sizes"]
     assert [n.scheme for n in ours.normalization] == ["zscore"] and their_full["normalization_schemes"] == [
         "ZScoreNormalization"]
+
+
+def test_a_budget_no_architecture_fits_is_refused_with_the_flag_to_change():
+    # Found by the transfer benchmark: 0.25 GB ended in an internal StopIteration, not a message.
+    fingerprint = load_fingerprint(REPO / "dataset_fingerprints" / "Dataset004_Hippocampus.json")
+    committed = load_plans(REPO / "plans" / "Dataset004_Hippocampus.json")
+    with pytest.raises(PlanError, match=r"no architecture fits the memory budget of 0\.25 GB .*--gpu-memory-gb"):
+        plan_dataset(fingerprint, committed.labels, 0.25)

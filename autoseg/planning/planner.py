@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from autoseg.errors import PlanError
+
 from autoseg.fingerprint import DatasetFingerprint
 from autoseg.networks.memory import MemoryEstimate, measure
 from autoseg.networks.registry import ARCHITECTURES, ArchitectureSpec
@@ -144,6 +146,9 @@ def _plan_configuration(name: str, dims: int, spacing: list[float], median_shape
             planned[arch_name] = plan_architecture(spec, dims, spacing, median_shape, ctx)
         except (RuntimeError, NotImplementedError, ValueError) as exc:
             notes.append(f"{arch_name} not planned: {exc}")
+    if not planned:
+        raise PlanError(f"{name}: no architecture fits the memory budget of {ctx.gpu_memory_gb:g} GB "
+                         f"({'; '.join(notes)}); plan for a larger one with --gpu-memory-gb")
     default = "unet" if "unet" in planned else next(iter(planned))
     return ConfigurationPlan(
         name=name, dimensions=dims, spacing=[float(f"{s:.10g}") for s in spacing], median_shape=list(median_shape),
