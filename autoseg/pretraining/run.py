@@ -81,9 +81,16 @@ def pretraining_output(roots: Roots, dataset_name: str, configuration: str, arch
 
 def head_names(plan, in_channels: int, dimensions: int) -> list[str]:
     """Tensors whose shape depends on the number of outputs: the heads (built on the meta device, no memory)."""
-    with torch.device("meta"):
-        one = build_network(plan, in_channels, in_channels, dimensions, False).state_dict()
-        other = build_network(plan, in_channels, in_channels + 1, dimensions, False).state_dict()
+    def build_both():
+        return [build_network(plan, in_channels, outputs, dimensions, False).state_dict()
+                for outputs in (in_channels, in_channels + 1)]
+
+    try:
+        with torch.device("meta"):
+            one, other = build_both()
+    except RuntimeError:  # MONAI's SwinUNETR calls .item() while it builds, which meta tensors refuse
+        with torch.random.fork_rng(devices=[]):  # on the CPU then, leaving the run's random stream alone
+            one, other = build_both()
     return sorted(k for k in one if one[k].shape != other[k].shape)
 
 
