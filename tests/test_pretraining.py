@@ -1,4 +1,5 @@
-"""autoseg pretrain: masked-volume inpainting lowers its loss, continues, and feeds train --pretrained."""
+"""autoseg pretrain: masked-volume inpainting, and Swin UNETR's inpainting + rotation + contrastive tasks, lower
+their loss, continue, and feed train --pretrained."""
 
 import json
 import shutil
@@ -6,10 +7,14 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from autoseg.cli import main
+from autoseg.errors import UsageError
 from autoseg.pretraining.inpainting import MaskedReconstructionLoss, random_cube_mask
 from autoseg.pretraining.run import PretrainingOptions, pretrain, pretraining_output
+from autoseg.pretraining.swin_ssl import (TASK, RotationContrastiveInpainting, RotationContrastiveInpaintingLoss,
+                                          SelfSupervisedOutputs, attach_heads, rotate, rotation_axes)
 from tests.conftest import preprocess_tiny_synthetic
 
 
@@ -81,14 +86,6 @@ def test_pretraining_lowers_the_reconstruction_loss_continues_and_feeds_pretrain
 
 
 # --- Swin UNETR's three tasks: --task inpainting+rotation+contrastive ---------------------------------------------
-
-from torch import nn  # noqa: E402
-
-from autoseg.errors import UsageError  # noqa: E402
-from autoseg.pretraining.swin_ssl import (TASK, RotationContrastiveInpainting,  # noqa: E402
-                                          RotationContrastiveInpaintingLoss, SelfSupervisedOutputs, attach_heads,
-                                          rotate, rotation_axes)
-
 
 def test_rotation_turns_the_yx_plane_by_the_label_and_back():
     plane = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
