@@ -196,7 +196,7 @@ def test_swin_pretraining_with_three_tasks_lowers_its_loss_and_feeds_pretrained(
 
     roots, name, flags = planned
     _plan_tiny_swin(roots.plans_file(name))
-    options = PretrainingOptions(epochs=4, iters_per_epoch=6, task=TASK, seed=0, progress=False, initial_lr=1e-3)
+    options = PretrainingOptions(epochs=5, iters_per_epoch=10, task=TASK, seed=0, progress=False)
     output = pretrain(roots, name, "2d", "swin_unetr", options)
     log = [json.loads(line) for line in (output / "training_log.jsonl").read_text().splitlines()]
     for entry in log:  # the total is the three parts, weight 1 each
