@@ -1,4 +1,5 @@
-"""autoseg pretrain: masked-volume inpainting lowers its loss, continues, and feeds train --pretrained."""
+"""autoseg pretrain: masked-volume inpainting, and Swin UNETR's inpainting + rotation + contrastive tasks, lower
+their loss, continue, and feed train --pretrained."""
 
 import json
 import shutil
@@ -6,10 +7,14 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from autoseg.cli import main
+from autoseg.errors import UsageError
 from autoseg.pretraining.inpainting import MaskedReconstructionLoss, random_cube_mask
 from autoseg.pretraining.run import PretrainingOptions, pretrain, pretraining_output
+from autoseg.pretraining.swin_ssl import (TASK, RotationContrastiveInpainting, RotationContrastiveInpaintingLoss,
+                                          SelfSupervisedOutputs, attach_heads, rotate, rotation_axes)
 from tests.conftest import preprocess_tiny_synthetic
 
 
@@ -78,3 +83,139 @@ def test_pretraining_lowers_the_reconstruction_loss_continues_and_feeds_pretrain
     table = json.loads((roots.training_output(name, "3d_fullres", "unet", "0") / "transfer.json").read_text())
     assert {k for k, why in table["unused"].items() if why == "pre-training head"} == set(heads)
     assert table["encoder_tensors_loaded"] == table["encoder_tensors_total"]
+
+
+# --- Swin UNETR's three tasks: --task inpainting+rotation+contrastive ---------------------------------------------
+
+def test_rotation_turns_the_yx_plane_by_the_label_and_back():
+    plane = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    # Counter-clockwise quarter turns of [[1, 2], [3, 4]] (y down, x right), written out by hand.
+    by_hand = {0: [[1, 2], [3, 4]], 1: [[2, 4], [1, 3]], 2: [[4, 3], [2, 1]], 3: [[3, 1], [4, 2]]}
+    volume = torch.stack([plane, 10 * plane, 100 * plane])[None, None]  # (1, 1, z=3, y=2, x=2): z must stay
+    assert rotation_axes([3, 2, 2]) == (3, 4) and rotation_axes([64, 32, 32]) == (3, 4)
+    batch = volume.repeat(4, 1, 1, 1, 1)
+    turned = rotate(batch, torch.arange(4), (3, 4))
+    for k, expected in by_hand.items():
+        expected = torch.tensor(expected, dtype=torch.float32)
+        assert torch.equal(turned[k, 0], torch.stack([expected, 10 * expected, 100 * expected])), k
+    assert torch.equal(rotate(turned, (4 - torch.arange(4)) % 4, (3, 4)), batch)  # the inverse turn restores it
+    assert rotation_axes([64, 64]) == (2, 3)  # 2D: the image plane
+    assert rotation_axes([32, 64, 32]) == (2, 4)  # no square y-x: the last pair of equal axes
+    with pytest.raises(UsageError, match="none"):
+        rotation_axes([64, 32, 96])
+
+
+class _StubSwin(nn.Module):
+    """Stands in for SwinUNETR: a ``swinViT`` whose last output is the input, a perfect reconstruction."""
+
+    def __init__(self):
+        super().__init__()
+        self.swinViT = nn.Identity()
+        self.swinViT.forward = lambda x: [x]
+        attach_heads(self, 1)
+
+    def forward(self, x):
+        self.seen = x
+        self.swinViT(x)
+        return x
+
+
+def test_the_views_are_the_patches_turned_by_their_labels_and_the_loss_turns_the_target_alike():
+    torch.manual_seed(0)
+    image = torch.randn(3, 1, 2, 4, 4)
+    network = _StubSwin()
+    outputs = RotationContrastiveInpainting(network, (3, 4), ratio=0.0)(image)
+    labels = outputs.quarter_turns
+    assert labels.shape == (6,) and outputs.rotation_logits.shape == (6, 4) and outputs.embeddings.shape == (6, 512)
+    for i in range(6):  # view i and view 3 + i come from patch i
+        assert torch.equal(network.seen[i], torch.rot90(image[i % 3], int(labels[i]), (2, 3))), i
+    loss = RotationContrastiveInpaintingLoss((3, 4))
+    outputs.mask = torch.ones_like(outputs.mask)  # every voxel counts: the unrotated target would not match
+    assert float(loss.parts(outputs, image)["inpainting"]) == 0.0
+    assert set(torch.randint(0, 4, (64,)).tolist()) == {0, 1, 2, 3}  # the generator draws all four labels
+
+
+def _nt_xent(first: torch.Tensor, second: torch.Tensor, temperature: float = 0.5) -> float:
+    """SimCLR's loss written out: each view's positive is its partner, negatives all other views but itself."""
+    views = torch.nn.functional.normalize(torch.cat([first, second]), dim=1)
+    count = first.shape[0]
+    total = 0.0
+    for i in range(2 * count):
+        partner = (i + count) % (2 * count)
+        similarities = [float(views[i] @ views[j]) / temperature for j in range(2 * count) if j != i]
+        positive = float(views[i] @ views[partner]) / temperature
+        total += -positive + float(torch.logsumexp(torch.tensor(similarities), 0))
+    return total / (2 * count)
+
+
+def test_the_contrastive_loss_is_nt_xent_and_lower_for_matching_pairs():
+    torch.manual_seed(1)
+    first = torch.randn(4, 8)
+    second = first + 0.1 * torch.randn(4, 8)  # each patch's second view: close to its first
+    shuffled = second[[1, 2, 3, 0]]  # no patch meets its own partner
+    loss = RotationContrastiveInpaintingLoss((2, 3))  # 2D views of 2x2
+
+    def contrastive(a, b):
+        outputs = SelfSupervisedOutputs(torch.zeros(8, 1, 2, 2), torch.zeros(8, 1, 2, 2),
+                                        torch.zeros(8, dtype=torch.long), torch.zeros(8, 4), torch.cat([a, b]))
+        return float(loss.parts(outputs, torch.zeros(4, 1, 2, 2))["contrastive"])
+
+    matching, mismatched = contrastive(first, second), contrastive(first, shuffled)
+    assert matching == pytest.approx(_nt_xent(first, second), abs=1e-5)
+    assert mismatched == pytest.approx(_nt_xent(first, shuffled), abs=1e-5)
+    assert matching < 1.0 < np.log(7) < mismatched  # log(2B - 1): what uniform similarities would give
+
+
+def test_the_swin_task_is_refused_for_other_architectures(planned, capfd):
+    roots, name, flags = planned
+    with pytest.raises(UsageError, match=r"needs -a swin_unetr .* unet pre-trains with --task inpainting"):
+        pretrain(roots, name, "3d_fullres", "unet", PretrainingOptions(task=TASK, progress=False))
+    assert main(["pretrain", "-d", "999", "-c", "3d_fullres", "-a", "unet", "--task", TASK, *flags]) == 2
+    assert "needs -a swin_unetr" in capfd.readouterr().err
+
+
+def _plan_tiny_swin(plans_file) -> None:
+    """A 2D Swin UNETR of feature size 12 on a 64x64 patch beside the tiny U-Net (3D costs ten times more)."""
+    from autoseg.networks.registry import ARCHITECTURES
+    from autoseg.planning.plans import ArchitecturePlan, load_plans, save_plans
+
+    plans = load_plans(plans_file)
+    spec = ARCHITECTURES["swin_unetr"]
+    topology = spec.topology([64, 64], [1.0, 1.0], 12)
+    plans.configurations["2d"].architectures["swin_unetr"] = ArchitecturePlan(
+        "swin_unetr", topology.patch_size, 2, topology.kernel_sizes, topology.strides, topology.features,
+        {**spec.default_options, "feature_size": 12})
+    save_plans(plans, plans_file)
+
+
+@pytest.mark.slow
+def test_swin_pretraining_with_three_tasks_lowers_its_loss_and_feeds_pretrained(planned, capfd):
+    from autoseg.networks.registry import build_network
+    from autoseg.planning.plans import load_plans
+    from autoseg.training.transfer import transfer_weights
+
+    roots, name, flags = planned
+    _plan_tiny_swin(roots.plans_file(name))
+    options = PretrainingOptions(epochs=5, iters_per_epoch=10, task=TASK, seed=0, progress=False)
+    output = pretrain(roots, name, "2d", "swin_unetr", options)
+    log = [json.loads(line) for line in (output / "training_log.jsonl").read_text().splitlines()]
+    for entry in log:  # the total is the three parts, weight 1 each
+        parts = entry["pretrain_losses"]
+        assert set(parts) == {"inpainting", "rotation", "contrastive"}
+        assert entry["train_loss"] == pytest.approx(sum(parts.values()), rel=1e-5)
+    losses = [e["train_loss"] for e in log]
+    assert np.mean(losses[-2:]) < losses[0], losses
+    assert "rotation" in capfd.readouterr().out  # the epoch line shows the parts
+    final = torch.load(output / "checkpoint_final.pt", weights_only=True)
+    heads = set(final["pretrain_head_names"])
+    ssl = {h for h in heads if h.startswith("ssl_heads.")}
+    assert ssl == {f"ssl_heads.{m}.{p}" for m in ("rotation", "contrastive") for p in ("weight", "bias")}
+    assert heads - ssl and all(h.startswith("out.") for h in heads - ssl)  # the reconstruction head
+    assert final["model"]["ssl_heads.contrastive.weight"].shape == (512, 16 * 12)
+    # What train --pretrained does with it: a segmentation Swin UNETR (3 classes) takes the encoder whole.
+    plan = load_plans(roots.plans_file(name)).architecture("2d", "swin_unetr")
+    report = transfer_weights(build_network(plan, 1, 3, 2, False), output / "checkpoint_final.pt", "swin_unetr",
+                              print_table=False)
+    assert {k for k, why in report.unused.items() if why == "pre-training head"} == heads
+    assert report.encoder_tensors_loaded == report.encoder_tensors_total > 0
+    assert not any(k.startswith("ssl_heads.") for k in report.loaded)

@@ -8,15 +8,18 @@ from autoseg.cli import add_common
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("pretrain", help="self-supervised pre-training (masked-volume inpainting) on "
-                                                    "unlabelled images; feed the result to train --pretrained")
+    parser = subparsers.add_parser("pretrain", help="self-supervised pre-training (masked-volume inpainting; for "
+                                                    "Swin UNETR also rotation and contrastive) on unlabelled images; "
+                                                    "feed the result to train --pretrained")
     parser.add_argument("-d", "--dataset", required=True, help="dataset id or name (its plan and images)")
     parser.add_argument("-c", "--configuration", required=True, help="a planned configuration: 2d, 3d_fullres ...")
     parser.add_argument("-a", "--architecture", help="default: the plan's default for the configuration")
     parser.add_argument("--images", nargs="+", type=Path, default=[], metavar="FOLDER",
                         help="more folders of unlabelled scans (same channels) besides imagesTr and imagesTs")
-    parser.add_argument("--task", default="inpainting", choices=["inpainting"],
-                        help="masked-volume inpainting: random cubes masked, reconstructed (loss on them only)")
+    parser.add_argument("--task", default="inpainting", choices=["inpainting", "inpainting+rotation+contrastive"],
+                        help="inpainting (every architecture): random cubes masked, reconstructed (loss on them "
+                             "only); inpainting+rotation+contrastive (-a swin_unetr only): Swin UNETR's three "
+                             "tasks (Tang et al. 2022) on two rotated, masked views of each patch, losses summed")
     parser.add_argument("--continue", dest="resume", action="store_true", help="resume from checkpoint_latest.pt")
     parser.add_argument("--epochs", type=int, default=1000)
     parser.add_argument("--iters-per-epoch", type=int, default=250)

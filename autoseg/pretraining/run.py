@@ -6,7 +6,9 @@
                       PretrainingOptions(time_budget_minutes=60, extra_image_folders=[Path("/data/scans")]))
 
 The network is the plan's, built with one output per input channel; ``MaskedInpainting``
-masks cubes of each patch and the loss is the reconstruction error on them. Everything else
+masks cubes of each patch and the loss is the reconstruction error on them (``--task
+inpainting``, every architecture). Swin UNETR can instead learn the seed paper's three tasks
+at once (``--task inpainting+rotation+contrastive``, ``autoseg.pretraining.swin_ssl``). Everything else
 is training's: the same ``TrainingLoop`` (no validation pass: there is nothing to segment),
 SGD with poly decay, ``TimeBudget``, checkpoints every epoch (``--continue``), the log and
 ``progress.png``. Checkpoints say ``format: autoseg-pretraining`` and list the output-head
@@ -27,10 +29,13 @@ import torch
 
 from autoseg.errors import UsageError
 from autoseg.networks.registry import build_network
+from autoseg.networks.swin_unetr import LEVEL_WIDTHS, feature_size_of
 from autoseg.paths import Roots
 from autoseg.planning.plans import load_plans
 from autoseg.pretraining.data import UnlabelledPatchSampler, preprocess_unlabelled
 from autoseg.pretraining.inpainting import MaskedInpainting, MaskedReconstructionLoss
+from autoseg.pretraining.swin_ssl import (TASK as SWIN_TASK, RotationContrastiveInpainting,
+                                          RotationContrastiveInpaintingLoss, attach_heads, rotation_axes)
 from autoseg.records import check_writable_folder
 from autoseg.training.callbacks import CheckpointWriter, ProgressWriter, TimeBudget
 from autoseg.training.checkpoints import check_identity, load_checkpoint, set_rng_state
@@ -41,6 +46,7 @@ from autoseg.training.loop import TrainingLoop, TrainingState
 from autoseg.training.schedule import PolySchedule
 
 PRETRAIN_FORMAT = "autoseg-pretraining"
+TASKS = ("inpainting", SWIN_TASK)
 
 
 @dataclass
@@ -62,8 +68,8 @@ class PretrainingOptions:
             raise UsageError("epochs and iterations per epoch must be at least 1")
         if self.time_budget_minutes is not None and self.time_budget_minutes <= 0:
             raise UsageError("--time-budget must be a positive number of minutes")
-        if self.task != "inpainting":
-            raise UsageError(f"unknown pre-training task '{self.task}'; known: inpainting")
+        if self.task not in TASKS:
+            raise UsageError(f"unknown pre-training task '{self.task}'; known: {', '.join(TASKS)}")
         for folder in self.extra_image_folders:
             if not Path(folder).is_dir():
                 raise UsageError("--images folder does not exist", folder)
@@ -75,9 +81,16 @@ def pretraining_output(roots: Roots, dataset_name: str, configuration: str, arch
 
 def head_names(plan, in_channels: int, dimensions: int) -> list[str]:
     """Tensors whose shape depends on the number of outputs: the heads (built on the meta device, no memory)."""
-    with torch.device("meta"):
-        one = build_network(plan, in_channels, in_channels, dimensions, False).state_dict()
-        other = build_network(plan, in_channels, in_channels + 1, dimensions, False).state_dict()
+    def build_both():
+        return [build_network(plan, in_channels, outputs, dimensions, False).state_dict()
+                for outputs in (in_channels, in_channels + 1)]
+
+    try:
+        with torch.device("meta"):
+            one, other = build_both()
+    except RuntimeError:  # MONAI's SwinUNETR calls .item() while it builds, which meta tensors refuse
+        with torch.random.fork_rng(devices=[]):  # on the CPU then, leaving the run's random stream alone
+            one, other = build_both()
     return sorted(k for k in one if one[k].shape != other[k].shape)
 
 
@@ -88,6 +101,10 @@ def pretrain(roots: Roots, dataset_name: str, configuration: str, architecture: 
     plans = load_plans(roots.plans_file(dataset_name))
     config = plans.configuration(configuration)
     arch = plans.architecture(configuration, architecture)
+    if options.task == SWIN_TASK and arch.name != "swin_unetr":
+        raise UsageError(f"--task {SWIN_TASK} needs -a swin_unetr (its rotation and contrastive heads read the Swin "
+                         f"encoder's bottleneck); {arch.name} pre-trains with --task inpainting")
+    axes = rotation_axes(arch.patch_size) if options.task == SWIN_TASK else None
     raw = roots.raw_dataset(dataset_name)
     folders = [raw / f for f in ("imagesTr", "imagesTs") if (raw / f).is_dir()] + list(options.extra_image_folders)
     if not folders:
@@ -103,6 +120,15 @@ def pretrain(roots: Roots, dataset_name: str, configuration: str, architecture: 
     seed_everything(seed)
     channels = plans.num_input_channels
     network = build_network(arch, channels, channels, config.dimensions, False).to(device)
+    heads = head_names(arch, channels, config.dimensions)
+    if axes is not None:  # the heads join the network: optimised, saved, restored by --continue
+        heads += attach_heads(network, feature_size_of(arch) * LEVEL_WIDTHS[-1])
+        model, loss = RotationContrastiveInpainting(network, axes), RotationContrastiveInpaintingLoss(axes)
+        if arch.batch_size < 2:
+            print(f"pretrain: warning: batch size {arch.batch_size}: the contrastive task has no negatives "
+                  "(its loss stays 0); the other two tasks still learn", flush=True)
+    else:
+        model, loss = MaskedInpainting(network), MaskedReconstructionLoss()
     optimizer = torch.optim.SGD(network.parameters(), lr=options.initial_lr, momentum=0.99, nesterov=True,
                                 weight_decay=3e-5)
     schedule = PolySchedule(options.initial_lr, 0.9, options.epochs, options.iters_per_epoch)
@@ -111,7 +137,7 @@ def pretrain(roots: Roots, dataset_name: str, configuration: str, architecture: 
                          "data_identifier": config.data_identifier, "patch_size": list(arch.patch_size),
                          "batch_size": arch.batch_size, "task": options.task},
                 "split": {"cases": case_ids},
-                "format": PRETRAIN_FORMAT, "pretrain_head_names": head_names(arch, channels, config.dimensions)}
+                "format": PRETRAIN_FORMAT, "pretrain_head_names": heads}
     latest = output / "checkpoint_latest.pt"
     resuming = options.resume and latest.exists()
     check_writable_folder(output)
@@ -128,9 +154,10 @@ def pretrain(roots: Roots, dataset_name: str, configuration: str, architecture: 
         print(f"pretrain: continuing from epoch {state.epoch} of {schedule.total_epochs}", flush=True)
     loop_callbacks: list[Any] = [TimeBudget(options.time_budget_minutes)] if (
         options.time_budget_minutes and not resuming) else []
-    loop_callbacks += [CheckpointWriter(output, identity), ProgressWriter(output), _EpochLine()]
+    # The parts first: they join the epoch's entry before the checkpoint and the log are written.
+    loop_callbacks += [_LossParts(), CheckpointWriter(output, identity), ProgressWriter(output), _EpochLine()]
     sampler = UnlabelledPatchSampler(data_folder, case_ids, arch.patch_size, arch.batch_size)
-    loop = TrainingLoop(network=network, model=MaskedInpainting(network), loss=MaskedReconstructionLoss(),
+    loop = TrainingLoop(network=network, model=model, loss=loss,
                         train_batches=batch_iterator(sampler, options.num_workers, seed + 7919 * state.epoch),
                         val_batches=iter(()), optimizer=optimizer, schedule=schedule, num_classes=1, val_iters=0,
                         device=device, callbacks=loop_callbacks + list(callbacks or []), state=state,
@@ -144,7 +171,18 @@ def pretrain(roots: Roots, dataset_name: str, configuration: str, architecture: 
     return output
 
 
+class _LossParts:
+    """Adds each task's mean loss to the epoch's entry (``pretrain_losses``) where the loss has parts."""
+
+    def on_epoch_end(self, loop, entry: dict[str, Any]) -> None:
+        if hasattr(loop.loss, "epoch_means"):
+            entry["pretrain_losses"] = loop.loss.epoch_means()
+
+
 class _EpochLine:
     def on_epoch_end(self, loop, entry: dict[str, Any]) -> None:
-        print(f"pretrain epoch {entry['epoch']}: masked reconstruction loss {entry['train_loss']:.4f}, "
+        parts = entry.get("pretrain_losses")
+        what = ("loss " + " + ".join(f"{name} {value:.4f}" for name, value in parts.items()) + " ="
+                if parts else "masked reconstruction loss")
+        print(f"pretrain epoch {entry['epoch']}: {what} {entry['train_loss']:.4f}, "
               f"{entry['epoch_seconds']:.1f} s, lr {entry['lr']:.5f}", flush=True)
