@@ -132,16 +132,20 @@ def _few_labels(preprocessed: Path, config: str, labelled: int) -> list[str]:
 
 def _pool_without(dataset: Path, excluded: list[str], root: Path) -> Path:
     """A raw root whose copy of ``dataset`` links every image but those of ``excluded`` cases."""
+    from autoseg.inference.folder import list_input_cases  # after _few_labels put REPO on sys.path
+
+    num_channels = len(json.loads((dataset / "dataset.json").read_text())["channel_names"])
     target = root / dataset.name
     for folder in ("imagesTr", "imagesTs"):
         if not (dataset / folder).is_dir():
             continue
         (target / folder).mkdir(parents=True, exist_ok=True)
-        for image in sorted((dataset / folder).iterdir()):
-            case = image.name.split(".")[0].rsplit("_", 1)[0]  # case_0000.nii.gz -> case
-            link = target / folder / image.name
-            if not (folder == "imagesTr" and case in excluded) and not link.exists():
-                link.symlink_to(image.resolve())
+        for case in list_input_cases(dataset / folder, num_channels):
+            if folder == "imagesTr" and case.case_id in excluded:
+                continue
+            for image in case.files:
+                if not (target / folder / image.name).exists():
+                    (target / folder / image.name).symlink_to(image.resolve())
     return root
 
 

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from autoseg.errors import PlanError
-
 from autoseg.fingerprint import DatasetFingerprint
 from autoseg.networks.memory import MemoryEstimate, measure
 from autoseg.networks.registry import ARCHITECTURES, ArchitectureSpec

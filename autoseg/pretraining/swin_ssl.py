@@ -75,9 +75,9 @@ class SelfSupervisedHeads(nn.Module):
 def attach_heads(network: nn.Module, bottleneck_channels: int) -> list[str]:
     """Adds ``ssl_heads`` to a MONAI ``SwinUNETR`` (its forward ignores them); returns their state-dict names."""
     heads = SelfSupervisedHeads(bottleneck_channels)
-    for parameter in network.parameters():  # same device and dtype as the network
-        heads.to(device=parameter.device, dtype=parameter.dtype)
-        break
+    reference = next(network.parameters(), None)  # the heads take the network's device and dtype
+    if reference is not None:
+        heads.to(device=reference.device, dtype=reference.dtype)
     network.add_module(HEADS_ATTRIBUTE, heads)
     return sorted(f"{HEADS_ATTRIBUTE}.{name}" for name in heads.state_dict())
 
@@ -120,7 +120,7 @@ class RotationContrastiveInpaintingLoss(nn.Module):
         self.axes = axes
         self.reconstruction = MaskedReconstructionLoss()
         self.contrastive = ContrastiveLoss(temperature=temperature)
-        self._sums: dict[str, float] = {}
+        self._sums: dict[str, torch.Tensor] = {}  # kept on the device: no host sync per step
         self._steps = 0
 
     def parts(self, outputs: SelfSupervisedOutputs, target: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -133,12 +133,12 @@ class RotationContrastiveInpaintingLoss(nn.Module):
     def forward(self, outputs: SelfSupervisedOutputs, target: torch.Tensor) -> torch.Tensor:
         parts = self.parts(outputs, target)
         for name, value in parts.items():
-            self._sums[name] = self._sums.get(name, 0.0) + float(value.detach())
+            self._sums[name] = self._sums.get(name, 0.0) + value.detach()
         self._steps += 1
         return sum(parts.values())
 
     def epoch_means(self) -> dict[str, float]:
         """Each part's mean since the last call (one epoch), then starts over."""
-        means = {name: total / max(1, self._steps) for name, total in self._sums.items()}
+        means = {name: float(total) / max(1, self._steps) for name, total in self._sums.items()}
         self._sums, self._steps = {}, 0
         return means
