@@ -113,7 +113,7 @@ def estimate_mb(plans_file: str, configuration: str, name: str, device_name: str
                           plans.configuration(configuration).dimensions, plan.batch_size, device.type,
                           amp_dtype is not None)
     return {"plans": os.path.basename(plans_file), "configuration": configuration, "name": name,
-            "device": device.type, "precision": "fp32" if amp_dtype is None else str(amp_dtype).removeprefix("torch."),
+            "device": device.type, "precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype],
             "patch": plan.patch_size, "batch": plan.batch_size, "estimate_mb": estimate / 2**20}
 
 
