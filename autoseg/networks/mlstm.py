@@ -75,15 +75,20 @@ def mlstm_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i_pre: to
     return h.reshape(batch, heads, -1, d)[:, :, :length]
 
 
-@lru_cache(maxsize=4096)
 def recompute_peak_bytes(heads: int, head_dim: int, chunk_size: int, batch: int, length: int) -> float:
     """Peak bytes of recomputing and differentiating ``mlstm_chunkwise`` on a (batch, heads, length, head_dim)
     sequence in backward: what the recomputation saves, measured on the meta device, times
-    ``BACKWARD_PEAK_OVER_SAVED``. Linear in the sequence (one checkpoint covers it whole)."""
+    ``BACKWARD_PEAK_OVER_SAVED``. It grows with the sequence (one checkpoint covers it whole)."""
+    # Every tensor of the cell has the batch as its first axis, so one sample is measured.
+    return batch * _recompute_peak_per_sample(heads, head_dim, chunk_size, length)
+
+
+@lru_cache(maxsize=4096)
+def _recompute_peak_per_sample(heads: int, head_dim: int, chunk_size: int, length: int) -> float:
     from autoseg.networks.memory import saved_bytes
 
     inputs = [torch.zeros(shape, device="meta", requires_grad=True)
-              for shape in [(batch, heads, length, head_dim)] * 3 + [(batch, heads, length)] * 2]
+              for shape in [(1, heads, length, head_dim)] * 3 + [(1, heads, length)] * 2]
     return BACKWARD_PEAK_OVER_SAVED * saved_bytes(lambda *args: mlstm_chunkwise(*args, chunk_size), *inputs)
 
 
