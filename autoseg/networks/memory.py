@@ -7,8 +7,12 @@ Those saved activations dominate training memory and grow linearly with the numb
 of voxels, so one measurement per topology scales to any batch and patch of that
 topology. Parameters, gradients and optimiser state are added on top, and so is the
 transient peak of recomputing a gradient-checkpointed region in the backward pass (the
-selective scan's blocks): it does not grow with the patch, and the meta pass cannot see it
-because checkpointing saves nothing, so such modules report it (``recompute_peak_bytes``).
+selective scan's blocks, the mLSTM cell), which the meta pass cannot see because
+checkpointing saves nothing: such modules report it for a batch and sequence length
+(``recompute_peak()``: a function of batch and sequence length), the meta pass records the length each one sees per
+voxel of the probe, and the estimate asks every region for its peak at the real batch and patch
+and adds the largest (regions are recomputed one after another). A scan block's peak stops
+growing once a block is full; the mLSTM's grows with the sequence.
 
 The estimate is asked for a device type and a precision: on CUDA the caching allocator's
 overhead and the context are added; on the CPU neither (the training process returns freed
@@ -18,7 +22,8 @@ unless bf16 autocast is on.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -36,11 +41,24 @@ CPU_PROBE_MAX_VOXELS = 64**3
 
 
 @dataclass
+class RecomputedRegion:
+    """A module whose forward is gradient-checkpointed, as the meta pass met it."""
+    peak_bytes: Callable[[int, int], float]  # (batch, sequence length) -> peak of recomputing it in backward
+    tokens_per_voxel: float  # its sequence length per voxel of the patch
+
+
+@dataclass
 class MemoryEstimate:
     activation_bytes_per_voxel: float  # per sample, fp32
     parameter_count: int
-    # Peak of recomputing the largest checkpointed region during backward (independent of the patch).
-    recompute_bytes: float = 0.0
+    recomputed: list[RecomputedRegion] = field(default_factory=list)
+
+    def recompute_bytes(self, batch_size: int, patch_voxels: int) -> float:
+        """Peak of recomputing the largest checkpointed region during backward (in fp32 under autocast too)."""
+        if batch_size < 1:
+            return 0.0
+        return max((region.peak_bytes(batch_size, max(1, round(region.tokens_per_voxel * patch_voxels)))
+                    for region in self.recomputed), default=0.0)
 
     def training_bytes(self, batch_size: int, patch_voxels: int, amp: bool = True, device_type: str = "cuda") -> float:
         """Peak bytes of one SGD step; ``amp``: autocast (bf16/fp16) activations, else fp32."""
@@ -49,7 +67,7 @@ class MemoryEstimate:
             activations *= AMP_ACTIVATION_FACTOR
         # weights, gradients, SGD momentum: three fp32 copies
         params = 3 * 4 * self.parameter_count
-        step = activations + params + self.recompute_bytes
+        step = activations + params + self.recompute_bytes(batch_size, patch_voxels)
         if device_type == "cuda":
             return step * ALLOCATOR_OVERHEAD + CONTEXT_BYTES
         return step
@@ -104,15 +122,28 @@ def measure(build, input_channels: int, probe_patch: list[int]) -> MemoryEstimat
     voxels = 1
     for p in probe_patch:
         voxels *= p
+    lengths: dict[nn.Module, int] = {}
+
+    def record_length(module, args):  # checkpointed modules take (batch, length, channels) sequences
+        lengths[module] = args[0].shape[1]
+
+    def run(net: nn.Module, device: str) -> int:
+        hooks = [m.register_forward_pre_hook(record_length) for m in net.modules() if hasattr(m, "recompute_peak")]
+        try:
+            return saved_activation_bytes(net, (1, input_channels, *probe_patch), device)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
     try:
-        activation = saved_activation_bytes(network, (1, input_channels, *probe_patch), "meta")
+        activation = run(network, "meta")
     except (NotImplementedError, RuntimeError):
         # Some custom kernels have no meta implementation; a real CPU pass works everywhere,
         # but only on a probe small enough not to exhaust memory itself.
         if voxels > CPU_PROBE_MAX_VOXELS:
             raise
-        network = build()
-        activation = saved_activation_bytes(network, (1, input_channels, *probe_patch), "cpu")
-    recompute = max((m.recompute_peak_bytes() for m in network.modules() if hasattr(m, "recompute_peak_bytes")),
-                    default=0.0)
-    return MemoryEstimate(activation / voxels, params, recompute)
+        lengths.clear()
+        activation = run(build(), "cpu")
+    # The functions hold only the modules' sizes, not the modules (a CPU probe's weights are not kept).
+    recomputed = [RecomputedRegion(module.recompute_peak(), length / voxels) for module, length in lengths.items()]
+    return MemoryEstimate(activation / voxels, params, recomputed)

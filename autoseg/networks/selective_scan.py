@@ -53,8 +53,7 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
         return y.transpose(1, 2)
     batch, length, d_inner = u.shape
     d_state = A.shape[1]
-    per_token = batch * d_inner * d_state
-    block = max(chunk_size, BLOCK_ELEMENTS // per_token // chunk_size * chunk_size)
+    block = block_length(batch, d_inner, d_state, chunk_size)
     state = u.new_zeros(batch, d_inner, d_state)
     outputs = []
     for start in range(0, length, block):
@@ -70,20 +69,32 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     return torch.cat(outputs, dim=1) + u * D
 
 
-@lru_cache(maxsize=None)
-def recompute_peak_bytes(d_inner: int, d_state: int, chunk_size: int = 32) -> float:
-    """Peak bytes of recomputing and differentiating one full checkpointed block in backward.
+def block_length(batch: int, d_inner: int, d_state: int, chunk_size: int) -> int:
+    """Tokens per checkpointed block: about ``BLOCK_ELEMENTS`` state elements, a whole number of chunks."""
+    return max(chunk_size, BLOCK_ELEMENTS // (batch * d_inner * d_state) // chunk_size * chunk_size)
 
-    Blocks hold about ``BLOCK_ELEMENTS`` state elements whatever the batch and sequence, so
-    this is a constant per layer; it is measured on the meta device (shapes only)."""
+
+def recompute_peak_bytes(d_inner: int, d_state: int, chunk_size: int, batch: int, length: int) -> float:
+    """Peak bytes of recomputing and differentiating the largest checkpointed block in backward.
+
+    A block holds ``min(length, block_length)`` tokens of every sample, so the peak grows with a
+    short sequence (a bottleneck's few tokens) and stops growing once a block is full."""
+    return _block_peak_bytes(d_inner, d_state, chunk_size, batch, min(length, block_length(batch, d_inner, d_state,
+                                                                                            chunk_size)))
+
+
+@lru_cache(maxsize=4096)
+def _block_peak_bytes(d_inner: int, d_state: int, chunk_size: int, batch: int, length: int) -> float:
+    # What the block's recomputation saves, measured on the meta device (shapes only), plus the
+    # gradient buffers of its backward.
     from autoseg.networks.memory import saved_bytes
 
-    length = max(chunk_size, BLOCK_ELEMENTS // (d_inner * d_state) // chunk_size * chunk_size)
-    shapes = [(1, length, d_inner), (1, length, d_inner), (d_inner, d_state), (1, length, d_state),
-              (1, length, d_state), (1, d_inner, d_state)]
+    shapes = [(batch, length, d_inner), (batch, length, d_inner), (d_inner, d_state), (batch, length, d_state),
+              (batch, length, d_state), (batch, d_inner, d_state)]
     inputs = [torch.zeros(shape, device="meta", requires_grad=True) for shape in shapes]
     saved = saved_bytes(lambda *args: _scan_block(*args, chunk_size), *inputs)
-    return saved + BACKWARD_BLOCK_BUFFERS * length * d_inner * d_state * 4
+    padded = -(-length // chunk_size) * chunk_size
+    return saved + BACKWARD_BLOCK_BUFFERS * batch * padded * d_inner * d_state * 4
 
 
 def _scan_block(u, delta, A, B, C, state, chunk: int):

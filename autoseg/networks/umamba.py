@@ -16,6 +16,7 @@ d_conv 4, expand 2.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -54,9 +55,9 @@ class MambaBlock(nn.Module):
         self.D = nn.Parameter(torch.ones(self.d_inner))
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
 
-    def recompute_peak_bytes(self) -> float:
-        """The memory model's transient term: see ``selective_scan.recompute_peak_bytes``."""
-        return recompute_peak_bytes(self.d_inner, self.d_state, self.chunk_size)
+    def recompute_peak(self):
+        """The memory model's transient term as a function of (batch, length): ``selective_scan.recompute_peak_bytes``."""
+        return partial(recompute_peak_bytes, self.d_inner, self.d_state, self.chunk_size)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (batch, L, d_model)
         length = tokens.shape[1]

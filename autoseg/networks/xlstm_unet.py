@@ -14,12 +14,14 @@ gradient-checkpointed so its (L x chunk) score matrices are not kept for backwar
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from autoseg.networks.mlstm import mlstm_chunkwise
+from autoseg.networks.mlstm import mlstm_chunkwise, recompute_peak_bytes
 from autoseg.networks.precision import without_autocast
 from autoseg.networks.resenc_unet import ResidualEncoderUNet
 from autoseg.planning.plans import ArchitecturePlan
@@ -39,7 +41,7 @@ class MLSTMLayer(nn.Module):
         heads = max(1, min(heads, inner // 4))
         while inner % heads:
             heads -= 1
-        self.heads, self.chunk_size = heads, chunk_size
+        self.heads, self.chunk_size, self.head_dim = heads, chunk_size, inner // heads
         self.up = nn.Linear(dim, 2 * inner)
         self.conv = nn.Conv1d(inner, inner, conv_size, groups=inner, padding=conv_size - 1)
         self.q, self.k, self.v = (nn.Linear(inner, inner, bias=False) for _ in range(3))
@@ -55,6 +57,10 @@ class MLSTMLayer(nn.Module):
         self.out_norm = nn.GroupNorm(heads, inner)
         self.skip = nn.Parameter(torch.ones(inner))
         self.down = nn.Linear(inner, dim)
+
+    def recompute_peak(self):
+        """The memory model's transient term as a function of (batch, length): ``mlstm.recompute_peak_bytes``."""
+        return partial(recompute_peak_bytes, self.heads, self.head_dim, self.chunk_size)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (batch, L, dim)
         batch, length, _ = tokens.shape

@@ -211,8 +211,7 @@ def _plan_with_choice(spec: ArchitectureSpec, choice: dict, dims: int, spacing: 
             raise ValueError(f"even the smallest patch needs more than {ctx.gpu_memory_gb} GB")
     per_step = estimate(topology)
     voxels = math.prod(topology.patch_size)
-    fits = int((budget - per_step.training_bytes(0, voxels)) // (per_step.training_bytes(1, voxels)
-                                                                  - per_step.training_bytes(0, voxels)))
+    fits = _batches_that_fit(per_step, voxels, budget)
     cap = int(MAX_DATASET_FRACTION_PER_STEP * ctx.dataset_voxels / voxels)
     batch = max(MIN_BATCH, min(fits, cap))
     plan = _arch_plan(spec, topology, batch, options)
@@ -220,6 +219,20 @@ def _plan_with_choice(spec: ArchitectureSpec, choice: dict, dims: int, spacing: 
     plan.estimated_memory_gb = round(per_step.training_bytes(batch, voxels) / 2**30, 3)
     plan.notes.append(f"batch {batch}: {fits} fit in {ctx.gpu_memory_gb} GB, 5% of the dataset's voxels allow {cap}")
     return plan
+
+
+def _batches_that_fit(per_step: MemoryEstimate, voxels: int, budget: float) -> int:
+    """The largest batch whose step fits ``budget``: the step grows with the batch but not linearly (a
+    recomputed scan block stops growing once full), so it is searched, doubling then bisecting."""
+    if per_step.training_bytes(1, voxels) > budget:
+        return 0
+    low, high = 1, 2
+    while per_step.training_bytes(high, voxels) <= budget:
+        low, high = high, 2 * high
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if per_step.training_bytes(middle, voxels) <= budget else (low, middle)
+    return low
 
 
 def _smaller_topology(spec: ArchitectureSpec, topology, spacing: list[float], median_shape: list[int],
