@@ -32,6 +32,10 @@ from torch import nn
 # loss keep fp32 copies; measured on DynUNet at the Hippocampus patch the saved bytes under
 # autocast are ~0.6 of fp32 (see scripts/bench_arch.py), applied to every architecture alike.
 AMP_ACTIVATION_FACTOR = 0.6
+# Autocast casts every weight to 2 bytes once per forward and keeps the copy for backward: in
+# bench_arch's CPU steps the bf16 peak's part that does not grow with the batch exceeds fp32's by
+# about this (U-Net 2d +11 MB for 1.9 M parameters, ResEnc +26 MB for 8.7 M).
+AMP_WEIGHT_COPY_BYTES = 2
 # The caching allocator's fragmentation and the backward pass's transient buffers.
 ALLOCATOR_OVERHEAD = 1.25
 # Workspace of the CUDA context and cuDNN, independent of the network.
@@ -63,10 +67,11 @@ class MemoryEstimate:
     def training_bytes(self, batch_size: int, patch_voxels: int, amp: bool = True, device_type: str = "cuda") -> float:
         """Peak bytes of one SGD step; ``amp``: autocast (bf16/fp16) activations, else fp32."""
         activations = self.activation_bytes_per_voxel * patch_voxels * batch_size
-        if amp:
-            activations *= AMP_ACTIVATION_FACTOR
         # weights, gradients, SGD momentum: three fp32 copies
         params = 3 * 4 * self.parameter_count
+        if amp:
+            activations *= AMP_ACTIVATION_FACTOR
+            params += AMP_WEIGHT_COPY_BYTES * self.parameter_count
         step = activations + params + self.recompute_bytes(batch_size, patch_voxels)
         if device_type == "cuda":
             return step * ALLOCATOR_OVERHEAD + CONTEXT_BYTES
@@ -147,3 +152,4 @@ def measure(build, input_channels: int, probe_patch: list[int]) -> MemoryEstimat
     # The functions hold only the modules' sizes, not the modules (a CPU probe's weights are not kept).
     recomputed = [RecomputedRegion(module.recompute_peak(), length / voxels) for module, length in lengths.items()]
     return MemoryEstimate(activation / voxels, params, recomputed)
+
