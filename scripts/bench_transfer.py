@@ -18,6 +18,10 @@ validation part unchanged: the same cases for every arm), validation Dice after:
     ``--source-minutes``; that source training is not counted in the budget, as a
     downloaded model would not be).
 
+and, as a yardstick for (b) and (c), (a/2): from scratch for half of ``--minutes``, the supervised
+time (b) and (c) have: (b) or (c) above (a/2) means their start is worth something per supervised
+minute, and (a) above them means it is worth less than the minutes it costs.
+
 Each side's budget counts its training (and pre-training) time only; the end-of-fold
 validation (sliding window + mirroring on the 40 validation cases) is after it and
 identical for all arms. Prints per arm the mean and spread (sample std) over the seeds and
@@ -83,11 +87,13 @@ def main() -> None:
         autoseg(args.work / "res_source", "train", SOURCE, config, "all", "--time-budget",
                 str(args.source_minutes or args.minutes), "--seed", "0")
     train = ["train", TARGET, config, "0", "--seed"]
-    results: dict[str, list[float]] = {"a": [], "b": [], "c": []}
+    results: dict[str, list[float]] = {"a": [], "a_half": [], "b": [], "c": []}
     for seed in args.seeds:
         arm = {k: args.work / f"res_{k}_{seed}" for k in results}
         if not _summary(arm["a"], config).exists():
             autoseg(arm["a"], *train, str(seed), "--time-budget", str(args.minutes))
+        if not _summary(arm["a_half"], config).exists():
+            autoseg(arm["a_half"], *train, str(seed), "--time-budget", str(half))
         if not _summary(arm["b"], config).exists():
             pretrained = arm["b"] / TARGET / "pretrain" / f"{config}__unet" / "checkpoint_final.pt"
             if not pretrained.exists():
@@ -102,11 +108,11 @@ def main() -> None:
             results[key].append(json.loads(_summary(arm[key], config).read_text())["mean_foreground"]["dice"])
     print(f"\nHippocampus {config} fold 0, {args.labelled} labelled training cases, {args.minutes:g} min per arm, "
           f"seeds {args.seeds}, {os.cpu_count()} CPU cores; validation Dice (mean over foreground classes)")
-    labels = {"a": "(a) from scratch", "b": "(b) pretrain 1/2 + fine-tune 1/2", "c": "(c) ACDC model + fine-tune 1/2"}
+    labels = {"a": "(a) from scratch", "a_half": "(a/2) from scratch, half the budget", "b": "(b) pretrain 1/2 + fine-tune 1/2", "c": "(c) ACDC model + fine-tune 1/2"}
     for key, values in results.items():
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         gain = statistics.mean(values) - statistics.mean(results["a"])
-        print(f"{labels[key]:<34} {statistics.mean(values):.3f} ± {spread:.3f}  "
+        print(f"{labels[key]:<38} {statistics.mean(values):.3f} ± {spread:.3f}  "
               f"({', '.join(f'{v:.3f}' for v in values)})" + (f"  vs (a): {gain:+.3f}" if key != "a" else ""))
 
 
