@@ -36,9 +36,12 @@ except Exception:  # noqa: BLE001 - any import failure (missing package, CUDA mi
 # Elements (batch * tokens * d_inner * d_state) per checkpointed block: ~16 MB per float32 tensor.
 BLOCK_ELEMENTS = 4 * 2 ** 20
 # Block-sized gradient buffers live at once while one block's backward runs, besides what its
-# recomputation saved: measured on the CPU (a 16k-token scan, batch 2, d_inner 64: 316 MB peak
-# over 28 MB of inputs, outputs and their gradients, of which 202 MB saved by the recomputation).
-BACKWARD_BLOCK_BUFFERS = 6
+# recomputation saved: measured on the CPU (VmHWM over one block's backward, glibc's mmap
+# threshold fixed as training fixes it) at (batch, tokens, d_inner) = (248, 32, 512),
+# (4, 1024, 128), (32, 128, 256), (2, 16384, 64) and d_state 16: 1.8, 1.7, 2.0 and 1.9 buffers
+# over the recomputation's saved bytes, the same under bf16 autocast (the scan runs in fp32).
+# (6, measured earlier with glibc's sliding threshold, counted heap fragmentation.)
+BACKWARD_BLOCK_BUFFERS = 2
 
 
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
