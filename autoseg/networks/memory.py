@@ -14,6 +14,12 @@ voxel of the probe, and the estimate asks every region for its peak at the real 
 and adds the largest (regions are recomputed one after another). A scan block's peak stops
 growing once a block is full; the mLSTM's grows with the sequence.
 
+What is saved is not all a step holds: the backward's gradient buffers coexist with the saved
+tensors, and under autocast the fraction of bytes kept in 2 bytes depends on the network (norms and
+softmax stay fp32). Both are measured per network by running one forward and backward pass on
+fake CPU tensors (``FakeTensorMode``, autocast included, nothing allocated) and recording the peak
+of live storage: ``step_over_saved``, the peak over the saved bytes, multiplies them.
+
 The estimate is asked for a device type and a precision: on CUDA the caching allocator's
 overhead and the context are added; on the CPU neither (the training process returns freed
 blocks to the system, see ``autoseg.training.memory_guard``), and the step runs in fp32
@@ -22,19 +28,22 @@ unless bf16 autocast is on.
 
 from __future__ import annotations
 
+import functools
+import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
-# bf16/fp16 autocast stores most activations in 2 bytes, but normalisation layers and the
-# loss keep fp32 copies; measured on DynUNet at the Hippocampus patch the saved bytes under
-# autocast are ~0.6 of fp32 (see scripts/bench_arch.py), applied to every architecture alike.
-# Real CPU passes under autocast (saved bytes per voxel, bf16 over fp32) give 0.50 for the U-Net,
-# 0.50-0.58 for ResEnc, 0.51-0.63 for the Mambas and xLSTM, 0.61 for 2D Swin UNETR but 0.83-0.90
-# for 3D Swin UNETR (window attention's fp32 softmax over 343 tokens): measuring it per plan
-# needs a CPU pass of several GB for Swin, which the planner cannot afford per topology.
+# bf16/fp16 autocast stores most activations in 2 bytes, but normalisation layers, attention's
+# softmax and regions that run in fp32 inside autocast keep fp32 ones, so the fraction is measured
+# per network (``autocast_saved_fraction``: 0.50 for the U-Net, 0.5-0.63 for ResEnc, the Mambas
+# and xLSTM, 0.61 for 2D and 0.83-0.90 for 3D Swin UNETR, whose window softmax spans 343 tokens);
+# this one, measured on DynUNet, serves where that measurement cannot run.
 AMP_ACTIVATION_FACTOR = 0.6
 # Autocast casts every weight to 2 bytes once per forward and keeps the copy for backward: in
 # bench_arch's CPU steps the bf16 peak's part that does not grow with the batch exceeds fp32's by
@@ -60,6 +69,9 @@ class MemoryEstimate:
     activation_bytes_per_voxel: float  # per sample, fp32
     parameter_count: int
     recomputed: list[RecomputedRegion] = field(default_factory=list)
+    # autocast -> peak bytes alive over a forward and backward pass over the fp32 saved bytes (autocast's
+    # 2-byte copies, the backward's gradient buffers; see ``step_over_saved``), measured when first asked.
+    step_over_saved: Callable[[bool], float] = lambda autocast: AMP_ACTIVATION_FACTOR if autocast else 1.0
 
     def recompute_bytes(self, batch_size: int, patch_voxels: int) -> float:
         """Peak of recomputing the largest checkpointed region during backward (in fp32 under autocast too)."""
@@ -71,10 +83,10 @@ class MemoryEstimate:
     def training_bytes(self, batch_size: int, patch_voxels: int, amp: bool = True, device_type: str = "cuda") -> float:
         """Peak bytes of one SGD step; ``amp``: autocast (bf16/fp16) activations, else fp32."""
         activations = self.activation_bytes_per_voxel * patch_voxels * batch_size
+        activations *= self.step_over_saved(amp)
         # weights, gradients, SGD momentum: three fp32 copies
         params = 3 * 4 * self.parameter_count
         if amp:
-            activations *= AMP_ACTIVATION_FACTOR
             params += AMP_WEIGHT_COPY_BYTES * self.parameter_count
         step = activations + params + self.recompute_bytes(batch_size, patch_voxels)
         if device_type == "cuda":
@@ -155,5 +167,91 @@ def measure(build, input_channels: int, probe_patch: list[int]) -> MemoryEstimat
         activation = run(build(), "cpu")
     # The functions hold only the modules' sizes, not the modules (a CPU probe's weights are not kept).
     recomputed = [RecomputedRegion(module.recompute_peak(), length / voxels) for module, length in lengths.items()]
-    return MemoryEstimate(activation / voxels, params, recomputed)
+    estimate = MemoryEstimate(activation / voxels, params, recomputed)
+    estimate.step_over_saved = functools.cache(functools.partial(step_over_saved, build, input_channels, probe_patch,
+                                                                 estimate.activation_bytes_per_voxel, params,
+                                                                 bool(recomputed)))
+    return estimate
 
+
+class _LiveBytes(TorchDispatchMode):
+    """Bytes of tensor storage alive while it is active, and their peak (fake tensors included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._storages: set[int] = set()
+
+    def _freed(self, key: int, size: int) -> None:
+        self._storages.discard(key)
+        self.live -= size
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            storage = tensor.untyped_storage()
+            key = id(storage)  # Python keeps one storage object per live storage
+            if key in self._storages:  # a view, or an in-place op's result
+                continue
+            self._storages.add(key)
+            self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._freed, key, storage.nbytes())
+        return out
+
+
+def step_over_saved(build, input_channels: int, probe_patch: list[int], saved_bytes_per_voxel: float,
+                    parameter_count: int, has_recomputed_regions: bool, autocast: bool) -> float:
+    """Peak bytes of a forward and backward pass over the fp32 saved bytes, in fp32 or under autocast.
+
+    What autograd saves is not all a step holds: the backward allocates gradient buffers while
+    the saved tensors are still alive (a U-Net's top decoder stage holds the gradients of its
+    output, of its skip concatenation and of its input at once), and autocast saves 2-byte copies
+    beside fp32 ones (norms, softmax and reductions stay fp32; 3D Swin UNETR's window softmax over
+    343 tokens keeps it near fp32). Both are found by running the step on fake CPU tensors
+    (``FakeTensorMode``: CPU dispatch, autocast included, shapes and dtypes only, no memory, no
+    arithmetic, so the size of the pass costs nothing) and recording the peak of live storage, at
+    the probe patch for two batches large enough that activations make the peak: the difference
+    grows with the samples only, which leaves out the weights' gradients and autocast's weight
+    copies (counted with the parameters). Networks with checkpointed regions keep the saved bytes'
+    share (see below). On the CPU the estimate then follows the measured peak of real steps within
+    -18 % / +10 % (``scripts/bench_arch.py``, README)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    floor = 0.5 if autocast else 1.0  # the saved bytes' own share (autocast keeps at least half of them)
+    if has_recomputed_regions:
+        # Their recomputation is counted on its own and dwarfs the rest of the peak, and a fake pass
+        # through thousands of checkpointed scan blocks costs minutes: the saved bytes' share.
+        return floor
+    voxels = math.prod(probe_patch)
+    # Activations of ``batch`` samples several times the weights' gradients, which the peak also holds;
+    # fake tensors cost nothing per voxel, and 32 samples bound the graph.
+    batch = min(32, max(1, math.ceil(8 * 4 * parameter_count / (saved_bytes_per_voxel * voxels))))
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    try:
+        with fake:
+            network = build()
+    except Exception:  # noqa: BLE001 - MONAI's SwinUNETR calls .item() while it builds: real weights then
+        network = build()
+    network.train()
+
+    def peak(samples: int) -> int:
+        live = _LiveBytes()
+        with fake:
+            x = torch.zeros((samples, input_channels, *probe_patch))
+            with live, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out = network(x)
+                outputs = out if isinstance(out, (list, tuple)) else [out]
+                sum(o.float().sum() for o in outputs).backward()
+            for parameter in network.parameters():
+                parameter.grad = None
+        return live.peak
+
+    try:
+        # Two batches: the difference grows with the samples only, the weights' part cancels.
+        growth = peak(2 * batch) - peak(batch)
+    except Exception:  # noqa: BLE001 - an op without a fake implementation: the saved bytes, scaled as measured on DynUNet
+        return AMP_ACTIVATION_FACTOR if autocast else 1.0
+    return max(floor, growth / (saved_bytes_per_voxel * voxels * batch))
