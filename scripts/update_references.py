@@ -9,6 +9,7 @@ the tests compare the planner's output with these files, so the diff is the revi
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -35,6 +36,8 @@ def write_references(raw: Path) -> None:
 
 
 def main() -> None:
+    # No options; --help prints this docstring instead of regenerating the references.
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     shared = REPO.parent / "shared" / "data"
     for name in REFERENCE_DATASETS:
         if (shared / name).is_dir():
