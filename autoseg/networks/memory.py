@@ -221,10 +221,6 @@ def step_over_saved(build, input_channels: int, probe_patch: list[int], saved_by
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     floor = 0.5 if autocast else 1.0  # the saved bytes' own share (autocast keeps at least half of them)
-    if has_recomputed_regions:
-        # Their recomputation is counted on its own and dwarfs the rest of the peak, and a fake pass
-        # through thousands of checkpointed scan blocks costs minutes: the saved bytes' share.
-        return floor
     voxels = math.prod(probe_patch)
     # Activations of ``batch`` samples several times the weights' gradients, which the peak also holds;
     # fake tensors cost nothing per voxel, and 32 samples bound the graph.
@@ -249,6 +245,23 @@ def step_over_saved(build, input_channels: int, probe_patch: list[int], saved_by
                 parameter.grad = None
         return live.peak
 
+    if has_recomputed_regions:
+        # Their recomputation is counted on its own, and a fake backward through many checkpointed
+        # blocks costs minutes: the share of what the forward saves (under autocast the scan's and the
+        # mLSTM's fp32 inputs keep 4 bytes), by one sample's fake forward.
+        if not autocast:
+            return floor
+        exclude = list(network.parameters())
+
+        def saved(amp: bool) -> int:
+            with fake, torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                return saved_bytes(network, torch.zeros((1, input_channels, *probe_patch)), exclude=exclude)
+
+        try:
+            # Autocast's weight copies are saved too; they are counted with the parameters.
+            return max(floor, (saved(True) - AMP_WEIGHT_COPY_BYTES * parameter_count) / saved(False))
+        except Exception:  # noqa: BLE001 - as below
+            return AMP_ACTIVATION_FACTOR
     try:
         # Two batches: the difference grows with the samples only, the weights' part cancels.
         growth = peak(2 * batch) - peak(batch)

@@ -42,6 +42,11 @@ BLOCK_ELEMENTS = 4 * 2 ** 20
 # over the recomputation's saved bytes, the same under bf16 autocast (the scan runs in fp32).
 # (6, measured earlier with glibc's sliding threshold, counted heap fragmentation.)
 BACKWARD_BLOCK_BUFFERS = 2
+# A sequence cut into several blocks: its backward holds gradients of the whole sequence (of the
+# output and of ``u`` and ``delta``, each (batch, length, d_inner) in fp32) besides the block being
+# recomputed: measured over selective_scan's backward at batch 7, d_inner 64, 8,192 and 32,768
+# tokens (576-token blocks): 3.1 and 2.3 such tensors beyond the block's peak.
+FULL_LENGTH_GRADIENTS = 3
 
 
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -81,9 +86,12 @@ def recompute_peak_bytes(d_inner: int, d_state: int, chunk_size: int, batch: int
     """Peak bytes of recomputing and differentiating the largest checkpointed block in backward.
 
     A block holds ``min(length, block_length)`` tokens of every sample, so the peak grows with a
-    short sequence (a bottleneck's few tokens) and stops growing once a block is full."""
-    return _block_peak_bytes(d_inner, d_state, chunk_size, batch, min(length, block_length(batch, d_inner, d_state,
-                                                                                            chunk_size)))
+    short sequence (a bottleneck's few tokens) and stops growing once a block is full. A sequence of
+    several blocks also holds, while its blocks' backward runs, gradients of the whole sequence
+    (``FULL_LENGTH_GRADIENTS``)."""
+    block = min(length, block_length(batch, d_inner, d_state, chunk_size))
+    whole_sequence = FULL_LENGTH_GRADIENTS * batch * length * d_inner * 4 if length > block else 0
+    return _block_peak_bytes(d_inner, d_state, chunk_size, batch, block) + whole_sequence
 
 
 @lru_cache(maxsize=4096)
