@@ -82,4 +82,7 @@ def test_memory_does_not_grow_from_case_to_case(pipeline, tmp_path, monkeypatch)
 def test_the_measurement_sees_a_leaked_torch_tensor(pipeline, tmp_path, monkeypatch):
     steady, one_case = _rss_after_each_case(pipeline, tmp_path, monkeypatch, leak=True)
     growth = _growth_per_case(steady)
-    assert growth == pytest.approx(one_case, rel=0.25), f"{growth:.0f} bytes per case seen, {one_case} leaked"
+    # Seen at well above the no-leak test's bound (0.25 of a case), not exactly: how much of a leaked
+    # 134 kB block shows in RSS depends on the holes earlier tests left in this process's heap
+    # (0.73 of it after the full suite, 1.0 alone).
+    assert 0.5 * one_case <= growth <= 1.5 * one_case, f"{growth:.0f} bytes per case seen, {one_case} leaked"
