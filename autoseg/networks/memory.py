@@ -41,13 +41,14 @@ from torch.utils._pytree import tree_leaves
 
 # bf16/fp16 autocast stores most activations in 2 bytes, but normalisation layers, attention's
 # softmax and regions that run in fp32 inside autocast keep fp32 ones, so the fraction is measured
-# per network (``autocast_saved_fraction``: 0.50 for the U-Net, 0.5-0.63 for ResEnc, the Mambas
-# and xLSTM, 0.61 for 2D and 0.83-0.90 for 3D Swin UNETR, whose window softmax spans 343 tokens);
-# this one, measured on DynUNet, serves where that measurement cannot run.
+# per network (``step_over_saved``: 0.57-0.67 for the U-Net, 0.5-0.62 for the Mambas and xLSTM,
+# 0.65 for 2D and 0.91 for 3D Swin UNETR, whose window softmax spans 343 tokens); this one,
+# measured on DynUNet, serves where that measurement cannot run.
 AMP_ACTIVATION_FACTOR = 0.6
 # Autocast casts every weight to 2 bytes once per forward and keeps the copy for backward: in
 # bench_arch's CPU steps the bf16 peak's part that does not grow with the batch exceeds fp32's by
-# about this (U-Net 2d +11 MB for 1.9 M parameters, ResEnc +26 MB for 8.7 M).
+# about this (U-Net 2d +11 MB for 1.9 M parameters, ResEnc +26 MB for 8.7 M; ``scripts/bench_arch.py
+# --configuration 2d --arch unet resenc_unet --batch 4`` and ``--batch 12``, ``--precision fp32`` and ``bf16``).
 AMP_WEIGHT_COPY_BYTES = 2
 # The caching allocator's fragmentation and the backward pass's transient buffers.
 ALLOCATOR_OVERHEAD = 1.25
@@ -71,7 +72,7 @@ class MemoryEstimate:
     recomputed: list[RecomputedRegion] = field(default_factory=list)
     # autocast -> peak bytes alive over a forward and backward pass over the fp32 saved bytes (autocast's
     # 2-byte copies, the backward's gradient buffers; see ``step_over_saved``), measured when first asked.
-    step_over_saved: Callable[[bool], float] = lambda autocast: AMP_ACTIVATION_FACTOR if autocast else 1.0
+    step_over_saved: Callable[[bool], float] = lambda autocast: _unmeasured_step_over_saved(autocast)
 
     def recompute_bytes(self, batch_size: int, patch_voxels: int) -> float:
         """Peak of recomputing the largest checkpointed region during backward (in fp32 under autocast too)."""
@@ -215,12 +216,14 @@ def step_over_saved(build, input_channels: int, probe_patch: list[int], saved_by
     arithmetic, so the size of the pass costs nothing) and recording the peak of live storage, at
     the probe patch for two batches large enough that activations make the peak: the difference
     grows with the samples only, which leaves out the weights' gradients and autocast's weight
-    copies (counted with the parameters). Networks with checkpointed regions keep the saved bytes'
-    share (see below). On the CPU the estimate then follows the measured peak of real steps within
-    -18 % / +10 % (``scripts/bench_arch.py``, README)."""
+    copies (counted with the parameters). Networks with checkpointed regions get a forward-only
+    measurement (see below). On the CPU the estimate then follows the measured peak of real steps
+    within -15 % / +11 % (``scripts/bench_arch.py``, README)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     floor = 0.5 if autocast else 1.0  # the saved bytes' own share (autocast keeps at least half of them)
+    if has_recomputed_regions and not autocast:
+        return floor  # their recomputation, counted on its own, is the rest of the step (see below)
     voxels = math.prod(probe_patch)
     # Activations of ``batch`` samples several times the weights' gradients, which the peak also holds;
     # fake tensors cost nothing per voxel, and 32 samples bound the graph.
@@ -232,6 +235,22 @@ def step_over_saved(build, input_channels: int, probe_patch: list[int], saved_by
     except Exception:  # noqa: BLE001 - MONAI's SwinUNETR calls .item() while it builds: real weights then
         network = build()
     network.train()
+
+    if has_recomputed_regions:
+        # Their recomputation is counted on its own, and a fake backward through many checkpointed
+        # blocks costs minutes: the share of what the forward saves (under autocast the scan's and the
+        # mLSTM's fp32 inputs keep 4 bytes), by one sample's fake forward.
+        exclude = list(network.parameters())
+
+        def saved(amp: bool) -> int:
+            with fake, torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                return saved_bytes(network, torch.zeros((1, input_channels, *probe_patch)), exclude=exclude)
+
+        try:
+            # Autocast's weight copies are saved too; they are counted with the parameters.
+            return max(floor, (saved(True) - AMP_WEIGHT_COPY_BYTES * parameter_count) / saved(False))
+        except Exception:  # noqa: BLE001 - as below
+            return _unmeasured_step_over_saved(autocast)
 
     def peak(samples: int) -> int:
         live = _LiveBytes()
@@ -245,26 +264,14 @@ def step_over_saved(build, input_channels: int, probe_patch: list[int], saved_by
                 parameter.grad = None
         return live.peak
 
-    if has_recomputed_regions:
-        # Their recomputation is counted on its own, and a fake backward through many checkpointed
-        # blocks costs minutes: the share of what the forward saves (under autocast the scan's and the
-        # mLSTM's fp32 inputs keep 4 bytes), by one sample's fake forward.
-        if not autocast:
-            return floor
-        exclude = list(network.parameters())
-
-        def saved(amp: bool) -> int:
-            with fake, torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-                return saved_bytes(network, torch.zeros((1, input_channels, *probe_patch)), exclude=exclude)
-
-        try:
-            # Autocast's weight copies are saved too; they are counted with the parameters.
-            return max(floor, (saved(True) - AMP_WEIGHT_COPY_BYTES * parameter_count) / saved(False))
-        except Exception:  # noqa: BLE001 - as below
-            return AMP_ACTIVATION_FACTOR
     try:
         # Two batches: the difference grows with the samples only, the weights' part cancels.
         growth = peak(2 * batch) - peak(batch)
-    except Exception:  # noqa: BLE001 - an op without a fake implementation: the saved bytes, scaled as measured on DynUNet
-        return AMP_ACTIVATION_FACTOR if autocast else 1.0
+    except Exception:  # noqa: BLE001 - an op without a fake implementation
+        return _unmeasured_step_over_saved(autocast)
     return max(floor, growth / (saved_bytes_per_voxel * voxels * batch))
+
+
+def _unmeasured_step_over_saved(autocast: bool) -> float:
+    """Where the fake pass cannot run: the saved bytes, scaled as measured on DynUNet under autocast."""
+    return AMP_ACTIVATION_FACTOR if autocast else 1.0

@@ -40,12 +40,14 @@ BLOCK_ELEMENTS = 4 * 2 ** 20
 # threshold fixed as training fixes it) at (batch, tokens, d_inner) = (248, 32, 512),
 # (4, 1024, 128), (32, 128, 256), (2, 16384, 64) and d_state 16: 1.8, 1.7, 2.0 and 1.9 buffers
 # over the recomputation's saved bytes, the same under bf16 autocast (the scan runs in fp32).
-# (6, measured earlier with glibc's sliding threshold, counted heap fragmentation.)
+# (6, measured earlier with glibc's sliding threshold, counted heap fragmentation.) Both constants:
+# ``python scripts/bench_scan_memory.py``.
 BACKWARD_BLOCK_BUFFERS = 2
 # A sequence cut into several blocks: its backward holds gradients of the whole sequence (of the
 # output and of ``u`` and ``delta``, each (batch, length, d_inner) in fp32) besides the block being
 # recomputed: measured over selective_scan's backward at batch 7, d_inner 64, 8,192 and 32,768
-# tokens (576-token blocks): 3.1 and 2.3 such tensors beyond the block's peak.
+# tokens (576-token blocks): 2.3 such tensors beyond the block's peak at 32,768 (twice), 1.3-3.6 at
+# 8,192 (small absolute sizes, 19-50 MB, so noisy).
 FULL_LENGTH_GRADIENTS = 3
 
 
