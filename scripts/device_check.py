@@ -283,7 +283,8 @@ def check_torchrun(device: str, tiny: bool) -> dict:
                    "--val-iters", "2", "--num-workers", "0", "--seed", "0", "--device", device, *flags]
         start = time.perf_counter()
         proc = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=work,
-                              env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"})
+                              env={**os.environ, "OMP_NUM_THREADS": "2",  # keep the caller's PYTHONPATH: carried wheels live there
+                                   "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
         seconds = time.perf_counter() - start
         summary = Path(work) / "res" / raw.name / "3d_fullres__unet" / "fold_0" / "validation" / "summary.json"
         if proc.returncode or not summary.is_file():
@@ -345,7 +346,8 @@ def check_prediction(device: str, tiny: bool, data: Path) -> dict:
     network = build_network(plan, plans.num_input_channels, plans.num_segmentation_heads, 3, True)
     model = TrainedModel(plans, "3d_fullres", "unet", [network.to(torch_device).eval()], ["0"])
     count = TINY_PREDICTION_CASES if tiny else HIPPOCAMPUS_VALIDATION_CASES
-    dataset = data / "Dataset004_Hippocampus" / "imagesTr"
+    # Absolute: the cases are linked from a temporary folder (a relative --data left 40 dangling links on the H200)
+    dataset = data.resolve() / "Dataset004_Hippocampus" / "imagesTr"
     with tempfile.TemporaryDirectory() as work:
         inputs = Path(work) / "in"
         inputs.mkdir()
@@ -365,8 +367,9 @@ def check_prediction(device: str, tiny: bool, data: Path) -> dict:
         start = time.perf_counter()
         result = predict_folder(model, inputs, Path(work) / "out", PredictionSettings(), torch_device, progress=False)
         seconds = time.perf_counter() - start
-    return {"cases": len(result.written), "failed": len(result.failed), "seconds": seconds, "source": source,
-            "mirroring": True}
+    if result.failed:  # a case that failed is a failed check, not a faster one
+        return {"error": f"{len(result.failed)} of {count} cases failed, the first: {result.failed[0]}"}
+    return {"cases": len(result.written), "failed": 0, "seconds": seconds, "source": source, "mirroring": True}
 
 
 # ---- the table ----------------------------------------------------------------------------------------------
@@ -418,6 +421,12 @@ def guarded(function, *args) -> dict:
         return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
 
 
+def write_json(report: dict, path: Path) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(report, indent=1))
+    temporary.replace(path)  # atomic: a killed run leaves no half-written JSON
+
+
 def main() -> int:
     if "--child" in sys.argv:
         kind, payload = sys.argv[sys.argv.index("--child") + 1:][:2]
@@ -437,17 +446,24 @@ def main() -> int:
     device = "cpu" if tiny else "cuda"
     start = time.perf_counter()
     report = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "CPU", "torch": torch.__version__,
-              "tiny": tiny, "architectures": check_architectures(device, tiny, 1 if tiny else args.steps)}
-    report["nnunet"] = guarded(check_against_nnunet, device, tiny, 1 if tiny else args.steps, args.nnunet_python)
-    report["torchrun"] = guarded(check_torchrun, device, tiny)
-    report["mamba_scan"] = guarded(check_mamba_scan, device)
-    report["prediction"] = guarded(check_prediction, device, tiny, args.data)
+              "tiny": tiny}
+
+    def record(key, value):
+        # Each check is written out as it ends, so that a run killed at its time limit still leaves
+        # the checks it finished (the device lease is short; a rerun costs minutes).
+        report[key] = value
+        print(f"[{time.perf_counter() - start:5.0f} s] {key}: {json.dumps(value)[:600]}", flush=True)
+        write_json(report, args.json)
+
+    record("architectures", check_architectures(device, tiny, 1 if tiny else args.steps))
+    record("nnunet", guarded(check_against_nnunet, device, tiny, 1 if tiny else args.steps, args.nnunet_python))
+    record("torchrun", guarded(check_torchrun, device, tiny))
+    record("mamba_scan", guarded(check_mamba_scan, device))
+    record("prediction", guarded(check_prediction, device, tiny, args.data))
     report["seconds"] = time.perf_counter() - start
     print(table(report))
     print(f"{report['seconds']:.0f} s in all; JSON: {args.json}")
-    temporary = args.json.with_name(f".{args.json.name}.tmp")
-    temporary.write_text(json.dumps(report, indent=1))
-    temporary.replace(args.json)  # atomic: a killed run leaves no half-written JSON
+    write_json(report, args.json)
     failed = [r for r in report["architectures"] if "error" in r] + [
         report[k] for k in ("nnunet", "torchrun", "mamba_scan", "prediction") if "error" in report[k]]
     return 1 if failed else 0

@@ -61,7 +61,7 @@ CPU_PROBE_MAX_VOXELS = 64**3
 @dataclass
 class RecomputedRegion:
     """A module whose forward is gradient-checkpointed, as the meta pass met it."""
-    peak_bytes: Callable[[int, int], float]  # (batch, sequence length) -> peak of recomputing it in backward
+    peak_bytes: Callable[..., float]  # (batch, sequence length, device_type) -> peak of recomputing it in backward
     tokens_per_voxel: float  # its sequence length per voxel of the patch
 
 
@@ -74,11 +74,11 @@ class MemoryEstimate:
     # 2-byte copies, the backward's gradient buffers; see ``step_over_saved``), measured when first asked.
     step_over_saved: Callable[[bool], float] = lambda autocast: _unmeasured_step_over_saved(autocast)
 
-    def recompute_bytes(self, batch_size: int, patch_voxels: int) -> float:
+    def recompute_bytes(self, batch_size: int, patch_voxels: int, device_type: str = "cuda") -> float:
         """Peak of recomputing the largest checkpointed region during backward (in fp32 under autocast too)."""
         if batch_size < 1:
             return 0.0
-        return max((region.peak_bytes(batch_size, max(1, round(region.tokens_per_voxel * patch_voxels)))
+        return max((region.peak_bytes(batch_size, max(1, round(region.tokens_per_voxel * patch_voxels)), device_type)
                     for region in self.recomputed), default=0.0)
 
     def training_bytes(self, batch_size: int, patch_voxels: int, amp: bool = True, device_type: str = "cuda") -> float:
@@ -89,7 +89,7 @@ class MemoryEstimate:
         params = 3 * 4 * self.parameter_count
         if amp:
             params += AMP_WEIGHT_COPY_BYTES * self.parameter_count
-        step = activations + params + self.recompute_bytes(batch_size, patch_voxels)
+        step = activations + params + self.recompute_bytes(batch_size, patch_voxels, device_type)
         if device_type == "cuda":
             return step * ALLOCATOR_OVERHEAD + CONTEXT_BYTES
         return step

@@ -31,8 +31,11 @@ import torch.nn.functional as F
 # Training checkpoints the cell: its backward recomputes the forward (saving what autograd needs) and then
 # holds gradients of those tensors besides. Measured on the CPU, the backward's peak over the forward is
 # 2.4x the recomputation's saved bytes at 2,240 tokens (batch 4, 4 heads of 16), 2.1x at batch 8 and 1.7x
-# at 89,600 tokens (batch 1); the memory model takes 2.
-BACKWARD_PEAK_OVER_SAVED = 2.0
+# at 89,600 tokens (batch 1); the memory model takes 2 there. On CUDA (H200, 2026-12-04, device_check.py)
+# the whole xLSTM-UNet step's allocator peak left room for 0.7-1.1x only (Hippocampus 40x56x40 batch 3,
+# ACDC 8x128x112 batch 2): the caching allocator reuses the recomputation's transients exactly, and glibc's
+# heap, which the CPU figure includes, does not. 2 there over-estimated the step by 1.42-1.45.
+BACKWARD_PEAK_OVER_SAVED = {"cpu": 2.0, "cuda": 1.1}
 
 
 def mlstm_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i_pre: torch.Tensor,
@@ -75,21 +78,23 @@ def mlstm_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i_pre: to
     return h.reshape(batch, heads, -1, d)[:, :, :length]
 
 
-def recompute_peak_bytes(heads: int, head_dim: int, chunk_size: int, batch: int, length: int) -> float:
+def recompute_peak_bytes(heads: int, head_dim: int, chunk_size: int, batch: int, length: int,
+                         device_type: str = "cuda") -> float:
     """Peak bytes of recomputing and differentiating ``mlstm_chunkwise`` on a (batch, heads, length, head_dim)
     sequence in backward: what the recomputation saves, measured on the meta device, times
-    ``BACKWARD_PEAK_OVER_SAVED``. It grows with the sequence (one checkpoint covers it whole)."""
+    ``BACKWARD_PEAK_OVER_SAVED`` of the device. It grows with the sequence (one checkpoint covers it whole)."""
     # Every tensor of the cell has the batch as its first axis, so one sample is measured.
-    return batch * _recompute_peak_per_sample(heads, head_dim, chunk_size, length)
+    factor = BACKWARD_PEAK_OVER_SAVED["cuda" if device_type == "cuda" else "cpu"]
+    return factor * batch * _recompute_saved_per_sample(heads, head_dim, chunk_size, length)
 
 
 @lru_cache(maxsize=4096)
-def _recompute_peak_per_sample(heads: int, head_dim: int, chunk_size: int, length: int) -> float:
+def _recompute_saved_per_sample(heads: int, head_dim: int, chunk_size: int, length: int) -> float:
     from autoseg.networks.memory import saved_bytes
 
     inputs = [torch.zeros(shape, device="meta", requires_grad=True)
               for shape in [(1, heads, length, head_dim)] * 3 + [(1, heads, length)] * 2]
-    return BACKWARD_PEAK_OVER_SAVED * saved_bytes(lambda *args: mlstm_chunkwise(*args, chunk_size), *inputs)
+    return saved_bytes(lambda *args: mlstm_chunkwise(*args, chunk_size), *inputs)
 
 
 def _entering_memory(g, local_C, local_n, local_max):

