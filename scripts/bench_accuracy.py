@@ -28,6 +28,7 @@ script is run again with the same DIR (a later run then says which steps it reus
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -130,12 +131,41 @@ class Work:
 
 
 def nnunet_env(work: Path) -> dict:
-    venv = Path(os.environ.get("PEERS_VENV", "/tmp/peers-venv"))
-    if not (venv / "bin" / "nnUNetv2_train").exists():
-        sys.exit(f"nnU-Net is not installed at {venv}: run {SHARED / 'peers' / 'setup.sh'}")
+    venv = peers_venv()
+    if not (venv / "bin" / "nnUNetv2_train").exists() and importlib.util.find_spec("nnunetv2") is None:
+        sys.exit(f"nnU-Net is neither installed at {venv} (run {SHARED / 'peers' / 'setup.sh'}) nor importable here")
     return dict(os.environ, PYTHONUNBUFFERED="1", nnUNet_raw=str(work / "raw"),
                 nnUNet_preprocessed=str(work / "nn_pre"), nnUNet_results=str(work / "nn_res"),
                 PATH=f"{venv / 'bin'}:{os.environ['PATH']}")
+
+
+def peers_venv() -> Path:
+    return Path(os.environ.get("PEERS_VENV", "/tmp/peers-venv"))
+
+
+# nnunetv2's console scripts (its package's entry points), for a machine where nnunetv2 was unpacked onto
+# PYTHONPATH without them (the GPU machine: scripts/device_site.sh).
+NNUNET_ENTRY_POINTS = {
+    "nnUNetv2_plan_and_preprocess": "nnunetv2.experiment_planning.plan_and_preprocess_entrypoints:plan_and_preprocess_entry",
+    "nnUNetv2_train": "nnunetv2.run.run_training:run_training_entry",
+    "nnUNetv2_predict": "nnunetv2.inference.predict_from_raw_data:predict_entry_point",
+}
+
+
+def nnunet_command(name: str, *arguments: str) -> list[str]:
+    """nnU-Net's command from the peers venv where it is installed there, else through this Python."""
+    if (peers_venv() / "bin" / name).exists():
+        return [name, *arguments]  # found on nnunet_env's PATH
+    module, function = NNUNET_ENTRY_POINTS[name].split(":")
+    return [sys.executable, "-c", f"import sys; from {module} import {function}; sys.argv[0] = {name!r}; "
+                                  f"sys.exit({function}())", *arguments]
+
+
+def torch_device() -> str:
+    """Both tools train and predict on the GPU where there is one (nnU-Net needs to be told)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def autoseg_command(*arguments: str) -> list[str]:
@@ -144,11 +174,11 @@ def autoseg_command(*arguments: str) -> list[str]:
 
 def train_nnunet(work: Path, number: str, configuration: str, trainer: str) -> dict:
     env = nnunet_env(work)
-    subprocess.run(["nnUNetv2_plan_and_preprocess", "-d", number, "-c", configuration, "-np", "2"], env=env,
-                   check=True, capture_output=True)
+    subprocess.run(nnunet_command("nnUNetv2_plan_and_preprocess", "-d", number, "-c", configuration, "-np", "2"),
+                   env=env, check=True, capture_output=True)
     log = work / "nnunet_train.log"
-    _, _, done = run_logged(["nnUNetv2_train", number, configuration, "0", "-tr", trainer, "-device", "cpu"], env,
-                            log, stop_at="Training done.")
+    _, _, done = run_logged(nnunet_command("nnUNetv2_train", number, configuration, "0", "-tr", trainer,
+                                           "-device", torch_device()), env, log, stop_at="Training done.")
     parsed = parse_nnunet_log(log.read_text())
     if done is None:
         sys.exit(f"nnU-Net's training did not finish; see {log}")
@@ -230,9 +260,10 @@ def main() -> None:
     parser.add_argument("--trainer", default="nnUNetTrainer_1epoch", help="nnU-Net's trainer (sets the budget)")
     parser.add_argument("--also-fp32", action="store_true", help="also train autoseg with --fp32 at the same budget")
     parser.add_argument("--work", type=Path, help="keep the working folder here and reuse its finished steps")
+    parser.add_argument("--data", type=Path, default=SHARED / "data", help="the folder that holds the datasets")
     args = parser.parse_args()
     name, configuration = DATASETS[args.dataset]
-    source = SHARED / "data" / name
+    source = args.data.resolve() / name
     if not (source / "dataset.json").is_file():
         sys.exit(f"skipped: {source} is missing")
     number = str(int(re.match(r"Dataset(\d+)_", name).group(1)))
@@ -270,8 +301,9 @@ def main() -> None:
 
         def predict(label=label, predictions=predictions, key=key):
             if label == "nnU-Net":
-                command = ["nnUNetv2_predict", "-i", str(images), "-o", str(predictions), "-d", number, "-c",
-                           configuration, "-f", "0", "-tr", args.trainer, "-device", "cpu", "-npp", "1", "-nps", "1"]
+                command = nnunet_command("nnUNetv2_predict", "-i", str(images), "-o", str(predictions), "-d", number,
+                                         "-c", configuration, "-f", "0", "-tr", args.trainer, "-device", torch_device(),
+                                         "-npp", "1", "-nps", "1")
                 env = nnunet_env(folder)
             else:
                 command = autoseg_command("predict", "-i", str(images), "-o", str(predictions), "-d", number, "-c",

@@ -30,7 +30,10 @@ missing there, e.g. ``dynamic-network-architectures``, ``acvl-utils``,
 ``connected-components-3d``, ``batchgeneratorsv2``) into an ignored ``.whl`` folder as
 ``/work/.library/device/README.md`` says, carry ``.whl``, install them with
 ``--target /tmp/site``, and copy ``../shared/data/Dataset004_Hippocampus`` into a carried,
-ignored folder given as ``--data`` (it is about 30 MB).
+ignored folder given as ``--data`` (it is 16 MB). ``scripts/device_site.sh`` packs the wheels into
+one archive that fits a call beside the dataset. The learning comparison belongs in the same lease,
+after this script: ``scripts/bench_accuracy.py --data DIR --trainer nnUNetTrainer_5epochs`` (both
+tools on the GPU, nnU-Net's split for both, autoseg at nnU-Net's wall-clock budget).
 """
 
 from __future__ import annotations
