@@ -58,6 +58,17 @@ def test_splits_are_deterministic_cover_every_case_once_and_keep_patients_togeth
         assert all(c.split("_")[0] not in patients for c in split["train"])
 
 
+def test_splits_are_nnunets_folds_where_no_cases_are_grouped():
+    # nnU-Net v2 (generate_crossval_split) splits the sorted case ids with scikit-learn's KFold; fold N
+    # must be the same cases so that a user's fold-by-fold comparison compares the same validation cases.
+    KFold = pytest.importorskip("sklearn.model_selection", reason="scikit-learn (a batchgenerators requirement)").KFold
+    for count in (7, 20, 260):
+        cases = [f"hippocampus_{i:03d}" for i in np.random.default_rng(count).choice(400, count, replace=False)]
+        keys = np.sort(cases)
+        theirs = [sorted(keys[v]) for _, v in KFold(5, shuffle=True, random_state=12345).split(keys)]
+        assert [split["val"] for split in make_splits(cases)] == theirs
+
+
 def test_splits_take_a_grouping_pattern_and_validate_edited_files(tmp_path):
     cases = [f"site{s}_case{c}" for s in range(6) for c in range(3)]
     for split in make_splits(cases, group_pattern=r"^(site\d)_"):

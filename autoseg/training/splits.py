@@ -2,7 +2,9 @@
 
 Cases that belong together (two frames of one ACDC patient) go to the same fold: case ids
 are grouped by ``group_pattern`` (default: ``patientNNN`` when present), so no patient is
-seen in training and validation at once.
+seen in training and validation at once. The groups are dealt to folds exactly as nnU-Net v2 deals
+cases (scikit-learn's ``KFold(5, shuffle=True, random_state=12345)`` over the sorted ids), so that
+where no two cases share a group, fold N is nnU-Net's fold N and results compare fold by fold.
 """
 
 from __future__ import annotations
@@ -28,8 +30,12 @@ def make_splits(case_ids: list[str], seed: int = 12345, group_pattern: str = DEF
         key = (match.group(1) if match.groups() else match.group(0)) if match else case
         groups.setdefault(key, []).append(case)
     keys = sorted(groups)
-    order = np.random.default_rng(seed).permutation(len(keys))
-    folds = [order[i::NUM_FOLDS] for i in range(NUM_FOLDS)]
+    # KFold's shuffle: a legacy RandomState shuffles the indices once, then the folds are consecutive
+    # runs of them, the first len % 5 one longer.
+    order = np.arange(len(keys))
+    np.random.RandomState(seed).shuffle(order)
+    sizes = [len(keys) // NUM_FOLDS + (1 if i < len(keys) % NUM_FOLDS else 0) for i in range(NUM_FOLDS)]
+    folds = np.split(order, np.cumsum(sizes)[:-1])
     splits = []
     for fold in folds:
         val = sorted(c for i in fold for c in groups[keys[i]])
