@@ -19,7 +19,8 @@ def test_hippocampus_plan_and_preprocess_from_the_command_line(tmp_path, capsys)
     raw = shared_dataset("Dataset004_Hippocampus")
     (tmp_path / "raw").mkdir()
     (tmp_path / "raw" / raw.name).symlink_to(raw)
-    code = main(["plan-and-preprocess", "-d", "4", "-c", "3d_fullres", f"--raw={tmp_path / 'raw'}",
+    # -a unet: the plan of every architecture is test_planner's (the committed plans); this is the command's path
+    code = main(["plan-and-preprocess", "-d", "4", "-c", "3d_fullres", "-a", "unet", f"--raw={tmp_path / 'raw'}",
                  f"--preprocessed={tmp_path / 'pre'}", f"--results={tmp_path / 'res'}"])
     assert code == 0
     out = capsys.readouterr().out

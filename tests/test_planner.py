@@ -70,7 +70,8 @@ def test_lowres_is_planned_for_large_images(synthetic_raw):
     fingerprint = compute_fingerprint(synthetic_raw, 1, False)
     for case in fingerprint.cases:  # pretend every image is 8x larger along each in-plane axis
         case.shape_after_crop = [case.shape_after_crop[0] * 8, case.shape_after_crop[1] * 8, case.shape_after_crop[2] * 8]
-    plans = plan_dataset(fingerprint, load_dataset_spec(synthetic_raw, False).labels, gpu_memory_gb=4.0)
+    plans = plan_dataset(fingerprint, load_dataset_spec(synthetic_raw, False).labels, gpu_memory_gb=4.0,
+                         architectures=["unet"])  # lowres is decided on the CNN U-Net's patch; one is enough
     assert "3d_lowres" in plans.configurations
     low, full = plans.configurations["3d_lowres"], plans.configurations["3d_fullres"]
     assert all(lo >= fu for lo, fu in zip(low.spacing, full.spacing)) and low.spacing != full.spacing
