@@ -223,12 +223,14 @@ CHILDREN = {"step": child_step, "nnunet": child_nnunet}
 
 # ---- the checks ----------------------------------------------------------------------------------------------
 
-def check_architectures(device: str, tiny: bool, steps: int) -> list[dict]:
+def check_architectures(device: str, tiny: bool, steps: int, only: list[str] | None = None) -> list[dict]:
     from autoseg.planning.plans import load_plans
 
     rows = []
     for dataset in DATASETS:
         for arch in sorted(load_plans(REPO / "plans" / f"{dataset}.json").configuration("3d_fullres").architectures):
+            if only and arch not in only:
+                continue
             spec = {"dataset": dataset, "arch": arch, "device": device, "tiny": tiny, "steps": steps}
             # On CUDA each in its own process, for a clean peak; the CPU's tiny steps share one.
             result = guarded(child_step, spec) if tiny else run_child("step", spec)
@@ -441,6 +443,8 @@ def main() -> int:
     parser.add_argument("--tiny", action="store_true", help="CPU-sized checks even where CUDA is available")
     parser.add_argument("--steps", type=int, default=5, help="timed training steps per architecture (after 2 warm-up)")
     parser.add_argument("--nnunet-python", default=sys.executable, help="a Python in which nnunetv2 imports")
+    parser.add_argument("--architectures", nargs="+", metavar="NAME",
+                        help="step only these (each costs ~25 s on an H200, mostly its process's CUDA start)")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     import torch
@@ -458,7 +462,7 @@ def main() -> int:
         print(f"[{time.perf_counter() - start:5.0f} s] {key}: {json.dumps(value)[:600]}", flush=True)
         write_json(report, args.json)
 
-    record("architectures", check_architectures(device, tiny, 1 if tiny else args.steps))
+    record("architectures", check_architectures(device, tiny, 1 if tiny else args.steps, args.architectures))
     record("nnunet", guarded(check_against_nnunet, device, tiny, 1 if tiny else args.steps, args.nnunet_python))
     record("torchrun", guarded(check_torchrun, device, tiny))
     record("mamba_scan", guarded(check_mamba_scan, device))
