@@ -206,11 +206,16 @@ def child_nnunet(spec: dict) -> dict:
         return {"step_s": statistics.median(times), "dtype": "float16" if device.type == "cuda" else "float32"}
 
 
+def child_env(**extra: str) -> dict:
+    """The environment of a child process: the repository first on PYTHONPATH, the caller's entries kept
+    (on the device machine the carried packages live there)."""
+    return {**os.environ, **extra, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+
+
 def run_child(kind: str, spec: dict, python: str = sys.executable, timeout: float = 300) -> dict:
     command = [python, str(Path(__file__).resolve()), "--child", kind, json.dumps(spec)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     try:
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=child_env())
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     if proc.returncode:
@@ -288,8 +293,7 @@ def check_torchrun(device: str, tiny: bool) -> dict:
                    "--val-iters", "2", "--num-workers", "0", "--seed", "0", "--device", device, *flags]
         start = time.perf_counter()
         proc = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=work,
-                              env={**os.environ, "OMP_NUM_THREADS": "2",  # keep the caller's PYTHONPATH: carried wheels live there
-                                   "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
+                              env=child_env(OMP_NUM_THREADS="2"))
         seconds = time.perf_counter() - start
         summary = Path(work) / "res" / raw.name / "3d_fullres__unet" / "fold_0" / "validation" / "summary.json"
         if proc.returncode or not summary.is_file():

@@ -6,7 +6,9 @@
 #              printf '/.whl/\n/.devdata/\n' >> .git/info/exclude
 # The call:    command "bash scripts/device_session.sh", carry [".whl", ".devdata"], timeout_s 590
 #
-# About 8 minutes on an H200: device_check.py for the architectures whose memory model last changed
+# About 8 minutes on an H200, estimated from the first lease's parts (not yet run as one call: device_check's
+# three architectures ~4 min, bench_accuracy's two 5-epoch trainings ~1 min each plus planning and
+# prediction): device_check.py for the architectures whose memory model last changed
 # (all of them were measured on 2026-12-04, README) and bench_accuracy.py with nnU-Net's 5-epoch trainer.
 # Everything lands in $OUT: both JSON/logs and autoseg's training_log.jsonl (its data_wait_seconds say
 # whether the loader or the GPU set the pace).

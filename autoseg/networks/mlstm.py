@@ -33,8 +33,9 @@ import torch.nn.functional as F
 # 2.4x the recomputation's saved bytes at 2,240 tokens (batch 4, 4 heads of 16), 2.1x at batch 8 and 1.7x
 # at 89,600 tokens (batch 1); the memory model takes 2 there. On CUDA (H200, 2026-12-04, device_check.py)
 # the whole xLSTM-UNet step's allocator peak left room for 0.7-1.1x only (Hippocampus 40x56x40 batch 3,
-# ACDC 8x128x112 batch 2): the caching allocator reuses the recomputation's transients exactly, and glibc's
-# heap, which the CPU figure includes, does not. 2 there over-estimated the step by 1.42-1.45.
+# ACDC 8x128x112 batch 2; the rest of the step model matched CUDA's allocated peak there). 2 over-estimated
+# those steps by 1.42-1.45. Why the devices differ is not measured: glibc's heap, which the CPU figure
+# includes, and the caching allocator's reuse of the recomputation's transients are the likely part.
 BACKWARD_PEAK_OVER_SAVED = {"cpu": 2.0, "cuda": 1.1}
 
 

@@ -31,11 +31,10 @@ def make_splits(case_ids: list[str], seed: int = 12345, group_pattern: str = DEF
         groups.setdefault(key, []).append(case)
     keys = sorted(groups)
     # KFold's shuffle: a legacy RandomState shuffles the indices once, then the folds are consecutive
-    # runs of them, the first len % 5 one longer.
+    # runs of them, the first len % 5 one longer (as array_split cuts them).
     order = np.arange(len(keys))
     np.random.RandomState(seed).shuffle(order)
-    sizes = [len(keys) // NUM_FOLDS + (1 if i < len(keys) % NUM_FOLDS else 0) for i in range(NUM_FOLDS)]
-    folds = np.split(order, np.cumsum(sizes)[:-1])
+    folds = np.array_split(order, NUM_FOLDS)
     splits = []
     for fold in folds:
         val = sorted(c for i in fold for c in groups[keys[i]])
