@@ -96,7 +96,7 @@ def test_fine_tuning_with_a_frozen_encoder_keeps_the_source_encoder(source):
     assert tuned["history"][0]["encoder_frozen"] is True
 
 
-def test_warmup_ramps_the_learning_rate_linearly_then_follows_the_schedule():
+def test_warmup_ramps_the_steps_linearly_then_follows_the_schedule():
     weight = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([weight], lr=0.1)  # no momentum: each step moves by lr * grad exactly
     schedule = PolySchedule(0.1, 0.9, total_epochs=10, iters_per_epoch=3)
@@ -117,7 +117,48 @@ def test_warmup_ramps_the_learning_rate_linearly_then_follows_the_schedule():
         Loop.state.epoch = epoch + 1
         phases.on_epoch_end(Loop, {})
     assert steps == [round(0.1 * k / 6, 6) for k in range(1, 7)] + [0.1] * 3
-    assert optimizer.param_groups[0]["lr"] == 0.1  # restored after every step
+    assert optimizer.param_groups[0]["lr"] == 0.1  # the schedule's rate is left alone
+
+
+def _run_warmup(scaled_by, steps: int = 9) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nesterov SGD (momentum 0.99) on a fixed gradient field for ``steps`` steps, the warm-up of
+    2 epochs of 3 iterations done by ``scaled_by``: "phases" (FineTuningPhases), or by hand: "gradient"
+    (each gradient scaled k/6 before torch's step) or "lr" (the learning rate scaled k/6 instead)."""
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(5))
+    gradients = [1 + 0.3 * torch.randn(5) for _ in range(steps)]  # one direction, as early in training
+    optimizer = torch.optim.SGD([weight], lr=0.1, momentum=0.99, nesterov=True)
+    schedule = PolySchedule(0.1, 0.9, total_epochs=10, iters_per_epoch=3)
+    phases = FineTuningPhases(optimizer, schedule, [], warmup_epochs=2) if scaled_by == "phases" else None
+
+    class Loop:
+        class state:
+            epoch = 0
+
+    for step, gradient in enumerate(gradients):
+        factor = min(1.0, (step + 1) / 6)
+        weight.grad = gradient * factor if scaled_by == "gradient" else gradient.clone()
+        optimizer.param_groups[0]["lr"] = 0.1 * factor if scaled_by == "lr" else 0.1
+        optimizer.step()
+        if phases:
+            phases.on_iteration_end(Loop, step % 3, 0.0, 0.0)
+            if step % 3 == 2:
+                Loop.state.epoch += 1
+                phases.on_epoch_end(Loop, {})
+    return weight.detach().clone(), optimizer.state[weight]["momentum_buffer"].clone()
+
+
+def test_warmup_scales_what_enters_the_momentum_buffer_not_the_step():
+    """With momentum 0.99 a learning-rate ramp keeps the warm-up's full-size gradients in the buffer and
+    applies them at the full rate when the ramp ends (on Hippocampus 2d that run predicted background for 9
+    epochs: finetune.py); the warm-up is torch's own SGD fed gradients scaled by the ramp."""
+    weight, buffer = _run_warmup("phases")
+    by_gradient, gradient_buffer = _run_warmup("gradient")
+    by_lr, lr_buffer = _run_warmup("lr")
+    torch.testing.assert_close(weight, by_gradient, rtol=0, atol=1e-6)
+    torch.testing.assert_close(buffer, gradient_buffer, rtol=0, atol=1e-6)
+    assert (weight - by_lr).abs().max() > 1e-2  # the two warm-ups really differ here
+    assert lr_buffer.norm() > 1.25 * buffer.norm()  # 9 full gradients against 6.5 (ramp 1/6..1, then 1)
 
 
 class _Custom:  # a pickled object of a class: what weights_only refuses to build

@@ -46,7 +46,8 @@ def register(subparsers) -> None:
     parser.add_argument("--allow-partial", action="store_true",
                         help="accept a --pretrained that loads less than half of the encoder's weights")
     parser.add_argument("--warmup-epochs", type=int, default=0,
-                        help="ramp the learning rate linearly from ~0 to the schedule's over this many epochs")
+                        help="ramp the steps linearly from ~0 to the schedule's over this many epochs (each "
+                             "gradient is scaled before SGD's momentum, see README)")
     parser.add_argument("--freeze-encoder-epochs", type=int, default=0,
                         help="with --pretrained: do not update the encoder for this many epochs (decoder and heads "
                              "adapt first)")

@@ -5,17 +5,26 @@ weights with a short warm-up (the first SGD steps at the full learning rate woul
 what the pretrained encoder learned while the fresh heads still emit noise), and optionally
 train only the new parts for a while before everything is unfrozen.
 
-* ``warmup_epochs`` W: the learning rate ramps linearly from 1/(W*I) to 1 times the
-  schedule's value over the first W epochs of I iterations, then follows the schedule.
+* ``warmup_epochs`` W: each step's gradient is scaled by a factor that rises linearly from
+  1/(W*I) to 1 over the first W epochs of I iterations; after that the schedule alone.
+  For plain SGD that is a learning-rate warm-up. With momentum it is not the same, and the
+  difference decides: scaling the learning rate leaves the full-size gradients of the warm-up
+  in the momentum buffer (0.99 keeps about the last 100), and the network, having barely moved
+  while they piled up, takes them at the full rate as the ramp ends. Measured (Hippocampus 2d,
+  20 cases, 600 iterations of 30 a epoch, seed 1, mean validation pseudo-Dice at the end): from
+  scratch 0.781 without warm-up, 0.345 with a one-epoch learning-rate ramp (the network
+  predicted background for 9 epochs; its output heads ended with 1.6x the weight norm), 0.808
+  with this gradient ramp.
 * ``freeze_encoder_epochs`` F: for the first F epochs the encoder's tensors are not updated
   (no gradient step, no momentum, no weight decay); the decoder and heads train.
 
-Both work through ``optimizer.register_step_pre_hook``/``post_hook``, whatever sets the
-learning rate before a step (the schedule per epoch or per iteration): the pre-hook scales
-each group's lr for that step and removes the frozen tensors' gradients (SGD skips a tensor
-whose ``grad`` is None), the post-hook restores the lr. Gradients are still computed for the
-encoder, so DistributedDataParallel sees the same parameters on every step. The epoch and
-iteration come from the loop's callbacks, so ``--continue`` resumes the phases where they were.
+Both work through ``optimizer.register_step_pre_hook``, whatever sets the learning rate before
+a step (the schedule per epoch or per iteration): the hook scales each gradient for that step
+and removes the frozen tensors' gradients (SGD skips a tensor whose ``grad`` is None).
+Gradients are still computed for the encoder, so DistributedDataParallel sees the same
+parameters on every step; the scaling comes after clipping and, with float16, after the
+gradient scaler has unscaled them. The epoch and iteration come from the loop's callbacks, so
+``--continue`` resumes the phases where they were.
 """
 
 from __future__ import annotations
@@ -36,11 +45,9 @@ class FineTuningPhases:
         self.epoch, self.iteration = start_epoch, 0
         self.schedule = schedule  # read live: a time budget may shorten the epochs
         self.last_factor = 1.0
-        self._saved_lr: list[float] = []
         optimizer.register_step_pre_hook(self._before_step)
-        optimizer.register_step_post_hook(self._after_step)
 
-    def lr_factor(self) -> float:
+    def warmup_factor(self) -> float:
         if self.epoch >= self.warmup_epochs:
             return 1.0
         per_epoch = self.schedule.iters_per_epoch
@@ -50,26 +57,24 @@ class FineTuningPhases:
         return self.epoch < self.freeze_encoder_epochs
 
     def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        factor = self.last_factor = self.lr_factor()
-        self._saved_lr = [group["lr"] for group in optimizer.param_groups]
+        factor = self.last_factor = self.warmup_factor()
+        frozen = self.encoder_frozen()
         for group in optimizer.param_groups:
-            group["lr"] = group["lr"] * factor
-        if self.encoder_frozen():
-            for group in optimizer.param_groups:
-                for parameter in group["params"]:
-                    if id(parameter) in self.frozen:
-                        parameter.grad = None
-
-    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        for group, lr in zip(optimizer.param_groups, self._saved_lr):
-            group["lr"] = lr
+            for parameter in group["params"]:
+                if parameter.grad is None:
+                    continue
+                if frozen and id(parameter) in self.frozen:
+                    parameter.grad = None
+                elif factor < 1.0:
+                    # What enters the momentum buffer is scaled, not the step: see the module's docstring.
+                    parameter.grad.mul_(factor)
 
     def on_iteration_end(self, loop, iteration: int, loss: float, seconds: float) -> None:
         self.iteration = iteration + 1
 
     def on_epoch_end(self, loop, entry: dict[str, Any]) -> None:
         # The log shows what the phases did to this epoch (its "lr" is the schedule's value).
-        entry["lr_factor_last_step"] = self.last_factor
+        entry["warmup_factor_last_step"] = self.last_factor
         entry["encoder_frozen"] = self.encoder_frozen()
         self.epoch, self.iteration = loop.state.epoch, 0
 
