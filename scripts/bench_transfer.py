@@ -19,10 +19,9 @@ validation part unchanged: the same cases for every arm), validation Dice after:
     the budget, as a downloaded model would not be; its last pseudo-Dice is printed, so a source
     that learned little shows).
 
-No learning-rate warm-up by default: ``--warmup-epochs 1`` (a linear ramp over the first
-epoch) left the network predicting background for 8-9 epochs and ended at about half the Dice
-of the same run without it, from scratch and from pretrained weights alike (Hippocampus 2d,
-20 cases, 600 iterations, seed 1: from scratch 0.781 without, 0.345 with; see README).
+No warm-up by default, so that (b) and (c) differ from (a/2) in their start only (the warm-up,
+since it scales gradients rather than the learning rate, helps from scratch too: README). Its
+first version, a learning-rate ramp, is what sank (b) and (c) in the runs before 2026-12-04.
 
 and, as a yardstick for (b) and (c), (a/2): from scratch for half of ``--minutes``, the supervised
 time (b) and (c) have: (b) or (c) above (a/2) means their start is worth something per supervised

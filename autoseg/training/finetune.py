@@ -1,4 +1,4 @@
-"""Fine-tuning phases: a learning-rate warm-up and a frozen-encoder phase, as optimiser hooks.
+"""Fine-tuning phases: a warm-up of the steps and a frozen-encoder phase, as optimiser hooks.
 
 The fine-tuning recipes of STU-Net and nnU-Net's pre-training guide start from pretrained
 weights with a short warm-up (the first SGD steps at the full learning rate would wreck
@@ -11,10 +11,11 @@ train only the new parts for a while before everything is unfrozen.
   difference decides: scaling the learning rate leaves the full-size gradients of the warm-up
   in the momentum buffer (0.99 keeps about the last 100), and the network, having barely moved
   while they piled up, takes them at the full rate as the ramp ends. Measured (Hippocampus 2d,
-  20 cases, 600 iterations of 30 a epoch, seed 1, mean validation pseudo-Dice at the end): from
-  scratch 0.781 without warm-up, 0.345 with a one-epoch learning-rate ramp (the network
-  predicted background for 9 epochs; its output heads ended with 1.6x the weight norm), 0.808
-  with this gradient ramp.
+  20 cases, 600 iterations of 30 an epoch, one-epoch ramp, mean validation pseudo-Dice at the
+  end, from scratch): seed 1 without warm-up 0.781, with the learning-rate ramp 0.345 (the
+  network predicted background for 9 epochs; its output heads ended with 1.6x the weight norm),
+  with this gradient ramp 0.808; seeds 0, 1, 2: 0.811, 0.781, 0.797 without, 0.810, 0.808,
+  0.820 with the gradient ramp.
 * ``freeze_encoder_epochs`` F: for the first F epochs the encoder's tensors are not updated
   (no gradient step, no momentum, no weight decay); the decoder and heads train.
 

@@ -68,7 +68,7 @@ class TrainingOptions:
     # Transfer learning (autoseg.training.transfer, autoseg.training.finetune)
     pretrained: str | None = None  # a checkpoint to start from: autoseg (training, pre-training), state dict, nnU-Net v2
     allow_partial: bool = False  # accept a --pretrained that loads less than half of the encoder
-    warmup_epochs: int = 0  # linear learning-rate warm-up over this many epochs
+    warmup_epochs: int = 0  # linear warm-up of the steps over this many epochs (autoseg.training.finetune)
     freeze_encoder_epochs: int = 0  # the encoder is not updated for this many epochs
 
     def check(self) -> None:
