@@ -251,6 +251,34 @@ def test_a_one_epoch_run_decays_its_learning_rate_to_nearly_zero(tiny, tmp_path)
     assert rates.rates[-1] < 0.15e-2 and rates.rates == sorted(rates.rates, reverse=True)
 
 
+def test_a_budget_that_extends_a_run_after_its_short_last_epoch_keeps_the_schedule_true():
+    """The refit after the scheduled last epoch, short, may find time left (a 40 s run below once did:
+    17 epochs ran, its final checkpoint said 16, and the decay was off by the short epoch's missing
+    iterations). What ran plus what is scheduled must equal the schedule's total, time left or not."""
+    from types import SimpleNamespace
+
+    from autoseg.training.callbacks import TimeBudget
+
+    def epoch_end(history: list[int], minutes: float) -> PolySchedule:
+        schedule = PolySchedule(1e-2, 0.9, total_epochs=3, iters_per_epoch=10, last_epoch_iters=4)
+        budget = TimeBudget(minutes)
+        budget.step_s, budget.epoch_iteration_seconds = 0.01, [0.01] * history[-1]
+        budget.max_iterations = 10**6  # set from the run's own length at its first iteration
+        loop = SimpleNamespace(schedule=schedule, rank=0, val_iters=1,
+                               state=SimpleNamespace(epoch=len(history), history=[{"iterations": n} for n in history]))
+        budget.on_epoch_end(loop, {"epoch": len(history) - 1, "iterations": history[-1], "validation_seconds": 0.01})
+        return schedule
+
+    ran = [10, 10, 4]  # the third, short, was the last
+    extended = epoch_end(ran, minutes=1)  # a minute left: hundreds of 0.01 s steps
+    still_to_run = [extended.iterations_in(epoch) for epoch in range(3, extended.total_epochs)]
+    assert extended.total_epochs > 4 and all(n == 10 for n in still_to_run[:-1]) and 1 <= still_to_run[-1] <= 10
+    assert extended.total_iterations == sum(ran) + sum(still_to_run)
+    assert extended.lr(extended.total_iterations) == 0.0 and extended.lr(sum(ran)) > 0
+    ended = epoch_end(ran, minutes=1e-6)  # no time left: the run ends as it ran
+    assert (ended.total_epochs, ended.total_iterations) == (3, 24)
+
+
 @pytest.mark.slow
 def test_time_budget_run_ends_within_five_percent_of_the_budget(tiny, tmp_path):
     roots, name = tiny

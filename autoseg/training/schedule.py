@@ -23,6 +23,9 @@ class PolySchedule:
     total_epochs: int = 1000
     iters_per_epoch: int = 250
     last_epoch_iters: int = 0  # 0: the last epoch is a full one
+    # Iterations that epochs before the last ran short of ``iters_per_epoch``: a time budget's last epoch,
+    # short, after which the budget found time for more (set_total_iterations with ``done``).
+    skipped_iterations: int = 0
 
     def iterations_in(self, epoch: int) -> int:
         """How many training iterations ``epoch`` has."""
@@ -32,18 +35,25 @@ class PolySchedule:
 
     @property
     def total_iterations(self) -> int:
-        return (self.total_epochs - 1) * self.iters_per_epoch + self.iterations_in(self.total_epochs - 1)
+        return ((self.total_epochs - 1) * self.iters_per_epoch + self.iterations_in(self.total_epochs - 1)
+                - self.skipped_iterations)
 
     def lr(self, iteration: int) -> float:
         """The learning rate of the ``iteration``-th step of the whole run (0-based)."""
         return self.initial_lr * max(0.0, 1 - iteration / max(self.total_iterations, 1)) ** self.exponent
 
-    def set_total_iterations(self, total: int) -> None:
-        """Make the run ``total`` iterations long, counted from its start, in epochs of ``iters_per_epoch``
-        (all epochs before the last must be full ones, as they are while the run keeps ``iters_per_epoch``)."""
-        total = max(1, int(total))
-        self.total_epochs = -(-total // self.iters_per_epoch)
-        rest = total - (self.total_epochs - 1) * self.iters_per_epoch
+    def set_total_iterations(self, total: int, done: int | None = None, epochs_done: int = 0) -> None:
+        """Make the run ``total`` iterations long, counted from its start, in epochs of ``iters_per_epoch``.
+
+        Without ``done`` all epochs before the last are taken as full ones (as they are while the run
+        keeps ``iters_per_epoch``). At an epoch's end pass what ran, ``done`` iterations in
+        ``epochs_done`` epochs: the last of them may have been short (it was the last until now), and
+        the epochs added after it are counted from what really ran."""
+        if done is not None:
+            self.skipped_iterations = max(0, epochs_done * self.iters_per_epoch - done)
+        as_if_full = max(1, int(total)) + self.skipped_iterations
+        self.total_epochs = -(-as_if_full // self.iters_per_epoch)
+        rest = as_if_full - (self.total_epochs - 1) * self.iters_per_epoch
         self.last_epoch_iters = 0 if rest == self.iters_per_epoch else rest
 
     def state_dict(self) -> dict:
