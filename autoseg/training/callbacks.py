@@ -76,19 +76,16 @@ class TimeBudget:
             schedule.iters_per_epoch = max(MIN_ITERS_PER_EPOCH, done + 1, int(estimate // MIN_EPOCHS))
         loop.val_iters = max(1, round(share * schedule.iters_per_epoch)) if share > 0 else 0
 
-    def _refit(self, loop, done: int, validation_s: float, epoch_ended: bool = False) -> None:
+    def _refit(self, loop, done: int, validation_s: float) -> None:
         """Total iterations: those done plus what the rest of the budget holds at the measured costs.
-        ``epoch_ended``: ``done`` ran in the epochs finished so far (the last of them may have been a
-        short last epoch, which more time now extends: the schedule counts from what really ran)."""
+        The schedule is told what ran (``done`` in the epochs finished so far): after a short last epoch
+        that more time now extends, the epochs added are counted from there."""
         schedule = loop.schedule
         per_epoch_fixed = validation_s + self.writes_s
         remaining = self.aim_s - self.elapsed() - 1.5 * self.writes_s  # this epoch's and the final writes
         more = int(max(0.0, remaining) // (self.step_s + per_epoch_fixed / schedule.iters_per_epoch))
         total = gather(min(done + more, self.max_iterations))[0]  # every rank follows rank 0
-        if epoch_ended:
-            schedule.set_total_iterations(max(total, done), done, loop.state.epoch)
-        else:
-            schedule.set_total_iterations(max(total, done))
+        schedule.set_total_iterations(max(total, done), done, loop.state.epoch)
 
     def on_epoch_end(self, loop, entry: dict[str, Any]) -> None:
         now = time.perf_counter()
@@ -102,7 +99,7 @@ class TimeBudget:
         if self.step_s is not None:
             done = sum(e["iterations"] for e in loop.state.history)
             before = loop.schedule.total_iterations
-            self._refit(loop, done, entry["validation_seconds"], epoch_ended=True)
+            self._refit(loop, done, entry["validation_seconds"])
             if loop.rank == 0 and loop.schedule.total_iterations != before and entry["epoch"] == 0:
                 print(f"train: after the first epoch ({self.elapsed():.1f} s in) the budget fits "
                       f"{loop.schedule.total_iterations} iterations", flush=True)

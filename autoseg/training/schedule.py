@@ -46,9 +46,9 @@ class PolySchedule:
         """Make the run ``total`` iterations long, counted from its start, in epochs of ``iters_per_epoch``.
 
         Without ``done`` all epochs before the last are taken as full ones (as they are while the run
-        keeps ``iters_per_epoch``). At an epoch's end pass what ran, ``done`` iterations in
-        ``epochs_done`` epochs: the last of them may have been short (it was the last until now), and
-        the epochs added after it are counted from what really ran."""
+        keeps ``iters_per_epoch``). Given what ran, ``done`` iterations in ``epochs_done`` finished
+        epochs, the last of them may have been short (it was the last until then), and the epochs
+        added after it are counted from what really ran (during epoch 0, ``epochs_done`` is 0)."""
         if done is not None:
             self.skipped_iterations = max(0, epochs_done * self.iters_per_epoch - done)
         as_if_full = max(1, int(total)) + self.skipped_iterations
