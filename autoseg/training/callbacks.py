@@ -7,6 +7,7 @@ fitted schedule.
 
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ class TimeBudget:
         self.epoch_iteration_seconds: list[float] = []
         self.step_s: float | None = None
         self.writes_s = EPOCH_WRITES_S
+        self.measured_writes_s: list[float] = []
         self.last_epoch_end: float | None = None
         self.max_iterations: int | None = None  # the run's own length (--epochs x --iters-per-epoch) caps the fit
 
@@ -94,7 +96,10 @@ class TimeBudget:
             self.step_s = _mean(seconds)
         if self.last_epoch_end is not None:  # the interval holds the previous epoch's writes, then this epoch
             train_s = sum(self.epoch_iteration_seconds) + entry["validation_seconds"]
-            self.writes_s = max(0.0, now - self.last_epoch_end - train_s)
+            self.measured_writes_s.append(max(0.0, now - self.last_epoch_end - train_s))
+            # The median, not the last: one slow write (a disk stall on a shared machine) taken as the
+            # norm cut the remaining epochs by 1.5x its excess and ended a 40 s run 3 s early.
+            self.writes_s = statistics.median(self.measured_writes_s)
         self.epoch_iteration_seconds = []
         if self.step_s is not None:
             done = sum(e["iterations"] for e in loop.state.history)
