@@ -2,7 +2,8 @@
 """Does transfer pay on a small dataset? Hippocampus with few labels, same CPU budget, three arms.
 
     python scripts/bench_transfer.py [--minutes 20] [--seeds 0 1 2] [--labelled 20] [--source-minutes M]
-                                     [--warmup-epochs 0] [--configuration 2d] [--gpu-memory-gb 0.6] [--work DIR]
+                                     [--pretrain-minutes M] [--warmup-epochs 0] [--configuration 2d]
+                                     [--gpu-memory-gb 0.6] [--work DIR]
 
 Fold 0 of Hippocampus, its training part cut to the first ``--labelled`` cases (the
 validation part unchanged: the same cases for every arm), validation Dice after:
@@ -12,7 +13,8 @@ validation part unchanged: the same cases for every arm), validation Dice after:
     ``train --pretrained`` for the other half. The unlabelled pool is every
     Hippocampus image but fold 0's validation cases (the training part of imagesTr, and
     imagesTs where there is one, through a raw folder of links): pre-training on the images it is scored on
-    would flatter (b);
+    would flatter (b). ``--pretrain-minutes`` pre-trains longer than half (the fine-tune keeps its
+    half): what more pre-training would buy, the arm then over the budget by the difference;
 (c) ``train --pretrained`` for half of it from a model trained on ACDC (planned with
     Hippocampus' configurations: ``plan-and-preprocess -d 27 --plans-from 4``, fold ``all``,
     ``--source-minutes``, twice ``--minutes`` by default; that source training is not counted in
@@ -46,30 +48,32 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 TARGET, SOURCE = "Dataset004_Hippocampus", "Dataset027_ACDC"
+# 0.6 GB plans the 2d U-Net at batch 19 (1 GB: batch 126, ~30 steps in 5 CPU minutes, which
+# measures nothing); a CPU budget buys steps, so the small batch is the fair plan for every arm.
+PLAN_GPU_MEMORY_GB = 0.6
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=20.0, help="the budget of each arm")
     parser.add_argument("--source-minutes", type=float, default=None, help="ACDC training (default: 2 x --minutes)")
+    parser.add_argument("--pretrain-minutes", type=float, default=None, help="(b)'s pre-training (default: --minutes / 2)")
     parser.add_argument("--warmup-epochs", type=int, default=0, help="--warmup-epochs of the fine-tuning arms (b), (c)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--labelled", type=int, default=20)
     parser.add_argument("--configuration", default="2d", choices=["2d", "3d_fullres"])
-    # 0.6 GB plans the 2d U-Net at batch 19 (1 GB: batch 126, ~30 steps in 5 CPU minutes, which
-    # measures nothing); a CPU budget buys steps, so the small batch is the fair plan for every arm.
-    parser.add_argument("--gpu-memory-gb", type=float, default=0.6, help="plan for this memory budget")
+    parser.add_argument("--gpu-memory-gb", type=float, default=PLAN_GPU_MEMORY_GB, help="plan for this memory budget")
     parser.add_argument("--work", type=Path, default=Path("/tmp/autoseg_bench_transfer"))
     args = parser.parse_args()
     for name in (TARGET, SOURCE):
         if not (DATA / name).is_dir():
             sys.exit(f"skipped: {DATA / name} is missing")
     raw, pre = args.work / "raw", args.work / "pre"
-    raw.mkdir(parents=True, exist_ok=True)
-    for name in (TARGET, SOURCE):
-        if not (raw / name).exists():
-            (raw / name).symlink_to(DATA / name)
     config, half = args.configuration, args.minutes / 2
+    validation = prepare_target(args.work, config, args.labelled, args.gpu_memory_gb)
+    if not (raw / SOURCE).exists():
+        (raw / SOURCE).symlink_to(DATA / SOURCE)
+    pretrain_minutes = args.pretrain_minutes or half
 
     def autoseg(results: Path, *command: str, log: Path | None = None, raw_root: Path = raw) -> None:
         # The repository first on PYTHONPATH, the caller's entries kept (carried packages on the GPU machine).
@@ -85,9 +89,6 @@ def main() -> None:
             sys.exit(f"`autoseg {' '.join(command)}` failed; see {log}")
 
     plan = ["-c", config, "--gpu-memory-gb", str(args.gpu_memory_gb), "-np", "2"]
-    if not (pre / TARGET / "plans.json").exists():
-        autoseg(args.work / "res", "plan-and-preprocess", "-d", TARGET, *plan)
-    validation = _few_labels(pre / TARGET, config, args.labelled)
     pool = _pool_without(raw / TARGET, validation, args.work / "raw_pool")
     source_model = args.work / "res_source" / SOURCE / f"{config}__unet" / "fold_all" / "checkpoint_final.pt"
     if not source_model.exists():
@@ -99,6 +100,8 @@ def main() -> None:
     results: dict[str, list[float]] = {"a": [], "a_half": [], "b": [], "c": []}
     for seed in args.seeds:
         arm = {k: args.work / f"res_{k}_{seed}" for k in results}
+        if pretrain_minutes != half:  # its own folder: the default arm's runs stay as they are
+            arm["b"] = args.work / f"res_b{pretrain_minutes:g}_{seed}"
         if not _summary(arm["a"], config).exists():
             autoseg(arm["a"], *train, str(seed), "--time-budget", str(args.minutes))
         if not _summary(arm["a_half"], config).exists():
@@ -106,8 +109,8 @@ def main() -> None:
         if not _summary(arm["b"], config).exists():
             pretrained = arm["b"] / TARGET / "pretrain" / f"{config}__unet" / "checkpoint_final.pt"
             if not pretrained.exists():
-                autoseg(arm["b"], "pretrain", "-d", TARGET, "-c", config, "--time-budget", str(half), "--seed", str(seed),
-                        raw_root=pool)
+                autoseg(arm["b"], "pretrain", "-d", TARGET, "-c", config, "--time-budget", str(pretrain_minutes),
+                        "--seed", str(seed), raw_root=pool)
             autoseg(arm["b"], *train, str(seed), "--time-budget", str(half), "--pretrained", str(pretrained),
                     *fine_tune)
         if not _summary(arm["c"], config).exists():
@@ -122,7 +125,8 @@ def main() -> None:
     print(f"source of (c): ACDC {config} U-Net, {len(source_epochs)} epochs, "
           f"{sum(epoch['iterations'] for epoch in source_epochs)} iterations, last pseudo-Dice "
           f"{source_epochs[-1]['pseudo_dice_mean']:.3f} (on its own training cases: fold all)")
-    labels = {"a": "(a) from scratch", "a_half": "(a/2) from scratch, half the budget", "b": "(b) pretrain 1/2 + fine-tune 1/2", "c": "(c) ACDC model + fine-tune 1/2"}
+    labels = {"a": "(a) from scratch", "a_half": "(a/2) from scratch, half the budget",
+              "b": f"(b) pretrain {pretrain_minutes:g} min + fine-tune 1/2", "c": "(c) ACDC model + fine-tune 1/2"}
     for key, values in results.items():
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         gain = statistics.mean(values) - statistics.mean(results["a"])
@@ -132,6 +136,23 @@ def main() -> None:
 
 def _summary(results: Path, config: str) -> Path:
     return results / TARGET / f"{config}__unet" / "fold_0" / "validation" / "summary.json"
+
+
+def prepare_target(work: Path, config: str, labelled: int, gpu_memory_gb: float = PLAN_GPU_MEMORY_GB) -> list[str]:
+    """Hippocampus linked under ``work/raw``, planned and preprocessed into ``work/pre`` (once per work
+    folder), its fold 0 cut to ``labelled`` training cases; returns fold 0's validation cases."""
+    raw, pre = work / "raw", work / "pre"
+    raw.mkdir(parents=True, exist_ok=True)
+    if not (raw / TARGET).exists():
+        (raw / TARGET).symlink_to(DATA / TARGET)
+    if not (pre / TARGET / "plans.json").exists():
+        sys.path.insert(0, str(REPO))
+        from autoseg.cli import main as autoseg_cli
+
+        if autoseg_cli(["plan-and-preprocess", "-d", TARGET, "-c", config, "--gpu-memory-gb", str(gpu_memory_gb),
+                        "-np", "2", f"--raw={raw}", f"--preprocessed={pre}"]):
+            sys.exit("plan-and-preprocess failed")
+    return _few_labels(pre / TARGET, config, labelled)
 
 
 def _few_labels(preprocessed: Path, config: str, labelled: int) -> list[str]:

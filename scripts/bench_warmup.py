@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -26,7 +25,7 @@ sys.path.insert(0, str(REPO))
 from autoseg.paths import Roots  # noqa: E402
 from autoseg.training import TrainingOptions, train_fold  # noqa: E402
 from autoseg.training.finetune import FineTuningPhases  # noqa: E402
-from scripts.bench_transfer import DATA, TARGET, _few_labels  # noqa: E402
+from scripts.bench_transfer import DATA, TARGET, prepare_target  # noqa: E402
 
 
 def learning_rate_ramp(self, optimizer, args, kwargs) -> None:
@@ -48,16 +47,7 @@ def main() -> None:
     if not (DATA / TARGET).is_dir():
         sys.exit(f"skipped: {DATA / TARGET} is missing")
     raw, pre = args.work / "raw", args.work / "pre"
-    raw.mkdir(parents=True, exist_ok=True)
-    if not (raw / TARGET).exists():
-        (raw / TARGET).symlink_to(DATA / TARGET)
-    if not (pre / TARGET / "plans.json").exists():
-        from autoseg.cli import main as autoseg
-
-        os.environ.update(AUTOSEG_RAW=str(raw), AUTOSEG_PREPROCESSED=str(pre))
-        if autoseg(["plan-and-preprocess", "-d", TARGET, "-c", "2d", "--gpu-memory-gb", "0.6", "-np", "2"]):
-            sys.exit("plan-and-preprocess failed")
-    _few_labels(pre / TARGET, "2d", args.labelled)
+    prepare_target(args.work, "2d", args.labelled)
 
     arms = {"none": 0, "gradient ramp (autoseg)": 1, "learning-rate ramp (reference)": 1}
     ours = FineTuningPhases._before_step
