@@ -16,6 +16,7 @@ from autoseg.paths import Roots
 from autoseg.planning.plans import load_plans
 from autoseg.training import TrainingOptions, train_fold
 from autoseg.training.data import PatchSampler
+from autoseg.training.loop import TrainingLoop
 from autoseg.training.loss import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights
 from autoseg.training.schedule import PolySchedule
 from autoseg.training.splits import load_or_create_splits, make_splits
@@ -154,6 +155,41 @@ def test_a_few_iterations_decrease_the_loss(tiny):
         optimizer.step()
         losses.append(float(loss.detach()))
     assert losses[-1] < 0.6 * losses[0]
+
+
+def test_a_batch_split_into_network_calls_trains_exactly_as_one_call():
+    # The CPU runs the batch through the network a few images a call (networks/call_size.py).
+    # In float64 the split must give the one-call step: the same loss, the same updated weights
+    # (instance normalisation is per image, the batch Dice is taken over the joined outputs),
+    # and the same validation pseudo-Dice.
+    plans = load_plans(Path(__file__).resolve().parents[1] / "plans" / "Dataset999_Synthetic.json")
+    arch = plans.architecture("3d_fullres")
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randn(5, 1, 16, 32, 32, generator=generator, dtype=torch.float64)
+    target = torch.randint(0, 3, (5, 16, 32, 32), generator=generator)
+    results = []
+    for images_per_call in (None, 2):
+        torch.manual_seed(0)
+        network = build_network(arch, 1, 3, 3, True).double()
+        batches = iter([(image, target)] * 2)
+        loop = TrainingLoop(network=network, model=network, loss=DeepSupervisionLoss(DiceCELoss()),
+                            train_batches=batches, val_batches=batches,
+                            optimizer=torch.optim.SGD(network.parameters(), lr=0.1, momentum=0.9),
+                            schedule=PolySchedule(0.1, 0.9, 1, 1), num_classes=3, val_iters=1, progress=False,
+                            images_per_call=images_per_call)
+        initial = torch.cat([p.detach().flatten() for p in network.parameters()])
+        calls = []
+        network.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+        loss = loop.train_step(image, target)
+        _, dice = loop.validate()
+        weights = torch.cat([p.detach().flatten() for p in network.parameters()])
+        assert (weights - initial).abs().max() > 1e-3  # the step did move the weights
+        results.append((loss, weights, dice, calls))
+    (whole_loss, whole_weights, whole_dice, whole_calls), (split_loss, split_weights, split_dice, split_calls) = results
+    assert whole_calls == [5, 5] and split_calls == [2, 2, 1] * 2
+    assert split_loss == pytest.approx(whole_loss, rel=1e-12)
+    assert torch.allclose(split_weights, whole_weights, rtol=0, atol=1e-12)
+    assert split_dice == pytest.approx(whole_dice, abs=1e-12)
 
 
 class _Kill:

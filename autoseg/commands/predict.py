@@ -49,7 +49,7 @@ def register(subparsers) -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu", "mps"])
     parser.add_argument("--windows-per-batch", type=int, default=None,
                         help="network inputs per call, windows x mirror flips (default: 4 on a GPU; on the CPU as "
-                        "many as fit 1M voxels)")
+                        "many as fit 128k voxels, one 40x56x40 window)")
     parser.add_argument("--fp32", action="store_true",
                         help="compute in float32 (default: bf16 autocast on CUDA and on CPUs with native bf16)")
     add_common(parser)

@@ -23,6 +23,7 @@ from autoseg.inference.ensemble import argmax_labels, region_labels
 from autoseg.inference.model import TrainedModel
 from autoseg.inference.sliding_window import predict_probabilities
 from autoseg.io.images import Geometry
+from autoseg.networks.call_size import PREDICTION_CPU_VOXELS, cpu_images_per_call
 from autoseg.networks.precision import cpu_has_native_bf16, cuda_autocast_dtype
 from autoseg.planning.planner import preprocessing_digest
 from autoseg.planning.plans import Plans
@@ -31,19 +32,11 @@ from autoseg.preprocessing.preprocess import Preprocessed, class_values, preproc
 from autoseg.preprocessing.resample import resample_probabilities
 
 
-# On the CPU a batch of large windows computes no faster than one window at a time and
-# holds the activations of all of them (measured: a 128x160x128 window of the planned CT
-# U-Net takes 2.1 GB and 22 s alone, 4.2 GB and 58 s two at a time), so the CPU batches
-# windows and their mirror flips only up to this many voxels per network call; small
-# patches (Hippocampus: the 8 flips of a 40x56x40 window in one call) still gain from it.
-CPU_BATCH_VOXELS = 1 << 20
-
-
 @dataclass
 class PredictionSettings:
     step: float = 0.5
     mirror: bool = True
-    # Network inputs per call, windows x mirror flips; None: 4 on a GPU, on the CPU up to CPU_BATCH_VOXELS voxels.
+    # Network inputs per call, windows x mirror flips; None: 4 on a GPU, on the CPU about 128k voxels.
     windows_per_batch: int | None = None
     # bf16 autocast on GPUs and CPUs with native bf16 (CUDA compute capability 8.0+; AVX-512 BF16, AMX): about
     # 2x faster on such CPUs, and scripts/bench_predict.py checks that Dice does not move. fp16 on older
@@ -122,7 +115,8 @@ def probabilities_to_labels(probabilities: np.ndarray, plans: Plans) -> np.ndarr
 def windows_per_batch(patch_size: list[int], device: torch.device) -> int:
     if device.type != "cpu":
         return 4
-    return max(1, min(32, CPU_BATCH_VOXELS // int(np.prod(patch_size))))
+    # About 128k voxels a call: one 40x56x40 window, its 8 flips one by one (networks/call_size.py).
+    return min(32, cpu_images_per_call(patch_size, PREDICTION_CPU_VOXELS))
 
 
 def inference_autocast_dtype(device: torch.device) -> torch.dtype | None:

@@ -80,6 +80,11 @@ class TrainingLoop:
     # Region-based labels: the label values of each (sigmoid) output; None for softmax classes.
     regions: list[list[int]] | None = None
     last_batch: tuple[torch.Tensor, torch.Tensor] | None = None
+    # The batch goes through the network in calls of this many images (None: all at once). On the
+    # CPU small calls run faster (networks/call_size.py); the outputs are joined before the loss, so
+    # the batch Dice, the loss and the gradients are the whole batch's (instance normalisation is
+    # per image). Not with DistributedDataParallel, which expects one forward per backward.
+    images_per_call: int | None = None
 
     def __post_init__(self):
         if self.scaler is None:
@@ -132,7 +137,7 @@ class TrainingLoop:
         target = target.to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            outputs = self.model(image)
+            outputs = self.forward(image)
         loss = self.loss(outputs, target)  # in fp32: the loss casts the logits
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
@@ -140,6 +145,15 @@ class TrainingLoop:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return float(loss.detach())
+
+    def forward(self, image: torch.Tensor):
+        """The model's output(s) for ``image``, computed ``images_per_call`` images at a time."""
+        if not self.images_per_call or image.shape[0] <= self.images_per_call:
+            return self.model(image)
+        parts = [self.model(chunk) for chunk in image.split(self.images_per_call)]
+        if isinstance(parts[0], (list, tuple)):  # deep supervision: one tensor per resolution
+            return [torch.cat(outputs) for outputs in zip(*parts)]
+        return torch.cat(parts)
 
     @torch.no_grad()
     def validate(self) -> tuple[float, list[float]]:
@@ -155,7 +169,7 @@ class TrainingLoop:
             image, target = image.to(self.device), target.to(self.device)
             with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                 enabled=self.amp_dtype is not None):
-                logits = self.model(image)
+                logits = self.forward(image)
             logits = logits[0] if isinstance(logits, (list, tuple)) else logits
             losses.append(float(self.loss(logits, target)))
             valid = target >= 0
