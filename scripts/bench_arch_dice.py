@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+from child_env import child_env
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 NAME = "Dataset004_Hippocampus"
@@ -53,8 +55,8 @@ def main() -> None:
     raw.mkdir(parents=True, exist_ok=True)
     if not (raw / NAME).exists():
         (raw / NAME).symlink_to(source)
-    env = dict(os.environ, AUTOSEG_RAW=str(raw), AUTOSEG_PREPROCESSED=str(pre), AUTOSEG_RESULTS=str(res),
-               PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    env = child_env(AUTOSEG_RAW=str(raw), AUTOSEG_PREPROCESSED=str(pre), AUTOSEG_RESULTS=str(res),
+                    PYTHONUNBUFFERED="1")
     autoseg = [sys.executable, "-m", "autoseg"]
     if not (pre / NAME / "plans.json").exists():
         budget = ["--gpu-memory-gb", str(args.gpu_memory_gb)] if args.gpu_memory_gb else []

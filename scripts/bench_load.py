@@ -27,6 +27,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from child_env import child_env
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -79,7 +81,7 @@ def predict(images: Path, output: Path, flags: list[str], cases: int, cores: set
             (inputs / image.name).symlink_to(image)
     command = [sys.executable, "-m", "autoseg", "predict", "-i", str(inputs), "-o", str(output), "-d", "999",
                "-c", "3d_fullres", "-f", "0", "--device", "cpu", *([] if tta else ["--disable-tta"]), *flags]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = child_env()
     start = time.perf_counter()
     child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                              preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)

@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from child_env import child_env
+
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,7 +140,7 @@ def main() -> None:
         shutil.rmtree(work / old, ignore_errors=True)
     flags = [f"--raw={work / 'raw'}", f"--preprocessed={work / 'pre'}", f"--results={work / 'res'}"]
     autoseg = [sys.executable, "-m", "autoseg"]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = child_env()
     print(f"load average at the start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
     fold = work / "res" / NAME / "3d_fullres__unet" / "fold_0"
     if not (fold / "checkpoint_final.pt").is_file():

@@ -26,6 +26,8 @@ import re
 import subprocess
 import sys
 
+from child_env import child_env
+
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
@@ -94,7 +96,7 @@ def main() -> None:
             batch, length, d_inner = (int(v) for v in shape.split("x"))
             spec = json.dumps([kind, batch, length, d_inner, args.d_state])
             done = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", spec], capture_output=True,
-                                  text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": os.path.abspath(REPO)})
+                                  text=True, cwd=REPO, env=child_env())
             if done.returncode:
                 print(f"{kind} {shape}: failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
                 continue

@@ -37,6 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 from bench_accuracy import nnunet_env, parse_nnunet_log, run_logged  # noqa: E402
+from child_env import child_env  # noqa: E402
 
 SHARED = REPO.parent / "shared"
 NAME = "Dataset004_Hippocampus"
@@ -104,7 +105,7 @@ def autoseg_run(work: Path, iters: int, fp32: bool) -> dict:
     record = work / f"autoseg_{label}.json"
     start, _, _ = run_logged([sys.executable, "-c", AUTOSEG, str(work / "raw"), str(work / "pre"),
                               str(work / f"res_{label}"), str(iters), "1" if fp32 else "0", str(record)],
-                             dict(os.environ, PYTHONPATH=str(REPO)), work / f"autoseg_{label}.log")
+                             child_env(), work / f"autoseg_{label}.log")
     result = json.loads(record.read_text())
     whole = Path(result["final"]).stat().st_mtime - start
     return {"whole": whole / iters, "steady": steady(result["steps"])}
@@ -147,7 +148,7 @@ def main() -> None:
     (work / "raw" / NAME).symlink_to(source)
     subprocess.run([sys.executable, "-m", "autoseg", "plan-and-preprocess", "-d", NAME, "-c", "3d_fullres", "-a",
                     "unet", f"--raw={work / 'raw'}", f"--preprocessed={work / 'pre'}"], check=True,
-                   capture_output=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+                   capture_output=True, env=child_env())
     results = {f"autoseg {label}": autoseg_run(work, args.iters, fp32)
                for label, fp32 in (("default (bf16 where native)", False), ("--fp32", True))}
     if not args.skip_nnunet:

@@ -45,6 +45,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from child_env import child_env
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 TARGET, SOURCE = "Dataset004_Hippocampus", "Dataset027_ACDC"
@@ -76,10 +78,8 @@ def main() -> None:
     pretrain_minutes = args.pretrain_minutes or half
 
     def autoseg(results: Path, *command: str, log: Path | None = None, raw_root: Path = raw) -> None:
-        # The repository first on PYTHONPATH, the caller's entries kept (carried packages on the GPU machine).
-        python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-        env = dict(os.environ, AUTOSEG_RAW=str(raw_root), AUTOSEG_PREPROCESSED=str(pre), AUTOSEG_RESULTS=str(results),
-                   PYTHONPATH=python_path, PYTHONUNBUFFERED="1")
+        env = child_env(AUTOSEG_RAW=str(raw_root), AUTOSEG_PREPROCESSED=str(pre), AUTOSEG_RESULTS=str(results),
+                        PYTHONUNBUFFERED="1")
         log = log or results / "bench_log.txt"
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "a") as out:

@@ -49,6 +49,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from child_env import child_env
+
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = ("Dataset004_Hippocampus", "Dataset027_ACDC")
 HIPPOCAMPUS_VALIDATION_CASES = 40  # 200 cases, fold 0 of 5
@@ -204,12 +206,6 @@ def child_nnunet(spec: dict) -> dict:
             if index >= warm_up:
                 times.append(time.perf_counter() - start)
         return {"step_s": statistics.median(times), "dtype": "float16" if device.type == "cuda" else "float32"}
-
-
-def child_env(**extra: str) -> dict:
-    """The environment of a child process: the repository first on PYTHONPATH, the caller's entries kept
-    (on the device machine the carried packages live there)."""
-    return {**os.environ, **extra, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 
 
 def run_child(kind: str, spec: dict, python: str = sys.executable, timeout: float = 300) -> dict:
