@@ -219,3 +219,40 @@ def test_swin_pretraining_with_three_tasks_lowers_its_loss_and_feeds_pretrained(
     assert {k for k, why in report.unused.items() if why == "pre-training head"} == heads
     assert report.encoder_tensors_loaded == report.encoder_tensors_total > 0
     assert not any(k.startswith("ssl_heads.") for k in report.loaded)
+
+
+def test_inpainting_split_into_cpu_calls_gives_the_whole_batch_step():
+    # autoseg pretrain splits the batch into network calls on the CPU (networks/call_size.py).
+    # With the same random draws (the masks are drawn call by call from one stream) the split
+    # step must equal the whole-batch one in float64: same masks, loss and updated weights.
+    from pathlib import Path
+
+    from autoseg.networks.registry import build_network
+    from autoseg.planning.plans import load_plans
+    from autoseg.pretraining.inpainting import MaskedInpainting
+    from autoseg.training.loop import TrainingLoop
+    from autoseg.training.schedule import PolySchedule
+
+    arch = load_plans(Path(__file__).resolve().parents[1] / "plans" / "Dataset999_Synthetic.json").architecture("2d")
+    image = torch.randn(3, 1, 32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    results = []
+    for images_per_call in (None, 1):
+        torch.manual_seed(0)
+        network = build_network(arch, 1, 1, 2, False).double()
+        loop = TrainingLoop(network=network, model=MaskedInpainting(network), loss=MaskedReconstructionLoss(),
+                            train_batches=iter(()), val_batches=iter(()),
+                            optimizer=torch.optim.SGD(network.parameters(), lr=0.1), schedule=PolySchedule(0.1, 0.9, 1, 1),
+                            num_classes=1, val_iters=0, progress=False, images_per_call=images_per_call)
+        calls = []
+        network.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+        torch.manual_seed(5)
+        reconstruction, mask = loop.forward(image)
+        torch.manual_seed(5)
+        loss = loop.train_step(image, image)
+        results.append((mask, loss, torch.cat([p.detach().flatten() for p in network.parameters()])))
+        assert calls == ([3, 3] if images_per_call is None else [1] * 6)
+    (whole_mask, whole_loss, whole_weights), (split_mask, split_loss, split_weights) = results
+    assert whole_mask.shape == split_mask.shape == (3, 1, 32, 32)
+    assert 0.2 < float(whole_mask.mean()) < 0.9 and torch.equal(whole_mask, split_mask)
+    assert split_loss == pytest.approx(whole_loss, rel=1e-12)
+    assert torch.allclose(split_weights, whole_weights, rtol=0, atol=1e-12)

@@ -151,7 +151,7 @@ class TrainingLoop:
         if not self.images_per_call or image.shape[0] <= self.images_per_call:
             return self.model(image)
         parts = [self.model(chunk) for chunk in image.split(self.images_per_call)]
-        if isinstance(parts[0], (list, tuple)):  # deep supervision: one tensor per resolution
+        if isinstance(parts[0], (list, tuple)):  # deep supervision (a tensor per resolution), inpainting (image, mask)
             return [torch.cat(outputs) for outputs in zip(*parts)]
         return torch.cat(parts)
 
