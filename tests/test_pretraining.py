@@ -3,6 +3,7 @@ their loss, continue, and feed train --pretrained."""
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,10 +12,14 @@ from torch import nn
 
 from autoseg.cli import main
 from autoseg.errors import UsageError
-from autoseg.pretraining.inpainting import MaskedReconstructionLoss, random_cube_mask
+from autoseg.networks.registry import build_network
+from autoseg.planning.plans import load_plans
+from autoseg.pretraining.inpainting import MaskedInpainting, MaskedReconstructionLoss, random_cube_mask
 from autoseg.pretraining.run import PretrainingOptions, pretrain, pretraining_output
 from autoseg.pretraining.swin_ssl import (TASK, RotationContrastiveInpainting, RotationContrastiveInpaintingLoss,
                                           SelfSupervisedOutputs, attach_heads, rotate, rotation_axes)
+from autoseg.training.loop import TrainingLoop
+from autoseg.training.schedule import PolySchedule
 from tests.conftest import preprocess_tiny_synthetic
 
 
@@ -225,14 +230,6 @@ def test_inpainting_split_into_cpu_calls_gives_the_whole_batch_step():
     # autoseg pretrain splits the batch into network calls on the CPU (networks/call_size.py).
     # With the same random draws (the masks are drawn call by call from one stream) the split
     # step must equal the whole-batch one in float64: same masks, loss and updated weights.
-    from pathlib import Path
-
-    from autoseg.networks.registry import build_network
-    from autoseg.planning.plans import load_plans
-    from autoseg.pretraining.inpainting import MaskedInpainting
-    from autoseg.training.loop import TrainingLoop
-    from autoseg.training.schedule import PolySchedule
-
     arch = load_plans(Path(__file__).resolve().parents[1] / "plans" / "Dataset999_Synthetic.json").architecture("2d")
     image = torch.randn(3, 1, 32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     results = []

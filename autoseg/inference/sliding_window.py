@@ -49,7 +49,7 @@ class EnsembleWindowFunction:
 
     The flips of a batch of windows go through the network together, up to
     ``images_per_call`` images per call (a batch of small patches computes faster than
-    the same patches one by one; on the CPU, large batches are slower: see predictor.py)."""
+    the same patches one by one; on the CPU, large batches are slower: see networks/call_size.py)."""
 
     def __init__(self, networks: Sequence[nn.Module], mirror_axes: Sequence[int], amp_dtype: torch.dtype | None,
                  images_per_call: int = 1, sigmoid: bool = False):

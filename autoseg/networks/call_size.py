@@ -3,7 +3,7 @@
 On the CPU a convolution network runs fastest in calls of about 100-300k voxels (images x
 patch voxels): larger calls run slower per image, their activations no longer fitting the
 caches, and tiny ones pay the per-call overhead. Measured on a 2-core AVX-512-BF16 CPU
-(bf16 autocast unless said):
+(bf16 autocast unless said; ``python scripts/bench_call_size.py`` repeats the sweep):
 
 - prediction, 8 mirror flips of a Hippocampus 40x56x40 window, by images per call
   1 / 2 / 4 / 8: 0.40 / 0.51 / 0.56 / 0.63 s (float32: 1.20 / 1.08 / 1.22 / 1.25 s); ACDC 2d
@@ -16,7 +16,7 @@ caches, and tiny ones pay the per-call overhead. Measured on a 2-core AVX-512-BF
   70 / 35 / 4 / 2; ACDC 3d_fullres 20x256x224 batch 4: 38.6 / 21.7 / 20.6 s at 4 / 2 / 1;
   Hippocampus 2d batch 280: 1.48 / 1.02 / 1.28 s at 280 / 140 / 4.
 
-Training keeps more per call (its backward pass reuses the stored activations either way).
+Training's optimum lies higher than prediction's in these sweeps, hence its larger share.
 GPUs are not split: they want the largest call that fits.
 """
 
@@ -25,6 +25,8 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import torch
+
 PREDICTION_CPU_VOXELS = 1 << 17
 TRAINING_CPU_VOXELS = 1 << 18
 
@@ -32,3 +34,8 @@ TRAINING_CPU_VOXELS = 1 << 18
 def cpu_images_per_call(patch_size: Sequence[int], voxels: int) -> int:
     """Images of ``patch_size`` per network call on the CPU, for calls of about ``voxels`` voxels (at least 1)."""
     return max(1, voxels // math.prod(int(p) for p in patch_size))
+
+
+def training_images_per_call(patch_size: Sequence[int], device: torch.device) -> int | None:
+    """``TrainingLoop.images_per_call`` on ``device``: a share of the batch on the CPU, None (whole) elsewhere."""
+    return cpu_images_per_call(patch_size, TRAINING_CPU_VOXELS) if device.type == "cpu" else None

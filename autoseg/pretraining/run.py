@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from autoseg.errors import UsageError
-from autoseg.networks.call_size import TRAINING_CPU_VOXELS, cpu_images_per_call
+from autoseg.networks.call_size import training_images_per_call
 from autoseg.networks.registry import build_network
 from autoseg.networks.swin_unetr import LEVEL_WIDTHS, feature_size_of
 from autoseg.paths import Roots
@@ -165,8 +165,7 @@ def pretrain(roots: Roots, dataset_name: str, configuration: str, architecture: 
                         progress=options.progress,
                         # Inpainting is per image, so the CPU may split the batch into calls (call_size.py);
                         # the Swin task pairs the batch's views for its contrastive loss and runs it whole.
-                        images_per_call=(cpu_images_per_call(arch.patch_size, TRAINING_CPU_VOXELS)
-                                         if device.type == "cpu" and axes is None else None))
+                        images_per_call=training_images_per_call(arch.patch_size, device) if axes is None else None)
     try:
         loop.run()
     finally:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from autoseg.errors import UsageError
-from autoseg.networks.call_size import TRAINING_CPU_VOXELS, cpu_images_per_call
+from autoseg.networks.call_size import training_images_per_call
 from autoseg.networks.precision import cpu_has_native_bf16, cuda_autocast_dtype
 from autoseg.networks.registry import build_network
 from autoseg.paths import Roots
@@ -208,8 +208,7 @@ def train_fold(roots: Roots, dataset_name: str, configuration: str, fold: int | 
         num_classes=plans.num_segmentation_heads, val_iters=options.val_iters, device=device, amp_dtype=amp_dtype,
         scaler=scaler, callbacks=loop_callbacks + list(callbacks or []), state=state, rank=rank,
         progress=options.progress, regions=plans.regions if plans.has_regions else None,
-        images_per_call=(cpu_images_per_call(arch.patch_size, TRAINING_CPU_VOXELS)
-                         if device.type == "cpu" and world == 1 else None))
+        images_per_call=training_images_per_call(arch.patch_size, device) if world == 1 else None)
     try:
         loop.run()
     finally:
