@@ -2,14 +2,16 @@
 """Learning per unit of time: autoseg against nnU-Net v2 on the same data, fold and wall-clock budget.
 
     python scripts/bench_accuracy.py [--dataset hippocampus|ph2|acdc] [--trainer nnUNetTrainer_1epoch]
-                                     [--also-fp32] [--work DIR]
+                                     [--nnunet-iterations N] [--also-fp32] [--work DIR]
 
 One run, both tools, one machine:
 1. nnU-Net (``../shared/peers``' venv) plans, preprocesses and trains fold 0 with ``--trainer``
    (``nnUNetTrainer_1epoch``: 250 iterations; ``_5epochs`` ... for longer budgets). Its training
    time runs from the start of ``nnUNetv2_train`` to its "Training done." line (start-up, data
    loading, its per-epoch validation and the final checkpoint included; its end-of-training
-   validation is not: the process is stopped there).
+   validation is not: the process is stopped there). ``--nnunet-iterations N`` shortens the trainer's
+   epochs to N iterations and N/5 validation batches (its own ratio, 50 per 250), for a dataset whose
+   full epoch outlasts a working session on the CPU: a smaller budget, named as such in the table.
 2. autoseg plans and preprocesses, takes nnU-Net's ``splits_final.json`` as its ``splits.json``
    (so both validate on the same cases), and trains fold 0 with ``--time-budget`` equal to
    nnU-Net's training time, everything else default. Its training time runs from the start of
@@ -172,13 +174,40 @@ def autoseg_command(*arguments: str) -> list[str]:
     return [sys.executable, "-m", "autoseg", *arguments]
 
 
-def train_nnunet(work: Path, number: str, configuration: str, trainer: str) -> dict:
+# nnUNetv2_train with every trainer's epoch shortened to {iterations} iterations and a fifth of that in validation
+# batches (nnU-Net's own ratio): the base class's constructor sets both, and every trainer calls it first.
+SHORTENED_TRAIN = """
+import functools, sys
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.run.run_training import run_training_entry
+_construct = nnUNetTrainer.__init__
+@functools.wraps(_construct)  # nnU-Net reads its own constructor's signature to record its arguments
+def _shortened(self, *args, **kwargs):
+    _construct(self, *args, **kwargs)
+    self.num_iterations_per_epoch = {iterations}
+    self.num_val_iterations_per_epoch = max(1, {iterations} // 5)
+    print("bench_accuracy: epochs shortened to", self.num_iterations_per_epoch, "iterations and",
+          self.num_val_iterations_per_epoch, "validation batches", flush=True)
+nnUNetTrainer.__init__ = _shortened
+sys.argv[0] = "nnUNetv2_train"
+sys.exit(run_training_entry())
+"""
+
+
+def nnunet_python() -> str:
+    python = peers_venv() / "bin" / "python"
+    return str(python) if python.exists() else sys.executable
+
+
+def train_nnunet(work: Path, number: str, configuration: str, trainer: str, iterations: int | None = None) -> dict:
     env = nnunet_env(work)
     subprocess.run(nnunet_command("nnUNetv2_plan_and_preprocess", "-d", number, "-c", configuration, "-np", "2"),
                    env=env, check=True, capture_output=True)
     log = work / "nnunet_train.log"
-    _, _, done = run_logged(nnunet_command("nnUNetv2_train", number, configuration, "0", "-tr", trainer,
-                                           "-device", torch_device()), env, log, stop_at="Training done.")
+    arguments = [number, configuration, "0", "-tr", trainer, "-device", torch_device()]
+    command = nnunet_command("nnUNetv2_train", *arguments) if iterations is None else \
+        [nnunet_python(), "-c", SHORTENED_TRAIN.format(iterations=iterations), *arguments]
+    _, _, done = run_logged(command, env, log, stop_at="Training done.")
     parsed = parse_nnunet_log(log.read_text())
     if done is None:
         sys.exit(f"nnU-Net's training did not finish; see {log}")
@@ -188,7 +217,8 @@ def train_nnunet(work: Path, number: str, configuration: str, trainer: str) -> d
         preprocessed = work / "nn_pre" / model.parent.name
         shutil.copyfile(preprocessed / "dataset.json", model / "dataset.json")
         shutil.copyfile(preprocessed / "nnUNetPlans.json", model / "plans.json")
-    return {"seconds": done, "epochs": parsed.epochs, "iterations": parsed.epochs * (parsed.iterations_per_epoch or 250),
+    per_epoch = iterations or parsed.iterations_per_epoch or 250
+    return {"seconds": done, "epochs": parsed.epochs, "iterations": parsed.epochs * per_epoch,
             "log": str(log)}
 
 
@@ -258,6 +288,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="hippocampus")
     parser.add_argument("--trainer", default="nnUNetTrainer_1epoch", help="nnU-Net's trainer (sets the budget)")
+    parser.add_argument("--nnunet-iterations", type=int, metavar="N",
+                        help="shorten nnU-Net's epochs to N iterations (a smaller budget, for datasets whose epoch "
+                             "outlasts a session)")
     parser.add_argument("--also-fp32", action="store_true", help="also train autoseg with --fp32 at the same budget")
     parser.add_argument("--work", type=Path, help="keep the working folder here and reuse its finished steps")
     parser.add_argument("--data", type=Path, default=SHARED / "data", help="the folder that holds the datasets")
@@ -274,8 +307,12 @@ def main() -> None:
     work = Work(folder)
     print(f"working folder {folder}; {os.cpu_count()} cores", flush=True)
 
-    trained = {"nnU-Net": work.step(f"train nnU-Net {args.trainer}",
-                                    lambda: train_nnunet(folder, number, configuration, args.trainer))}
+    if args.nnunet_iterations is not None and args.nnunet_iterations < 1:
+        sys.exit("--nnunet-iterations must be a positive number")
+    shortened = f" ({args.nnunet_iterations} iterations an epoch)" if args.nnunet_iterations else ""
+    trained = {"nnU-Net": work.step(f"train nnU-Net {args.trainer}{shortened}",
+                                    lambda: train_nnunet(folder, number, configuration, args.trainer,
+                                                         args.nnunet_iterations))}
     splits = json.loads((folder / "nn_pre" / name / "splits_final.json").read_text())
     budget_s = trained["nnU-Net"]["seconds"]
 
@@ -314,6 +351,7 @@ def main() -> None:
             return {"seconds": wall, **evaluate(folder, source, labels, predictions)}
 
         results[label] = work.step(f"predict and evaluate {label}", predict)
+    print(f"\nnnU-Net's trainer: {args.trainer}{shortened}; autoseg's budget: nnU-Net's training time")
     print_table(args.dataset, configuration, trained, results, len(splits[0]["val"]))
 
 
