@@ -1,7 +1,9 @@
-"""The benchmark scripts' parsers, on output that the reference tools really printed."""
+"""The benchmark scripts' parsers, on output that the reference tools really printed, and the launcher that
+shortens nnU-Net's epochs, on a stand-in for nnU-Net's trainer (nnunetv2 is not installed beside autoseg)."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -9,7 +11,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_accuracy import parse_nnunet_log  # noqa: E402
+from bench_accuracy import SHORTENED_TRAIN, parse_nnunet_log  # noqa: E402
 
 
 def test_nnunet_console_log_of_a_one_epoch_training_is_read():
@@ -20,3 +22,51 @@ def test_nnunet_console_log_of_a_one_epoch_training_is_read():
     assert log.first_timestamp == datetime(2026, 12, 4, 2, 51, 18, 112555)
     assert log.done_timestamp == datetime(2026, 12, 4, 3, 25, 49, 113462)
     assert (log.done_timestamp - log.first_timestamp).total_seconds() > log.epoch_seconds[0]
+
+
+# nnU-Net's trainer as far as the shortening launcher meets it: the constructor records its arguments by
+# reading ``self.__init__``'s signature and its own locals (nnUNetTrainer.py of nnU-Net 2.8.1, lines 115-117),
+# then sets the epoch's counts; a trainer variant calls it first and sets its own epochs.
+FAKE_TRAINER = '''
+import inspect
+class nnUNetTrainer:
+    def __init__(self, plans, configuration, fold, dataset_json, device="cpu"):
+        self.my_init_kwargs = {}
+        for k in inspect.signature(self.__init__).parameters.keys():
+            self.my_init_kwargs[k] = locals()[k]
+        self.num_iterations_per_epoch, self.num_val_iterations_per_epoch, self.num_epochs = 250, 50, 1000
+
+class nnUNetTrainer_1epoch(nnUNetTrainer):
+    def __init__(self, plans, configuration, fold, dataset_json, device="cpu"):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 1
+'''
+FAKE_ENTRY = '''
+import sys
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer, nnUNetTrainer_1epoch
+def run_training_entry():
+    for trainer_class in (nnUNetTrainer_1epoch, nnUNetTrainer):
+        trainer = trainer_class({}, "2d", 0, {})
+        print(type(trainer).__name__, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch,
+              trainer.num_epochs, sorted(trainer.my_init_kwargs), sys.argv[1:])
+    return 0
+'''
+
+
+def test_shortened_nnunet_training_sets_the_epoch_counts_of_any_trainer(tmp_path):
+
+    package = tmp_path / "nnunetv2"
+    for folder, files in {package: {}, package / "training": {}, package / "training" / "nnUNetTrainer":
+                          {"nnUNetTrainer.py": FAKE_TRAINER}, package / "run": {"run_training.py": FAKE_ENTRY}}.items():
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "__init__.py").write_text("")
+        for name, text in files.items():
+            (folder / name).write_text(text)
+    result = subprocess.run([sys.executable, "-c", SHORTENED_TRAIN.format(iterations=40), "4", "2d", "0"],
+                            env={"PYTHONPATH": str(tmp_path), "PYTHONUNBUFFERED": "1", "PATH": "/usr/bin:/bin"}, capture_output=True,
+                            text=True, check=True)
+    shortened = "bench_accuracy: epochs shortened to 40 iterations and 8 validation batches"
+    arguments = "['configuration', 'dataset_json', 'device', 'fold', 'plans'] ['4', '2d', '0']"
+    assert result.stdout.splitlines() == [
+        shortened, f"nnUNetTrainer_1epoch 40 8 1 {arguments}",  # the variant keeps its own epochs
+        shortened, f"nnUNetTrainer 40 8 1000 {arguments}"]  # the base class's signature survives the wrap
