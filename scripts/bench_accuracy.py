@@ -46,6 +46,8 @@ from pathlib import Path
 
 import numpy as np
 
+from child_env import child_env
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 DATASETS = {  # --dataset: (folder in ../shared/data, configuration)
@@ -154,13 +156,16 @@ NNUNET_ENTRY_POINTS = {
 }
 
 
-def nnunet_command(name: str, *arguments: str) -> list[str]:
-    """nnU-Net's command from the peers venv where it is installed there, else through this Python."""
-    if (peers_venv() / "bin" / name).exists():
+def nnunet_command(name: str, *arguments: str, prelude: str = "") -> list[str]:
+    """nnU-Net's command from the peers venv where it is installed there, else through this Python.
+    ``prelude``: Python code run in nnU-Net's process before the command's entry point."""
+    installed = (peers_venv() / "bin" / name).exists()
+    if installed and not prelude:
         return [name, *arguments]  # found on nnunet_env's PATH
+    python = str(peers_venv() / "bin" / "python") if installed else sys.executable
     module, function = NNUNET_ENTRY_POINTS[name].split(":")
-    return [sys.executable, "-c", f"import sys; from {module} import {function}; sys.argv[0] = {name!r}; "
-                                  f"sys.exit({function}())", *arguments]
+    return [python, "-c", f"{prelude}\nimport sys; from {module} import {function}; sys.argv[0] = {name!r}; "
+                          f"sys.exit({function}())", *arguments]
 
 
 def torch_device() -> str:
@@ -174,12 +179,11 @@ def autoseg_command(*arguments: str) -> list[str]:
     return [sys.executable, "-m", "autoseg", *arguments]
 
 
-# nnUNetv2_train with every trainer's epoch shortened to {iterations} iterations and a fifth of that in validation
-# batches (nnU-Net's own ratio): the base class's constructor sets both, and every trainer calls it first.
-SHORTENED_TRAIN = """
-import functools, sys
+# Run before nnUNetv2_train: every trainer's epoch shortened to {iterations} iterations and a fifth of that in
+# validation batches (nnU-Net's own ratio). The base class's constructor sets both, and every trainer calls it first.
+SHORTEN_EPOCHS = """
+import functools
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2.run.run_training import run_training_entry
 _construct = nnUNetTrainer.__init__
 @functools.wraps(_construct)  # nnU-Net reads its own constructor's signature to record its arguments
 def _shortened(self, *args, **kwargs):
@@ -189,14 +193,7 @@ def _shortened(self, *args, **kwargs):
     print("bench_accuracy: epochs shortened to", self.num_iterations_per_epoch, "iterations and",
           self.num_val_iterations_per_epoch, "validation batches", flush=True)
 nnUNetTrainer.__init__ = _shortened
-sys.argv[0] = "nnUNetv2_train"
-sys.exit(run_training_entry())
 """
-
-
-def nnunet_python() -> str:
-    python = peers_venv() / "bin" / "python"
-    return str(python) if python.exists() else sys.executable
 
 
 def train_nnunet(work: Path, number: str, configuration: str, trainer: str, iterations: int | None = None) -> dict:
@@ -204,9 +201,9 @@ def train_nnunet(work: Path, number: str, configuration: str, trainer: str, iter
     subprocess.run(nnunet_command("nnUNetv2_plan_and_preprocess", "-d", number, "-c", configuration, "-np", "2"),
                    env=env, check=True, capture_output=True)
     log = work / "nnunet_train.log"
-    arguments = [number, configuration, "0", "-tr", trainer, "-device", torch_device()]
-    command = nnunet_command("nnUNetv2_train", *arguments) if iterations is None else \
-        [nnunet_python(), "-c", SHORTENED_TRAIN.format(iterations=iterations), *arguments]
+    prelude = SHORTEN_EPOCHS.format(iterations=iterations) if iterations else ""
+    command = nnunet_command("nnUNetv2_train", number, configuration, "0", "-tr", trainer, "-device", torch_device(),
+                             prelude=prelude)
     _, _, done = run_logged(command, env, log, stop_at="Training done.")
     parsed = parse_nnunet_log(log.read_text())
     if done is None:
@@ -226,7 +223,7 @@ def train_autoseg(work: Path, number: str, configuration: str, budget_s: float, 
     roots = [f"--raw={work / 'raw'}", f"--preprocessed={work / 'pre'}", f"--results={work / ('res_' + label)}"]
     log = work / f"autoseg_{label}_train.log"
     start, _, _ = run_logged(autoseg_command("train", number, configuration, "0", "--time-budget", f"{budget_s / 60:.4f}",
-                                         "--no-validation", *extra, *roots), dict(os.environ, PYTHONUNBUFFERED="1"), log)
+                                         "--no-validation", *extra, *roots), child_env(PYTHONUNBUFFERED="1"), log)
     final = next((work / f"res_{label}").glob("*/*/fold_0/checkpoint_final.pt"))
     history = [json.loads(line) for line in (final.parent / "training_log.jsonl").read_text().splitlines()]
     return {"seconds": final.stat().st_mtime - start, "epochs": len(history),
@@ -254,7 +251,8 @@ def evaluate(work: Path, source: Path, labels: Path, predictions: Path) -> dict:
     """autoseg evaluate's summary, and the largest per-case Dice difference to MONAI's compute_dice."""
     out = predictions.parent / (predictions.name + "_evaluation")
     subprocess.run(autoseg_command("evaluate", str(labels), str(predictions), "--dataset-json",
-                                   str(source / "dataset.json"), "-o", str(out)), check=True, capture_output=True)
+                                   str(source / "dataset.json"), "-o", str(out)), check=True, capture_output=True,
+                   env=child_env())
     summary = json.loads((out / "summary.json").read_text())
     return {"per_class": {name: value["mean"] for name, value in summary["per_class"].items()},
             "mean": summary["mean_foreground"], "monai_max_difference": monai_dice_difference(source, summary)}
@@ -319,7 +317,7 @@ def main() -> None:
     def prepare_autoseg():
         subprocess.run(autoseg_command("plan-and-preprocess", "-d", number, "-c", configuration, "-np", "2",
                                        f"--raw={folder / 'raw'}", f"--preprocessed={folder / 'pre'}"),
-                       check=True, capture_output=True)
+                       check=True, capture_output=True, env=child_env())
         (folder / "pre" / name / "splits.json").write_text(json.dumps(splits, indent=1))  # nnU-Net's folds
         return True
 
@@ -346,7 +344,7 @@ def main() -> None:
                 command = autoseg_command("predict", "-i", str(images), "-o", str(predictions), "-d", number, "-c",
                                           configuration, "-f", "0", f"--raw={folder / 'raw'}",
                                           f"--preprocessed={folder / 'pre'}", f"--results={folder / ('res_' + key)}")
-                env = dict(os.environ)
+                env = child_env()
             _, wall, _ = run_logged(command, env, folder / f"{key}_predict.log")
             return {"seconds": wall, **evaluate(folder, source, labels, predictions)}
 

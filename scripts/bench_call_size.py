@@ -10,7 +10,7 @@ For each committed plan (``plans/``) and configuration, with the planned U-Net (
   over the joined outputs, backward), by images per call, as ``TrainingLoop.images_per_call``
   runs it.
 Prints the median of ``--repeats`` timings after one warm-up, and the images per call that
-autoseg's voxel shares (``PREDICTION_CPU_VOXELS``, ``TRAINING_CPU_VOXELS``) choose. Run it alone.
+autoseg chooses on the CPU (``predictor.windows_per_batch``, ``call_size.training_images_per_call``). Run it alone.
 """
 
 from __future__ import annotations
@@ -26,13 +26,15 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from autoseg.networks.call_size import (PREDICTION_CPU_VOXELS, TRAINING_CPU_VOXELS,  # noqa: E402
-                                        cpu_images_per_call)
+from autoseg.inference.predictor import windows_per_batch  # noqa: E402
+from autoseg.networks.call_size import training_images_per_call  # noqa: E402
 from autoseg.networks.registry import build_network  # noqa: E402
 from autoseg.planning.plans import load_plans  # noqa: E402
 from autoseg.training.loop import TrainingLoop  # noqa: E402
 from autoseg.training.loss import DeepSupervisionLoss, DiceCELoss  # noqa: E402
 from autoseg.training.schedule import PolySchedule  # noqa: E402
+
+CPU = torch.device("cpu")
 
 
 def timed(function, repeats: int) -> float:
@@ -76,7 +78,7 @@ def main() -> None:
                         for chunk in images.split(per_call):
                             network(chunk)
                 row.append(f"{per_call}: {timed(predict, args.repeats):.3f}")
-            chosen = min(32, cpu_images_per_call(arch.patch_size, PREDICTION_CPU_VOXELS))
+            chosen = windows_per_batch(arch.patch_size, CPU)
             print(f"predict {label}, {images.shape[0]} images | {' · '.join(row)} | autoseg: {chosen}", flush=True)
 
             batch = torch.randn(arch.batch_size, plans.num_input_channels, *arch.patch_size)
@@ -90,7 +92,7 @@ def main() -> None:
                                     schedule=PolySchedule(0.0, 0.9, 1, 1), num_classes=classes, progress=False,
                                     amp_dtype=dtype, images_per_call=per_call)
                 row.append(f"{per_call}: {timed(lambda: loop.train_step(batch, target), args.repeats):.2f}")
-            chosen = cpu_images_per_call(arch.patch_size, TRAINING_CPU_VOXELS)
+            chosen = training_images_per_call(arch.patch_size, CPU)
             print(f"train   {label}, batch {arch.batch_size} | {' · '.join(row)} | autoseg: {chosen}", flush=True)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_accuracy import SHORTENED_TRAIN, parse_nnunet_log  # noqa: E402
+from bench_accuracy import SHORTEN_EPOCHS, nnunet_command, parse_nnunet_log  # noqa: E402
 
 
 def test_nnunet_console_log_of_a_one_epoch_training_is_read():
@@ -53,7 +53,8 @@ def run_training_entry():
 '''
 
 
-def test_shortened_nnunet_training_sets_the_epoch_counts_of_any_trainer(tmp_path):
+def test_shortened_nnunet_training_sets_the_epoch_counts_of_any_trainer(tmp_path, monkeypatch):
+    monkeypatch.setenv("PEERS_VENV", str(tmp_path / "no-venv"))  # nnU-Net's entry point through this Python
 
     package = tmp_path / "nnunetv2"
     for folder, files in {package: {}, package / "training": {}, package / "training" / "nnUNetTrainer":
@@ -62,9 +63,9 @@ def test_shortened_nnunet_training_sets_the_epoch_counts_of_any_trainer(tmp_path
         (folder / "__init__.py").write_text("")
         for name, text in files.items():
             (folder / name).write_text(text)
-    result = subprocess.run([sys.executable, "-c", SHORTENED_TRAIN.format(iterations=40), "4", "2d", "0"],
-                            env={"PYTHONPATH": str(tmp_path), "PYTHONUNBUFFERED": "1", "PATH": "/usr/bin:/bin"}, capture_output=True,
-                            text=True, check=True)
+    command = nnunet_command("nnUNetv2_train", "4", "2d", "0", prelude=SHORTEN_EPOCHS.format(iterations=40))
+    result = subprocess.run(command, env={"PYTHONPATH": str(tmp_path), "PYTHONUNBUFFERED": "1", "PATH": "/usr/bin:/bin"},
+                            capture_output=True, text=True, check=True)
     shortened = "bench_accuracy: epochs shortened to 40 iterations and 8 validation batches"
     arguments = "['configuration', 'dataset_json', 'device', 'fold', 'plans'] ['4', '2d', '0']"
     assert result.stdout.splitlines() == [
