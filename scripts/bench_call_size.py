@@ -93,6 +93,8 @@ def main() -> None:
                                     amp_dtype=dtype, images_per_call=per_call)
                 row.append(f"{per_call}: {timed(lambda: loop.train_step(batch, target), args.repeats):.2f}")
             chosen = training_images_per_call(arch.patch_size, CPU)
+            # As the row's labels: the loop calls the network on the whole batch when a share would hold all of it.
+            chosen = arch.batch_size if chosen is None else min(chosen, arch.batch_size)
             print(f"train   {label}, batch {arch.batch_size} | {' · '.join(row)} | autoseg: {chosen}", flush=True)
 
 

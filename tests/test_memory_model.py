@@ -6,7 +6,10 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
+from autoseg.networks.memory import build_shapes_only
 from autoseg.networks.registry import ARCHITECTURES
 from scripts.bench_arch import run_child
 
@@ -28,3 +31,35 @@ def test_estimate_within_25_percent_of_measured_cpu_step_peak(architecture, prec
     ratio = result["estimate_mb"] / result["peak_mb"]
     assert 0.75 <= ratio <= 1.25, (f"{architecture} ({precision}): estimate {result['estimate_mb']:.0f} MB, "
                                    f"peak {result['peak_mb']:.0f} MB")
+
+
+def test_build_shapes_only_allocates_nothing_where_the_build_needs_shapes_only():
+    network = build_shapes_only(lambda: nn.Conv3d(320, 320, 3), torch.device("meta"))
+    assert network.weight.device.type == "meta"  # 2.8 million weights, none allocated
+
+
+def test_build_shapes_only_builds_real_weights_where_the_build_reads_values_and_leaves_the_random_stream():
+    def build():  # reads a value while it builds, as MONAI's SwinUNETR does; meta tensors refuse that
+        layer = nn.Linear(4, 4)
+        layer.scale = torch.ones(1).sum().item()
+        return layer
+
+    torch.manual_seed(7)
+    expected = torch.rand(5)
+    torch.manual_seed(7)
+    network = build_shapes_only(build, torch.device("meta"))
+    assert network.weight.device.type == "cpu" and network.scale == 1.0
+    assert torch.isfinite(network.weight).all() and network.weight.abs().sum() > 0
+    assert torch.equal(torch.rand(5), expected)  # the real build drew on a forked stream
+
+
+def test_build_shapes_only_lets_a_real_build_error_through():
+    calls = []
+
+    def build():
+        calls.append(1)
+        raise ValueError("topology has 0 stages")
+
+    with pytest.raises(ValueError, match="0 stages"):
+        build_shapes_only(build, torch.device("meta"))
+    assert len(calls) == 2  # tried shapes-only, then for real, where it failed with its own error

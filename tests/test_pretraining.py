@@ -13,6 +13,7 @@ from torch import nn
 from autoseg.cli import main
 from autoseg.errors import UsageError
 from autoseg.networks.registry import build_network
+from autoseg.networks.swin_unetr import LEVEL_WIDTHS, feature_size_of
 from autoseg.planning.plans import load_plans
 from autoseg.pretraining.inpainting import MaskedInpainting, MaskedReconstructionLoss, random_cube_mask
 from autoseg.pretraining.run import PretrainingOptions, pretrain, pretraining_output
@@ -253,3 +254,36 @@ def test_inpainting_split_into_cpu_calls_gives_the_whole_batch_step():
     assert 0.2 < float(whole_mask.mean()) < 0.9 and torch.equal(whole_mask, split_mask)
     assert split_loss == pytest.approx(whole_loss, rel=1e-12)
     assert torch.allclose(split_weights, whole_weights, rtol=0, atol=1e-12)
+
+
+def test_swin_views_split_into_cpu_calls_give_the_whole_batch_step():
+    # On the CPU the Swin task runs its 2B views a few per call; the contrastive loss pairs views of
+    # different calls, so the heads must still see all of them: in float64 the split step has the
+    # whole one's loss, each part of it, and updated weights (same random turns and masks).
+    arch = load_plans(Path(__file__).resolve().parents[1] / "plans" / "Dataset999_Synthetic.json").architecture(
+        "2d", "swin_unetr")
+    image = torch.randn(2, 1, *arch.patch_size, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    axes = rotation_axes(arch.patch_size)
+    results = []
+    for views_per_call in (None, 1):
+        torch.manual_seed(0)
+        network = build_network(arch, 1, 1, 2, False)
+        attach_heads(network, feature_size_of(arch) * LEVEL_WIDTHS[-1])
+        network.double()
+        calls = []
+        network.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+        model = RotationContrastiveInpainting(network, axes, views_per_call=views_per_call)
+        loss = RotationContrastiveInpaintingLoss(axes)
+        optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
+        torch.manual_seed(5)
+        parts = loss.parts(model(image), image)
+        sum(parts.values()).backward()
+        optimizer.step()
+        results.append(({k: float(v.detach()) for k, v in parts.items()},
+                        torch.cat([p.detach().flatten() for p in network.parameters()])))
+        assert calls == ([4] if views_per_call is None else [1, 1, 1, 1])
+    (whole_parts, whole_weights), (split_parts, split_weights) = results
+    assert whole_parts["contrastive"] > 0.1 and whole_parts["rotation"] > 0.1  # both heads are in the step
+    for name, value in whole_parts.items():
+        assert split_parts[name] == pytest.approx(value, rel=1e-10), name
+    assert torch.allclose(split_weights, whole_weights, rtol=0, atol=1e-10)

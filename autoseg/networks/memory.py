@@ -203,6 +203,21 @@ class _LiveBytes(TorchDispatchMode):
         return out
 
 
+def build_shapes_only(build: Callable[[], nn.Module], shape_mode) -> nn.Module:
+    """``build()`` under ``shape_mode`` (the meta device, a ``FakeTensorMode``: shapes only, no memory).
+
+    Where the build itself needs values (MONAI's SwinUNETR calls ``.item()`` while it builds, which
+    such tensors refuse), it builds real CPU weights instead, on a forked random stream so that the
+    caller's run draws afterwards what it would have drawn. A build that fails for another reason
+    fails again there, with its own error."""
+    try:
+        with shape_mode:
+            return build()
+    except Exception:  # noqa: BLE001 - any refusal of the shape-only tensors; a real error recurs below
+        with torch.random.fork_rng(devices=[]):
+            return build()
+
+
 def step_over_saved(build, input_channels: int, probe_patch: list[int], saved_bytes_per_voxel: float,
                     parameter_count: int, has_recomputed_regions: bool, autocast: bool) -> float:
     """Peak bytes of a forward and backward pass over the fp32 saved bytes, in fp32 or under autocast.
@@ -229,11 +244,7 @@ def step_over_saved(build, input_channels: int, probe_patch: list[int], saved_by
     # fake tensors cost nothing per voxel, and 32 samples bound the graph.
     batch = min(32, max(1, math.ceil(8 * 4 * parameter_count / (saved_bytes_per_voxel * voxels))))
     fake = FakeTensorMode(allow_non_fake_inputs=True)
-    try:
-        with fake:
-            network = build()
-    except Exception:  # noqa: BLE001 - MONAI's SwinUNETR calls .item() while it builds: real weights then
-        network = build()
+    network = build_shapes_only(build, fake)
     network.train()
 
     if has_recomputed_regions:

@@ -20,6 +20,7 @@ Output: ``AUTOSEG_RESULTS/DatasetNNN_Name/pretrain/<configuration>__<architectur
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ import torch
 
 from autoseg.errors import UsageError
 from autoseg.networks.call_size import training_images_per_call
+from autoseg.networks.memory import build_shapes_only
 from autoseg.networks.registry import build_network
 from autoseg.networks.swin_unetr import LEVEL_WIDTHS, feature_size_of
 from autoseg.paths import Roots
@@ -82,16 +84,9 @@ def pretraining_output(roots: Roots, dataset_name: str, configuration: str, arch
 
 def head_names(plan, in_channels: int, dimensions: int) -> list[str]:
     """Tensors whose shape depends on the number of outputs: the heads (built on the meta device, no memory)."""
-    def build_both():
-        return [build_network(plan, in_channels, outputs, dimensions, False).state_dict()
-                for outputs in (in_channels, in_channels + 1)]
-
-    try:
-        with torch.device("meta"):
-            one, other = build_both()
-    except RuntimeError:  # MONAI's SwinUNETR calls .item() while it builds, which meta tensors refuse
-        with torch.random.fork_rng(devices=[]):  # on the CPU then, leaving the run's random stream alone
-            one, other = build_both()
+    one, other = (build_shapes_only(functools.partial(build_network, plan, in_channels, outputs, dimensions, False),
+                                    torch.device("meta")).state_dict()
+                  for outputs in (in_channels, in_channels + 1))
     return sorted(k for k in one if one[k].shape != other[k].shape)
 
 
@@ -124,7 +119,9 @@ def pretrain(roots: Roots, dataset_name: str, configuration: str, architecture: 
     heads = head_names(arch, channels, config.dimensions)
     if axes is not None:  # the heads join the network: optimised, saved, restored by --continue
         heads += attach_heads(network, feature_size_of(arch) * LEVEL_WIDTHS[-1])
-        model, loss = RotationContrastiveInpainting(network, axes), RotationContrastiveInpaintingLoss(axes)
+        model = RotationContrastiveInpainting(network, axes,
+                                              views_per_call=training_images_per_call(arch.patch_size, device))
+        loss = RotationContrastiveInpaintingLoss(axes)
         if arch.batch_size < 2:
             print(f"pretrain: warning: batch size {arch.batch_size}: the contrastive task has no negatives "
                   "(its loss stays 0); the other two tasks still learn", flush=True)
@@ -164,7 +161,7 @@ def pretrain(roots: Roots, dataset_name: str, configuration: str, architecture: 
                         device=device, callbacks=loop_callbacks + list(callbacks or []), state=state,
                         progress=options.progress,
                         # Inpainting is per image, so the CPU may split the batch into calls (call_size.py);
-                        # the Swin task pairs the batch's views for its contrastive loss and runs it whole.
+                        # the Swin task splits its 2B views itself, since its contrastive loss pairs them.
                         images_per_call=training_images_per_call(arch.patch_size, device) if axes is None else None)
     try:
         loop.run()

@@ -2,8 +2,9 @@
 
 Each patch of the batch becomes two views, each rotated by its own random multiple of 90
 degrees in one plane (label 0-3) and masked as in inpainting (the paper's random inner
-cutout; here the inpainting cubes, blanked to 0). The network runs once on all 2B views;
-a forward hook keeps the Swin encoder's bottleneck (``swinViT``'s last output, 16 x
+cutout; here the inpainting cubes, blanked to 0). The network runs on all 2B views (on the
+CPU a few views per call, as training splits its batch; every layer of Swin UNETR works per
+sample, so the outputs are the same); a forward hook keeps the Swin encoder's bottleneck (``swinViT``'s last output, 16 x
 feature_size channels at 1/32), which feeds two small heads after global average pooling:
 
 * rotation: a linear classifier over the 4 rotations, cross-entropy;
@@ -94,9 +95,11 @@ class SelfSupervisedOutputs:
 class RotationContrastiveInpainting(nn.Module):
     """Wraps a Swin UNETR with ``ssl_heads``: two rotated, masked views per patch -> ``SelfSupervisedOutputs``."""
 
-    def __init__(self, network: nn.Module, axes: tuple[int, int], ratio: float = MASK_RATIO):
+    def __init__(self, network: nn.Module, axes: tuple[int, int], ratio: float = MASK_RATIO,
+                 views_per_call: int | None = None):
         super().__init__()
         self.network, self.axes, self.ratio = network, axes, ratio
+        self.views_per_call = views_per_call  # None: all 2B views in one call (networks/call_size.py)
         self._bottleneck: list[torch.Tensor] = []
         network.swinViT.register_forward_hook(lambda module, args, output: self._bottleneck.append(output[-1]))
 
@@ -105,11 +108,20 @@ class RotationContrastiveInpainting(nn.Module):
         quarter_turns = torch.randint(0, ROTATIONS, (views.shape[0],))
         views = rotate(views, quarter_turns, self.axes)
         mask = random_cube_mask(tuple(views.shape), self.ratio, views.device)
+        masked = views * (1 - mask)
+        calls = masked.split(self.views_per_call) if self.views_per_call else (masked,)
         self._bottleneck.clear()
-        reconstruction = self.network(views * (1 - mask))
-        rotation_logits, embeddings = getattr(self.network, HEADS_ATTRIBUTE)(self._bottleneck.pop())
+        reconstruction = _joined([self.network(views_in_call) for views_in_call in calls])
+        # The heads see all 2B bottlenecks at once: the contrastive loss pairs views across calls.
+        bottleneck = _joined(self._bottleneck)
+        self._bottleneck.clear()
+        rotation_logits, embeddings = getattr(self.network, HEADS_ATTRIBUTE)(bottleneck)
         return SelfSupervisedOutputs(reconstruction, mask, quarter_turns.to(views.device), rotation_logits,
                                      embeddings)
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)  # one call's output is used as it is, not copied
 
 
 class RotationContrastiveInpaintingLoss(nn.Module):
