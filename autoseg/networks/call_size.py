@@ -39,3 +39,15 @@ def cpu_images_per_call(patch_size: Sequence[int], voxels: int) -> int:
 def training_images_per_call(patch_size: Sequence[int], device: torch.device) -> int | None:
     """``TrainingLoop.images_per_call`` on ``device``: a share of the batch on the CPU, None (whole) elsewhere."""
     return cpu_images_per_call(patch_size, TRAINING_CPU_VOXELS) if device.type == "cpu" else None
+
+
+def call_in_parts(model, image: torch.Tensor, images_per_call: int | None):
+    """``model(image)`` computed ``images_per_call`` images at a time (None: in one call), outputs joined.
+
+    Exact for networks whose layers work per sample (instance and layer norms, no batch norm)."""
+    if not images_per_call or image.shape[0] <= images_per_call:
+        return model(image)
+    parts = [model(chunk) for chunk in image.split(images_per_call)]
+    if isinstance(parts[0], (list, tuple)):  # deep supervision (a tensor per resolution), inpainting (image, mask)
+        return [torch.cat(outputs) for outputs in zip(*parts)]
+    return torch.cat(parts)

@@ -34,6 +34,7 @@ from monai.losses import ContrastiveLoss
 from torch import nn
 
 from autoseg.errors import UsageError
+from autoseg.networks.call_size import call_in_parts
 from autoseg.pretraining.inpainting import MASK_RATIO, MaskedReconstructionLoss, random_cube_mask
 
 TASK = "inpainting+rotation+contrastive"
@@ -108,20 +109,14 @@ class RotationContrastiveInpainting(nn.Module):
         quarter_turns = torch.randint(0, ROTATIONS, (views.shape[0],))
         views = rotate(views, quarter_turns, self.axes)
         mask = random_cube_mask(tuple(views.shape), self.ratio, views.device)
-        masked = views * (1 - mask)
-        calls = masked.split(self.views_per_call) if self.views_per_call else (masked,)
         self._bottleneck.clear()
-        reconstruction = _joined([self.network(views_in_call) for views_in_call in calls])
-        # The heads see all 2B bottlenecks at once: the contrastive loss pairs views across calls.
-        bottleneck = _joined(self._bottleneck)
+        reconstruction = call_in_parts(self.network, views * (1 - mask), self.views_per_call)
+        # The heads see all 2B bottlenecks at once (one per call): the contrastive loss pairs views across calls.
+        bottleneck = torch.cat(self._bottleneck) if len(self._bottleneck) > 1 else self._bottleneck[0]
         self._bottleneck.clear()
         rotation_logits, embeddings = getattr(self.network, HEADS_ATTRIBUTE)(bottleneck)
         return SelfSupervisedOutputs(reconstruction, mask, quarter_turns.to(views.device), rotation_logits,
                                      embeddings)
-
-
-def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
-    return parts[0] if len(parts) == 1 else torch.cat(parts)  # one call's output is used as it is, not copied
 
 
 class RotationContrastiveInpaintingLoss(nn.Module):

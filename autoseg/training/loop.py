@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from autoseg.networks.call_size import call_in_parts
 from autoseg.training.distributed import all_reduce_sum
 from autoseg.training.loss import region_masks
 from autoseg.training.schedule import PolySchedule
@@ -148,12 +149,7 @@ class TrainingLoop:
 
     def forward(self, image: torch.Tensor):
         """The model's output(s) for ``image``, computed ``images_per_call`` images at a time."""
-        if not self.images_per_call or image.shape[0] <= self.images_per_call:
-            return self.model(image)
-        parts = [self.model(chunk) for chunk in image.split(self.images_per_call)]
-        if isinstance(parts[0], (list, tuple)):  # deep supervision (a tensor per resolution), inpainting (image, mask)
-            return [torch.cat(outputs) for outputs in zip(*parts)]
-        return torch.cat(parts)
+        return call_in_parts(self.model, image, self.images_per_call)
 
     @torch.no_grad()
     def validate(self) -> tuple[float, list[float]]:
