@@ -10,9 +10,7 @@ Run it alone: it times wall clock on the whole machine.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,6 +24,7 @@ from autoseg.networks.swin_unetr import LEVEL_WIDTHS, feature_size_of  # noqa: E
 from autoseg.planning.plans import load_plans  # noqa: E402
 from autoseg.pretraining.swin_ssl import (RotationContrastiveInpainting, RotationContrastiveInpaintingLoss,  # noqa: E402
                                           attach_heads, rotation_axes)
+from scripts.bench_call_size import timed  # noqa: E402 - warm-up, then the median of the repeats
 
 
 def step_seconds(arch, dimensions: int, views_per_call: int | None, repeats: int) -> float:
@@ -45,13 +44,7 @@ def step_seconds(arch, dimensions: int, views_per_call: int | None, repeats: int
         optimizer.step()
         optimizer.zero_grad()
 
-    step()  # warm-up: oneDNN builds its kernels for the shapes
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return timed(step, repeats)
 
 
 def main() -> None:
