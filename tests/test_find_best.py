@@ -1,12 +1,14 @@
+import dataclasses
 import json
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from autoseg.cli import main
 from autoseg.evaluation.find_best import find_best, load_find_best
 from autoseg.inference.ensemble import ensemble_folder, save_probability_file
-from autoseg.inference.postprocessing import apply_postprocessing, load_postprocessing
+from autoseg.inference.postprocessing import apply_postprocessing, load_postprocessing, save_postprocessing
 from autoseg.io.images import read_label, write_label
 from autoseg.planning.plans import load_plans
 from autoseg.preprocessing.store import list_finished_cases, load_properties
@@ -135,10 +137,22 @@ def test_five_tiny_folds_then_find_best_then_predict_with_the_postprocessing(tin
     assert main(predict + ["-o", str(tmp_path / "post")]) == 0
     decision = load_postprocessing(model_dir)
     assert f"postprocessing: {decision.describe()}" in capsys.readouterr().out
-    changed = 0
     for case in ("synth_006", "synth_007"):
         plain, _ = read_label(tmp_path / "plain" / f"{case}.nii.gz")
         post, _ = read_label(tmp_path / "post" / f"{case}.nii.gz")
         assert np.array_equal(post, apply_postprocessing(plain, decision))
-        changed += int(not np.array_equal(post, plain))
-    assert decision.changes_anything and changed >= 1  # an all but untrained network's masks are speckled
+    # Whether the cross-validation keeps a step depends on the untrained network's speckle; a
+    # decision that keeps every step (as a model folder may hold) must change what is written.
+    keep_all = dataclasses.replace(decision, largest_foreground_component=True,
+                                   largest_component_classes={"organ_a": [1], "organ_b": [2]})
+    save_postprocessing(keep_all, model_dir)
+    assert main(predict + ["-o", str(tmp_path / "kept")]) == 0
+    assert f"postprocessing: {keep_all.describe()}" in capsys.readouterr().out
+    changed = 0
+    for case in ("synth_006", "synth_007"):
+        plain, _ = read_label(tmp_path / "plain" / f"{case}.nii.gz")
+        kept, _ = read_label(tmp_path / "kept" / f"{case}.nii.gz")
+        assert np.array_equal(kept, apply_postprocessing(plain, keep_all))
+        assert ndimage.label(kept > 0)[1] < ndimage.label(plain > 0)[1]
+        changed += int(not np.array_equal(kept, plain))
+    assert changed == 2  # an all but untrained network's masks are speckled: hundreds of components

@@ -35,6 +35,21 @@ def test_hippocampus_plan_matches_nnunet_in_substance():
     assert plans.normalization[0].scheme == "zscore" and "3d_lowres" not in plans.configurations
 
 
+def test_acdc_3d_plan_has_nnunets_topology():
+    """nnU-Net v2's own planner (nnUNetv2_plan_and_preprocess on Dataset027_ACDC, nnUNetPlans.json)
+    gives 3d_fullres patch 20x256x224, these strides and kernels (3x3x3 kept down to the bottleneck,
+    where the in-plane axes have become the coarser ones) and a PlainConvUNet of 30,377,428
+    parameters, 4,640 of them biases autoseg's network leaves out: those of convolutions
+    InstanceNorm follows (which it cancels) and of the transposed convolutions."""
+    unet = load_plans(REPO / "plans" / "Dataset027_ACDC.json").configurations["3d_fullres"].architectures["unet"]
+    assert unet.patch_size == [20, 256, 224]
+    assert unet.strides == [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2], [1, 2, 2]]
+    assert unet.kernel_sizes == [[1, 3, 3]] + [[3, 3, 3]] * 5
+    assert unet.features == [32, 64, 128, 256, 320, 320]
+    network = ARCHITECTURES["unet"].build(unet, 1, 4, 3, True)
+    assert sum(p.numel() for p in network.parameters()) == 30_377_428 - 4_640 == unet.num_parameters
+
+
 def test_hippocampus_fingerprint_is_reproduced():
     raw = shared_dataset("Dataset004_Hippocampus")
     fingerprint = compute_fingerprint(raw, num_processes=2, progress=False)

@@ -148,7 +148,7 @@ def test_a_few_iterations_decrease_the_loss(tiny):
     optimizer = torch.optim.Adam(network.parameters(), 1e-2)
     criterion = DeepSupervisionLoss(DiceCELoss())
     losses = []
-    for _ in range(15):
+    for _ in range(25):  # measured: 1.76 -> 0.74 (15 steps: 1.12; the tiny plan's level-0 decoder is 1x3x3)
         optimizer.zero_grad()
         loss = criterion(network(image), target)
         loss.backward()

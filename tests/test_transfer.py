@@ -186,9 +186,10 @@ def nnunet_checkpoints(tmp_path_factory):
     if not PEERS_PYTHON.is_file():
         pytest.skip(f"{PEERS_PYTHON} is missing (nnU-Net v2 runs from the peers venv: /work/shared/peers/setup.sh)")
     folder = tmp_path_factory.mktemp("nnunet")
-    for kind in ("PlainConvUNet", "ResidualEncoderUNet"):
+    for kind, kernels in [("PlainConvUNet", "isotropic"), ("ResidualEncoderUNet", "isotropic"),
+                          ("PlainConvUNet", "anisotropic"), ("ResidualEncoderUNet", "anisotropic")]:
         done = subprocess.run([str(PEERS_PYTHON), str(REPO / "tests" / "peers" / "nnunet_checkpoint.py"),
-                               str(folder / kind), kind], capture_output=True, text=True, env={
+                               str(folder / f"{kind}_{kernels}"), kind, kernels], capture_output=True, text=True, env={
                                    k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)})
         if done.returncode and "No module named" in done.stderr:
             pytest.skip(f"nnU-Net is not installed in {PEERS_PYTHON}: {done.stderr.strip().splitlines()[-1]}")
@@ -197,9 +198,11 @@ def nnunet_checkpoints(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kernels", ["isotropic", "anisotropic"])
 @pytest.mark.parametrize("kind,architecture", [("PlainConvUNet", "unet"), ("ResidualEncoderUNet", "resenc_unet")])
-def test_nnunet_weights_give_nnunets_logits(nnunet_checkpoints, kind, architecture):
-    folder = nnunet_checkpoints / kind
+def test_nnunet_weights_give_nnunets_logits(nnunet_checkpoints, kind, architecture, kernels):
+    """Anisotropic: stages 1x3x3, 1x3x3, 3x3x3, 3x1x1, where each decoder level must take its own stage's kernel."""
+    folder = nnunet_checkpoints / f"{kind}_{kernels}"
     arch = json.loads((folder / "arch.json").read_text())
     options = ({"transposed_conv_bias": True} if architecture == "unet"
                else {"blocks_per_stage": arch["n_blocks_per_stage"]})

@@ -5,7 +5,10 @@ while its feature map stays at least ``2 * min_feature_map`` voxels and its spac
 most twice the finest current spacing. The second condition keeps coarse axes of
 anisotropic data (e.g. 5 mm slices against 0.7 mm in-plane) at full resolution until the
 others have caught up; such axes also get kernel size 1, since a 3-voxel kernel across
-thick slices mixes tissue that is far apart.
+thick slices mixes tissue that is far apart. As in nnU-Net, an axis keeps kernel size 3 from
+the stage where it first got it: deeper down, where the in-plane axes have been pooled
+past the coarse one (ACDC's bottleneck: 20 mm across slices, 49 mm in-plane), the
+in-plane kernel stays 3 rather than falling back to 1.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ def unet_topology(patch_size: list[int], spacing: list[float], base_features: in
         strides.append(stride)
         current_size = [c / s for c, s in zip(current_size, stride)]
         current_spacing = [c * s for c, s in zip(current_spacing, stride)]
-        kernels.append(_kernel(current_spacing))
+        kernels.append([max(k, previous) for k, previous in zip(_kernel(current_spacing), kernels[-1])])
     features = [min(base_features * 2 ** i, max_features) for i in range(len(strides))]
     topology = UNetTopology(list(patch_size), kernels, strides, features)
     divisor = topology.divisor()

@@ -4,15 +4,35 @@ Built on MONAI's ``DynUNet``. In training mode with deep supervision it returns 
 logits of every decoder level except the lowest, full resolution first, at their own
 resolution: the loss downsamples the target instead of upsampling each head, as
 nnU-Net does, which saves the memory and time of interpolating the heads.
+
+One change to DynUNet: its decoder convolutions at a level use the kernel of the level
+below (``kernel_size[1:]``), nnU-Net's use the level's own kernel, the one its encoder
+stage has. They differ where neighbouring stages' kernels differ (anisotropic plans):
+ACDC's full-resolution decoder would convolve 3x3x3 across slices 10 mm apart where
+nnU-Net (and the plan's own encoder) convolves 1x3x3, three times the work at the
+network's most expensive level, and nnU-Net's weights would not fit it.
 """
 
 from __future__ import annotations
 
 import torch
+from monai.networks.blocks.dynunet_block import UnetUpBlock
 from monai.networks.nets import DynUNet
 from torch import nn
 
 from autoseg.planning.plans import ArchitecturePlan
+
+
+class _LevelKernelDynUNet(DynUNet):
+    """DynUNet whose decoder convolution at each level has that level's kernel, as nnU-Net's (see above)."""
+
+    def get_upsamples(self):
+        # DynUNet.get_upsamples with one change: kernel_size[:-1] (the output level's) for kernel_size[1:].
+        inp, out = self.filters[1:][::-1], self.filters[:-1][::-1]
+        strides, kernel_size = self.strides[1:][::-1], self.kernel_size[:-1][::-1]
+        upsample_kernel_size = self.upsample_kernel_size[::-1]
+        return self.get_module_list(inp, out, kernel_size, strides, UnetUpBlock, upsample_kernel_size,
+                                    trans_bias=self.trans_bias)
 
 
 class PlannedUNet(nn.Module):
@@ -20,7 +40,7 @@ class PlannedUNet(nn.Module):
                  deep_supervision: bool, residual: bool = False):
         super().__init__()
         self.deep_supervision = deep_supervision and len(plan.strides) > 2
-        self.net = DynUNet(
+        self.net = _LevelKernelDynUNet(
             spatial_dims=dimensions,
             in_channels=in_channels,
             out_channels=num_classes,

@@ -16,10 +16,8 @@ Two differences are exact by construction:
   ``"transposed_conv_bias": true``; without it nnU-Net's transposed-conv biases are listed as
   unused (the logits then differ slightly until fine-tuning adapts).
 
-One difference is architectural: DynUNet's decoder convolution at a level uses the kernel of
-the stage below it, nnU-Net's the kernel of the skip's own stage. Where neighbouring
-stages' kernels differ (anisotropic plans, ACDC's 1x3x3 first stages) those decoder tensors
-have other shapes and stay freshly initialised (listed in the table).
+The decoder convolutions have nnU-Net's kernels (the level's own, not DynUNet's kernel of the
+level below: ``networks/unet.py``), so anisotropic plans such as ACDC's map exactly too.
 """
 
 from __future__ import annotations

@@ -1,12 +1,14 @@
 """Run with the peers venv's python (nnunetv2 installed): writes a real nnU-Net v2 checkpoint and its logits.
 
-    /tmp/peers-venv/bin/python tests/peers/nnunet_checkpoint.py OUT_DIR {PlainConvUNet,ResidualEncoderUNet}
+    /tmp/peers-venv/bin/python tests/peers/nnunet_checkpoint.py OUT_DIR {PlainConvUNet,ResidualEncoderUNet} [anisotropic]
 
 nnU-Net's own ``nnUNetTrainer`` builds the network from a small plan and writes
 ``checkpoint_final.pth`` with its ``save_checkpoint`` (the exact file a user has), after every
 parameter was set to random values (nnU-Net initialises biases to 0, which would hide a bias
 that the mapping drops). ``input.npy`` and ``logits.npy`` are one patch and nnU-Net's
 full-resolution logits for it, in eval mode. ``arch.json`` is the architecture the plan used.
+``anisotropic`` gives the first two stages 1x3x3 kernels and the last a 3x1x1 one (as ACDC's
+plan: neighbouring stages with different kernels, where a decoder could pick the wrong one).
 """
 
 import json
@@ -18,6 +20,7 @@ import numpy as np
 import torch
 
 out, kind = sys.argv[1], sys.argv[2]
+anisotropic = sys.argv[3:] == ["anisotropic"]
 work = tempfile.mkdtemp()
 for root in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
     os.environ[root] = os.path.join(work, root)
@@ -25,7 +28,7 @@ for root in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer  # noqa: E402
 
 arch_kwargs = {"n_stages": 4, "features_per_stage": [4, 8, 16, 32], "conv_op": "torch.nn.modules.conv.Conv3d",
-               "kernel_sizes": [[3, 3, 3]] * 4, "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2], [1, 2, 2]],
+               "kernel_sizes": ([[1, 3, 3], [1, 3, 3], [3, 3, 3], [3, 1, 1]] if anisotropic else [[3, 3, 3]] * 4), "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2], [1, 2, 2]],
                "conv_bias": True, "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
                "norm_op_kwargs": {"eps": 1e-05, "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
                "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}}
