@@ -1,19 +1,21 @@
 #!/usr/bin/env python3
-"""Training speed of autoseg against nnU-Net v2 on Hippocampus 3d_fullres, same machine, same run.
+"""Training speed of autoseg against nnU-Net v2 on a 3d_fullres plan, same machine, same run.
 
-    python scripts/bench_train.py [--iters 20] [--skip-nnunet]
+    python scripts/bench_train.py [--dataset hippocampus|acdc] [--iters 20] [--skip-nnunet] [--no-fp32]
 
-Each tool trains fold 0 for one epoch of ``--iters`` iterations at the same patch (40x56x40)
-and batch (7), with its default per-epoch validation (nnU-Net: 50 batches per 250 iterations;
-autoseg without a budget the same, so ``--iters / 5`` batches on both sides), as a command of
-its own started by this script:
+Each tool trains fold 0 for one epoch of ``--iters`` iterations at the same patch and batch
+(Hippocampus: 40x56x40, batch 7 in both plans; ACDC: 20x256x224, where autoseg plans batch 3
+and nnU-Net 4, so autoseg's plan is given nnU-Net's batch, said in the output), with its
+default per-epoch validation (nnU-Net: 50 batches per 250 iterations; autoseg without a
+budget the same, so ``--iters / 5`` batches on both sides), as a command of its own started
+by this script:
 
 - nnU-Net: ``nnUNetv2_train`` with a trainer of that epoch shape (written into the peers
   environment, the way nnU-Net takes custom trainers; it also records each ``train_step``'s
   time), fp32 (its only CPU mode); the run is stopped at its "Training done." line.
 - autoseg: the ``autoseg train`` command's wiring in a subprocess (defaults: bf16 autocast
-  on CPUs with native bf16, augmentation workers), and again with ``--fp32``; a callback
-  records each iteration's time.
+  on CPUs with native bf16, augmentation workers), and again with ``--fp32`` (unless
+  ``--no-fp32``); a callback records each iteration's time.
 
 Two figures per tool: the **whole run** (wall seconds from the command's start to the final
 checkpoint, so start-up, data loading, worker start, the validation and the checkpoint
@@ -40,7 +42,7 @@ from bench_accuracy import nnunet_env, parse_nnunet_log, run_logged  # noqa: E40
 from child_env import child_env  # noqa: E402
 
 SHARED = REPO.parent / "shared"
-NAME = "Dataset004_Hippocampus"
+DATASETS = {"hippocampus": "Dataset004_Hippocampus", "acdc": "Dataset027_ACDC"}  # --dataset: folder in ../shared/data
 
 TRAINER = '''
 import json
@@ -81,7 +83,7 @@ from pathlib import Path
 from autoseg.paths import Roots
 from autoseg.training import TrainingOptions, train_fold
 
-raw, pre, res, iters, fp32, record = sys.argv[1:]
+raw, pre, res, name, iters, fp32, record = sys.argv[1:]
 steps = []
 
 class Steps:
@@ -90,7 +92,7 @@ class Steps:
 
 options = TrainingOptions(epochs=1, iters_per_epoch=int(iters), val_iters=max(1, int(iters) // 5), seed=0,
                           amp=fp32 != "1", validate_at_end=False, progress=False, started=STARTED)
-out = train_fold(Roots(Path(raw), Path(pre), Path(res)), "Dataset004_Hippocampus", "3d_fullres", "0",
+out = train_fold(Roots(Path(raw), Path(pre), Path(res)), name, "3d_fullres", "0",
                  options=options, callbacks=[Steps()])
 Path(record).write_text(json.dumps({"steps": steps, "final": str(out / "checkpoint_final.pt")}))
 '''
@@ -100,32 +102,58 @@ def steady(steps: list[float]) -> float:
     return statistics.median(steps[2:] if len(steps) > 4 else steps)
 
 
-def autoseg_run(work: Path, iters: int, fp32: bool) -> dict:
+def autoseg_run(work: Path, name: str, iters: int, fp32: bool) -> dict:
     label = "fp32" if fp32 else "default"
     record = work / f"autoseg_{label}.json"
     start, _, _ = run_logged([sys.executable, "-c", AUTOSEG, str(work / "raw"), str(work / "pre"),
-                              str(work / f"res_{label}"), str(iters), "1" if fp32 else "0", str(record)],
+                              str(work / f"res_{label}"), name, str(iters), "1" if fp32 else "0", str(record)],
                              child_env(), work / f"autoseg_{label}.log")
     result = json.loads(record.read_text())
     whole = Path(result["final"]).stat().st_mtime - start
     return {"whole": whole / iters, "steady": steady(result["steps"])}
 
 
-def nnunet_run(work: Path, iters: int) -> dict | None:
+def dataset_number(name: str) -> str:
+    return str(int(re.match(r"Dataset(\d+)_", name).group(1)))
+
+
+def nnunet_plan(work: Path, name: str) -> dict | None:
+    """nnU-Net's 3d_fullres plan (planned and preprocessed here), or None where nnU-Net is missing."""
     try:
         env = nnunet_env(work)
     except SystemExit as missing:
         print(missing)
         return None
+    plans_file = work / "nn_pre" / name / "nnUNetPlans.json"
+    if not plans_file.exists():
+        subprocess.run(["nnUNetv2_plan_and_preprocess", "-d", dataset_number(name), "-c", "3d_fullres", "-np", "2"],
+                       env=env, check=True, capture_output=True)
+    return json.loads(plans_file.read_text())["configurations"]["3d_fullres"]
+
+
+def same_patch_and_batch(work: Path, name: str, reference: dict) -> str:
+    """Gives autoseg's unet plan nnU-Net's batch (its patch must already be nnU-Net's); says what changed."""
+    plans_file = work / "pre" / name / "plans.json"
+    plans = json.loads(plans_file.read_text())
+    unet = plans["configurations"]["3d_fullres"]["architectures"]["unet"]
+    if unet["patch_size"] != reference["patch_size"]:
+        sys.exit(f"not like for like: autoseg plans patch {unet['patch_size']}, nnU-Net {reference['patch_size']}")
+    if unet["batch_size"] == reference["batch_size"]:
+        return f"batch {unet['batch_size']} in both plans"
+    said = f"batch {reference['batch_size']} (nnU-Net's plan; autoseg's plans {unet['batch_size']}, given nnU-Net's here)"
+    unet["batch_size"] = reference["batch_size"]
+    plans_file.write_text(json.dumps(plans, indent=2))
+    return said
+
+
+def nnunet_run(work: Path, name: str, iters: int) -> dict | None:
+    env = nnunet_env(work)
     venv = Path(env["PATH"].split(":")[0]).parent
     trainers = next((venv / "lib").glob("python3*/site-packages/nnunetv2/training/nnUNetTrainer"))
     (trainers / "nnUNetTrainer_autosegBench.py").write_text(TRAINER.format(iters=iters, val_iters=max(1, iters // 5)))
-    if not (work / "nn_pre" / NAME / "nnUNetPlans.json").exists():
-        subprocess.run(["nnUNetv2_plan_and_preprocess", "-d", "4", "-c", "3d_fullres", "-np", "2"], env=env,
-                       check=True, capture_output=True)
     log = work / "nnunet_train.log"
-    _, _, done = run_logged(["nnUNetv2_train", "4", "3d_fullres", "0", "-tr", "nnUNetTrainer_autosegBench",
-                             "-device", "cpu"], env, log, stop_at="bench step seconds")
+    _, _, done = run_logged(["nnUNetv2_train", dataset_number(name), "3d_fullres", "0", "-tr",
+                             "nnUNetTrainer_autosegBench", "-device", "cpu"], env, log, stop_at="bench step seconds")
     text = log.read_text()
     if done is None or parse_nnunet_log(text).done_timestamp is None:
         print(f"nnU-Net: no finished epoch; see {log}")
@@ -137,26 +165,32 @@ def nnunet_run(work: Path, iters: int) -> dict | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default="hippocampus")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--skip-nnunet", action="store_true")
+    parser.add_argument("--no-fp32", action="store_true", help="leave out autoseg's --fp32 run")
     args = parser.parse_args()
-    source = SHARED / "data" / NAME
+    name = DATASETS[args.dataset]
+    source = SHARED / "data" / name
     if not source.is_dir():
         sys.exit(f"skipped: {source} is missing")
     work = Path(tempfile.mkdtemp(prefix="bench_train_"))
     (work / "raw").mkdir()
-    (work / "raw" / NAME).symlink_to(source)
-    subprocess.run([sys.executable, "-m", "autoseg", "plan-and-preprocess", "-d", NAME, "-c", "3d_fullres", "-a",
+    (work / "raw" / name).symlink_to(source)
+    subprocess.run([sys.executable, "-m", "autoseg", "plan-and-preprocess", "-d", name, "-c", "3d_fullres", "-a",
                     "unet", f"--raw={work / 'raw'}", f"--preprocessed={work / 'pre'}"], check=True,
                    capture_output=True, env=child_env())
-    results = {f"autoseg {label}": autoseg_run(work, args.iters, fp32)
-               for label, fp32 in (("default (bf16 where native)", False), ("--fp32", True))}
-    if not args.skip_nnunet:
-        reference = nnunet_run(work, args.iters)
+    nnunet = None if args.skip_nnunet else nnunet_plan(work, name)
+    shape = same_patch_and_batch(work, name, nnunet) if nnunet else "autoseg's plan"
+    runs = (("default (bf16 where native)", False),) + (() if args.no_fp32 else (("--fp32", True),))
+    results = {f"autoseg {label}": autoseg_run(work, name, args.iters, fp32) for label, fp32 in runs}
+    if nnunet:
+        reference = nnunet_run(work, name, args.iters)
         if reference:
             results["nnU-Net (fp32)"] = reference
-    print(f"\n{args.iters} iterations + {max(1, args.iters // 5)} validation batches each, Hippocampus 3d_fullres, "
-          f"patch 40x56x40, batch 7, load average {os.getloadavg()[0]:.1f}")
+    print(f"\n{args.iters} iterations + {max(1, args.iters // 5)} validation batches each, {name} 3d_fullres, "
+          f"patch {'x'.join(map(str, nnunet['patch_size'])) if nnunet else ''} {shape}, "
+          f"load average {os.getloadavg()[0]:.1f}")
     print("| tool | whole run s / iteration | steady step s | whole-run ratio | steady ratio |\n|---|---|---|---|---|")
     reference = results.get("nnU-Net (fp32)")
     for tool, result in results.items():

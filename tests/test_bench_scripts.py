@@ -8,6 +8,10 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+import pytest
+
+from autoseg.planning.plans import load_plans
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
@@ -71,3 +75,20 @@ def test_shortened_nnunet_training_sets_the_epoch_counts_of_any_trainer(tmp_path
     assert result.stdout.splitlines() == [
         shortened, f"nnUNetTrainer_1epoch 40 8 1 {arguments}",  # the variant keeps its own epochs
         shortened, f"nnUNetTrainer 40 8 1000 {arguments}"]  # the base class's signature survives the wrap
+
+
+def test_bench_train_gives_autoseg_nnunets_batch_at_the_same_patch_and_refuses_another_patch(tmp_path):
+    from bench_train import same_patch_and_batch
+
+    plans_file = tmp_path / "pre" / "Dataset027_ACDC" / "plans.json"
+    plans_file.parent.mkdir(parents=True)
+    plans_file.write_text((REPO / "plans" / "Dataset027_ACDC.json").read_text())
+    # nnU-Net v2's own ACDC 3d_fullres plan (nnUNetv2_plan_and_preprocess, nnUNetPlans.json): patch and batch.
+    said = same_patch_and_batch(tmp_path, "Dataset027_ACDC", {"patch_size": [20, 256, 224], "batch_size": 4})
+    assert said.startswith("batch 4 (nnU-Net's plan; autoseg's plans 3")
+    plans = load_plans(plans_file)  # still a valid plans file, with only the batch changed
+    assert plans.architecture("3d_fullres", "unet").batch_size == 4
+    assert same_patch_and_batch(tmp_path, "Dataset027_ACDC", {"patch_size": [20, 256, 224], "batch_size": 4}) \
+        == "batch 4 in both plans"
+    with pytest.raises(SystemExit, match=r"not like for like: autoseg plans patch \[20, 256, 224\], nnU-Net"):
+        same_patch_and_batch(tmp_path, "Dataset027_ACDC", {"patch_size": [16, 256, 224], "batch_size": 4})
