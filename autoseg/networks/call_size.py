@@ -13,7 +13,8 @@ caches, and tiny ones pay the per-call overhead. Measured on a 2-core AVX-512-BF
 - a training step (forward, deep-supervision Dice+CE, backward) of the planned batch, by
   images per call: Hippocampus 3d_fullres batch 7: 1.72 / 1.22 / 1.17 / 1.19 s at 7 / 4 / 2 / 1
   (float32: 3.21 / 2.83 / 2.15 / 2.34 s); ACDC 2d batch 70: 21.4 / 15.7 / 9.4 / 9.8 s at
-  70 / 35 / 4 / 2; ACDC 3d_fullres 20x256x224 batch 4: 38.6 / 21.7 / 20.6 s at 4 / 2 / 1;
+  70 / 35 / 4 / 2; ACDC 3d_fullres 20x256x224 batch 4: 38.6 / 21.7 / 20.6 s at 4 / 2 / 1 (with
+  DynUNet's decoder kernels, before the U-Net took nnU-Net's: networks/unet.py);
   Hippocampus 2d batch 280: 1.48 / 1.02 / 1.28 s at 280 / 140 / 4.
 
 Training's optimum lies higher than prediction's in these sweeps, hence its larger share.
