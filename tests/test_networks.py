@@ -191,3 +191,26 @@ def test_flop_counter_counts_a_convolution_as_two_operations_per_multiply_add() 
     conv = torch.nn.Conv3d(4, 8, kernel_size=3, padding=1, bias=False)
     # 8 outputs per voxel, each 4*27 multiply-adds, on 6*7*5 voxels
     assert forward_flops(conv, (1, 4, 6, 7, 5)) == 2 * 8 * 4 * 27 * 6 * 7 * 5
+
+
+def test_unet_decoder_levels_take_their_own_stage_kernel_and_older_weights_are_refused_by_name(tmp_path):
+    """nnU-Net's decoder convolves each level with its encoder stage's kernel; MONAI DynUNet (which
+    autoseg used before 2026-12-05) with the stage below's. Weights saved from that network must be
+    refused with the file named and the reason, not loaded or failing with a bare RuntimeError."""
+    from monai.networks.nets import DynUNet
+
+    from autoseg.errors import CheckpointError
+    from autoseg.training.checkpoints import load_network_weights
+
+    kernels = [[1, 3, 3], [1, 3, 3], [3, 3, 3], [3, 3, 3]]
+    plan = ArchitecturePlan("unet", [8, 32, 32], 2, kernels, [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]], [4, 8, 16, 32])
+    network = build_network(plan, 1, 3, 3, True)
+    # upsamples[j] ends at level len - 2 - j: its convolutions have that level's kernel.
+    decoder_kernels = [list(block.conv_block.conv1.conv.weight.shape[2:]) for block in network.net.upsamples]
+    assert decoder_kernels == [[3, 3, 3], [1, 3, 3], [1, 3, 3]]
+
+    old = DynUNet(3, 1, 3, kernels, plan.strides, plan.strides[1:], filters=plan.features,
+                  norm_name=("INSTANCE", {"affine": True}), deep_supervision=True, deep_supr_num=2)
+    old_weights = {f"net.{name}": tensor for name, tensor in old.state_dict().items()}  # as PlannedUNet held it
+    with pytest.raises(CheckpointError, match="checkpoint_final.pt.*do not fit the planned network.*must be retrained"):
+        load_network_weights(network, old_weights, tmp_path / "checkpoint_final.pt")

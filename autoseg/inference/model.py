@@ -17,6 +17,7 @@ from torch import nn
 from autoseg.errors import CheckpointError, PlanError
 from autoseg.networks.registry import build_network
 from autoseg.planning.plans import Plans, load_plans
+from autoseg.training.checkpoints import load_network_weights
 
 CHECKPOINT_PREFERENCE = ("checkpoint_final.pt", "checkpoint_best.pt", "checkpoint_latest.pt")
 
@@ -80,10 +81,6 @@ def load_trained_model(model_dir: str | Path, folds: list[str], configuration: s
         network = build_network(arch_plan, plans.num_input_channels, plans.num_segmentation_heads,
                                 config.dimensions, deep_supervision=True)
         checkpoint = find_checkpoint(fold_dir, checkpoint_name)
-        try:
-            network.load_state_dict(load_state_dict(checkpoint))
-        except RuntimeError as exc:
-            raise CheckpointError(f"weights do not fit the planned network ({str(exc).splitlines()[0][:200]})",
-                                  checkpoint) from None
+        load_network_weights(network, load_state_dict(checkpoint), checkpoint)
         networks.append(network.to(device).eval())
     return TrainedModel(plans, configuration, arch_plan.name, networks, list(folds))

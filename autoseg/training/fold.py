@@ -34,7 +34,7 @@ from autoseg.planning.plans import load_plans, save_plans
 from autoseg.preprocessing.store import list_finished_cases
 from autoseg.records import check_writable_folder, copy_file_atomic
 from autoseg.training.callbacks import CheckpointWriter, EpochReport, ProgressWriter, TimeBudget
-from autoseg.training.checkpoints import check_identity, load_checkpoint, set_rng_state
+from autoseg.training.checkpoints import check_identity, load_checkpoint, load_network_weights, set_rng_state
 from autoseg.training.data import PatchSampler, batch_iterator
 from autoseg.training.distributed import barrier, init_distributed, select_device
 from autoseg.training.loop import TrainingLoop, TrainingState
@@ -163,7 +163,7 @@ def train_fold(roots: Roots, dataset_name: str, configuration: str, fold: int | 
     if resuming:
         checkpoint = load_checkpoint(latest)
         check_identity(checkpoint, identity["plan"], identity["split"], latest)
-        network.load_state_dict(checkpoint["model"])
+        load_network_weights(network, checkpoint["model"], latest)
         optimizer.load_state_dict(checkpoint["optimizer"])
         if checkpoint.get("grad_scaler"):
             scaler.load_state_dict(checkpoint["grad_scaler"])
