@@ -134,6 +134,11 @@ class Work:
         return self.record[key]
 
 
+def dataset_number(name: str) -> str:
+    """``Dataset027_ACDC`` -> ``27``, as nnU-Net's ``-d`` takes it."""
+    return str(int(re.match(r"Dataset(\d+)_", name).group(1)))
+
+
 def nnunet_env(work: Path) -> dict:
     venv = peers_venv()
     if not (venv / "bin" / "nnUNetv2_train").exists() and importlib.util.find_spec("nnunetv2") is None:
@@ -297,7 +302,7 @@ def main() -> None:
     source = args.data.resolve() / name
     if not (source / "dataset.json").is_file():
         sys.exit(f"skipped: {source} is missing")
-    number = str(int(re.match(r"Dataset(\d+)_", name).group(1)))
+    number = dataset_number(name)
     folder = args.work or Path(tempfile.mkdtemp(prefix=f"bench_accuracy_{args.dataset}_"))
     (folder / "raw").mkdir(parents=True, exist_ok=True)
     if not (folder / "raw" / name).exists():

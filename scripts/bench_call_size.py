@@ -47,6 +47,15 @@ def timed(function, repeats: int) -> float:
     return statistics.median(times)
 
 
+def step_loop(network, classes: int, amp_dtype, images_per_call: int | None) -> TrainingLoop:
+    """A loop whose ``train_step`` is training's step (forward in calls, deep-supervision Dice+CE, backward, SGD at lr 0)."""
+    return TrainingLoop(network=network, model=network, loss=DeepSupervisionLoss(DiceCELoss()),
+                        train_batches=iter(()), val_batches=iter(()),
+                        optimizer=torch.optim.SGD(network.parameters(), lr=0.0),
+                        schedule=PolySchedule(0.0, 0.9, 1, 1), num_classes=classes, progress=False,
+                        amp_dtype=amp_dtype, images_per_call=images_per_call)
+
+
 def splits(batch: int) -> list[int]:
     return sorted({batch, max(1, batch // 2), 4, 2, 1} & set(range(1, batch + 1)), reverse=True)
 
@@ -86,11 +95,7 @@ def main() -> None:
             network.train()
             row = []
             for per_call in splits(arch.batch_size):
-                loop = TrainingLoop(network=network, model=network, loss=DeepSupervisionLoss(DiceCELoss()),
-                                    train_batches=iter(()), val_batches=iter(()),
-                                    optimizer=torch.optim.SGD(network.parameters(), lr=0.0),
-                                    schedule=PolySchedule(0.0, 0.9, 1, 1), num_classes=classes, progress=False,
-                                    amp_dtype=dtype, images_per_call=per_call)
+                loop = step_loop(network, classes, dtype, per_call)
                 row.append(f"{per_call}: {timed(lambda: loop.train_step(batch, target), args.repeats):.2f}")
             chosen = training_images_per_call(arch.patch_size, CPU)
             # As the row's labels: the loop calls the network on the whole batch when a share would hold all of it.

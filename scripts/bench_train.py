@@ -38,8 +38,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
-from bench_accuracy import nnunet_env, parse_nnunet_log, run_logged  # noqa: E402
+sys.path.insert(0, str(REPO))
+from bench_accuracy import dataset_number, nnunet_env, parse_nnunet_log, run_logged  # noqa: E402
 from child_env import child_env  # noqa: E402
+
+from autoseg.planning.plans import load_plans, save_plans  # noqa: E402
 
 SHARED = REPO.parent / "shared"
 DATASETS = {"hippocampus": "Dataset004_Hippocampus", "acdc": "Dataset027_ACDC"}  # --dataset: folder in ../shared/data
@@ -113,10 +116,6 @@ def autoseg_run(work: Path, name: str, iters: int, fp32: bool) -> dict:
     return {"whole": whole / iters, "steady": steady(result["steps"])}
 
 
-def dataset_number(name: str) -> str:
-    return str(int(re.match(r"Dataset(\d+)_", name).group(1)))
-
-
 def nnunet_plan(work: Path, name: str) -> dict | None:
     """nnU-Net's 3d_fullres plan (planned and preprocessed here), or None where nnU-Net is missing."""
     try:
@@ -132,17 +131,18 @@ def nnunet_plan(work: Path, name: str) -> dict | None:
 
 
 def same_patch_and_batch(work: Path, name: str, reference: dict) -> str:
-    """Gives autoseg's unet plan nnU-Net's batch (its patch must already be nnU-Net's); says what changed."""
+    """Gives autoseg's unet plan nnU-Net's batch (its patch must already be nnU-Net's); says what changed.
+    The batch is not part of the preprocessed data's identifier, so the preprocessing stays valid."""
     plans_file = work / "pre" / name / "plans.json"
-    plans = json.loads(plans_file.read_text())
-    unet = plans["configurations"]["3d_fullres"]["architectures"]["unet"]
-    if unet["patch_size"] != reference["patch_size"]:
-        sys.exit(f"not like for like: autoseg plans patch {unet['patch_size']}, nnU-Net {reference['patch_size']}")
-    if unet["batch_size"] == reference["batch_size"]:
-        return f"batch {unet['batch_size']} in both plans"
-    said = f"batch {reference['batch_size']} (nnU-Net's plan; autoseg's plans {unet['batch_size']}, given nnU-Net's here)"
-    unet["batch_size"] = reference["batch_size"]
-    plans_file.write_text(json.dumps(plans, indent=2))
+    plans = load_plans(plans_file)
+    unet = plans.architecture("3d_fullres", "unet")
+    if unet.patch_size != reference["patch_size"]:
+        sys.exit(f"not like for like: autoseg plans patch {unet.patch_size}, nnU-Net {reference['patch_size']}")
+    if unet.batch_size == reference["batch_size"]:
+        return f"batch {unet.batch_size} in both plans"
+    said = f"batch {reference['batch_size']} (nnU-Net's plan; autoseg's plans {unet.batch_size}, given nnU-Net's here)"
+    unet.batch_size = reference["batch_size"]
+    save_plans(plans, plans_file)
     return said
 
 

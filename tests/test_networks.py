@@ -200,7 +200,7 @@ def test_unet_decoder_levels_take_their_own_stage_kernel_and_older_weights_are_r
     from monai.networks.nets import DynUNet
 
     from autoseg.errors import CheckpointError
-    from autoseg.training.checkpoints import load_network_weights
+    from autoseg.inference.model import load_network_weights
 
     kernels = [[1, 3, 3], [1, 3, 3], [3, 3, 3], [3, 3, 3]]
     plan = ArchitecturePlan("unet", [8, 32, 32], 2, kernels, [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]], [4, 8, 16, 32])

@@ -17,7 +17,6 @@ from torch import nn
 from autoseg.errors import CheckpointError, PlanError
 from autoseg.networks.registry import build_network
 from autoseg.planning.plans import Plans, load_plans
-from autoseg.training.checkpoints import load_network_weights
 
 CHECKPOINT_PREFERENCE = ("checkpoint_final.pt", "checkpoint_best.pt", "checkpoint_latest.pt")
 
@@ -46,6 +45,20 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise CheckpointError("does not hold a state dict of network weights", path)
     return state
+
+
+def load_network_weights(network: nn.Module, weights: dict[str, torch.Tensor], path: Path) -> None:
+    """``network.load_state_dict(weights)``, a mismatch reported as ``CheckpointError`` naming ``path``.
+
+    The one known cause besides a changed plan: U-Nets trained before 2026-12-05 on anisotropic
+    plans had MONAI DynUNet's decoder kernels (the stage below's), now nnU-Net's (networks/unet.py)."""
+    try:
+        network.load_state_dict(weights)
+    except RuntimeError as exc:
+        first = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), str(exc).splitlines()[0])
+        hint = ("; U-Nets trained before 2026-12-05 on anisotropic plans (1x3x3 stages) had other decoder "
+                "kernels and must be retrained" if ".upsamples." in str(exc) else "")
+        raise CheckpointError(f"weights do not fit the planned network ({first[:200]}){hint}", path) from None
 
 
 def find_checkpoint(fold_dir: Path, name: str | None = None) -> Path:

@@ -96,17 +96,3 @@ def check_identity(content: dict[str, Any], plan: dict[str, Any], split: dict[st
             differing = sorted(k for k in set(expected) | set(found or {}) if (found or {}).get(k) != expected.get(k))
             raise CheckpointError(f"was written for a different {what} (differs in {differing}); "
                                   "start without --continue or restore the original plans/splits", path)
-
-
-def load_network_weights(network: torch.nn.Module, weights: dict[str, torch.Tensor], path: Path) -> None:
-    """``network.load_state_dict(weights)``, a mismatch reported as ``CheckpointError`` naming ``path``.
-
-    The one known cause besides a changed plan: U-Nets trained before 2026-12-05 on anisotropic
-    plans had MONAI DynUNet's decoder kernels (the stage below's), now nnU-Net's (networks/unet.py)."""
-    try:
-        network.load_state_dict(weights)
-    except RuntimeError as exc:
-        first = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), str(exc).splitlines()[0])
-        hint = ("; U-Nets trained before 2026-12-05 on anisotropic plans (1x3x3 stages) had other decoder "
-                "kernels and must be retrained" if ".upsamples." in str(exc) else "")
-        raise CheckpointError(f"weights do not fit the planned network ({first[:200]}){hint}", path) from None

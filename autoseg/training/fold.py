@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from autoseg.errors import UsageError
+from autoseg.inference.model import load_network_weights
 from autoseg.networks.call_size import training_images_per_call
 from autoseg.networks.precision import cpu_has_native_bf16, cuda_autocast_dtype
 from autoseg.networks.registry import build_network
@@ -34,7 +35,7 @@ from autoseg.planning.plans import load_plans, save_plans
 from autoseg.preprocessing.store import list_finished_cases
 from autoseg.records import check_writable_folder, copy_file_atomic
 from autoseg.training.callbacks import CheckpointWriter, EpochReport, ProgressWriter, TimeBudget
-from autoseg.training.checkpoints import check_identity, load_checkpoint, load_network_weights, set_rng_state
+from autoseg.training.checkpoints import check_identity, load_checkpoint, set_rng_state
 from autoseg.training.data import PatchSampler, batch_iterator
 from autoseg.training.distributed import barrier, init_distributed, select_device
 from autoseg.training.loop import TrainingLoop, TrainingState
