@@ -93,8 +93,11 @@ class Steps:
     def on_iteration_end(self, loop, iteration, loss, seconds):
         steps.append(seconds)
 
+from autoseg.planning.plans import load_plans
+# The plan's batch (nnU-Net's), not the CPU's default of 2 for 3D: an iteration must be the same work on both sides.
+batch = load_plans(Roots(Path(raw), Path(pre), Path(res)).plans_file(name)).architecture("3d_fullres", "unet").batch_size
 options = TrainingOptions(epochs=1, iters_per_epoch=int(iters), val_iters=max(1, int(iters) // 5), seed=0,
-                          amp=fp32 != "1", validate_at_end=False, progress=False, started=STARTED)
+                          amp=fp32 != "1", validate_at_end=False, progress=False, started=STARTED, batch_size=batch)
 out = train_fold(Roots(Path(raw), Path(pre), Path(res)), name, "3d_fullres", "0",
                  options=options, callbacks=[Steps()])
 Path(record).write_text(json.dumps({"steps": steps, "final": str(out / "checkpoint_final.pt")}))

@@ -1,6 +1,7 @@
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ import torch
 from autoseg.errors import CheckpointError, UsageError
 from autoseg.networks.registry import build_network
 from autoseg.paths import Roots
-from autoseg.planning.plans import load_plans
+from autoseg.planning.plans import load_plans, save_plans
 from autoseg.training import TrainingOptions, train_fold
 from autoseg.training.data import PatchSampler
 from autoseg.training.loop import TrainingLoop
@@ -246,6 +247,40 @@ def test_tampered_checkpoints_are_refused_on_continue(tiny, tmp_path):
         with pytest.raises(CheckpointError, match=message) as error:
             train_fold(roots, name, "3d_fullres", "0", options=_options(resume=True))
         assert str(latest) in str(error.value)
+
+
+class _BatchSizes:
+    def __init__(self):
+        self.sizes = []
+
+    def on_iteration_end(self, loop, iteration, loss, seconds):
+        self.sizes.append(loop.last_batch[0].shape[0])
+
+
+def test_on_the_cpu_a_3d_plan_trains_at_batch_2_unless_told_and_a_continued_run_keeps_its_batch(tiny, tmp_path):
+    roots, name = tiny
+    pre = tmp_path / "pre"
+    shutil.copytree(roots.preprocessed / name, pre / name)
+    plans = load_plans(pre / name / "plans.json")
+    plans.configurations["3d_fullres"].architectures["unet"].batch_size = 4
+    save_plans(plans, pre / name / "plans.json")
+
+    def train(results, **changes):
+        sizes = _BatchSizes()
+        out = train_fold(Roots(roots.raw, pre, tmp_path / results), name, "3d_fullres", "0", callbacks=[sizes],
+                         options=_options(epochs=2, iters_per_epoch=2, device="cpu", **changes))
+        return sizes.sizes, torch.load(out / "checkpoint_final.pt", weights_only=True)["plan"]["batch_size"]
+
+    assert train("default") == ([2, 2, 2, 2], 2), "the plan's 4 capped at 2 on the CPU"
+    assert train("told", batch_size=3) == ([3, 3, 3, 3], 3)
+    # A run started at --batch-size 3 and continued without it goes on at 3 (not the CPU's default of 2).
+    killed = Roots(roots.raw, pre, tmp_path / "killed")
+    with pytest.raises(KeyboardInterrupt):
+        train_fold(killed, name, "3d_fullres", "0", callbacks=[_Kill(after=1)],
+                   options=_options(epochs=2, iters_per_epoch=2, device="cpu", batch_size=3))
+    assert train("killed", resume=True) == ([3, 3], 3)
+    with pytest.raises(UsageError, match="--batch-size"):
+        train("zero", batch_size=0)
 
 
 def test_continue_refuses_a_checkpoint_of_another_patch(tiny, tmp_path):

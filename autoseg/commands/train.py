@@ -21,6 +21,9 @@ def register(subparsers) -> None:
     parser.add_argument("--epochs", type=int, default=1000)
     parser.add_argument("--iters-per-epoch", type=int, default=250)
     parser.add_argument("--val-iters", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, metavar="N",
+                        help="images per optimiser step (default: the plan's; on the CPU at most 2 for 3D "
+                             "configurations, where a larger batch costs its full time per image)")
     parser.add_argument("--time-budget", type=float, metavar="MINUTES",
                         help="fit the number of epochs (measured after a few iterations) so the run ends within it")
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu", "mps"])
@@ -72,7 +75,7 @@ def run(args) -> int:
         print(f"train: validation done -> {output}")
         return 0
     options = TrainingOptions(epochs=args.epochs, iters_per_epoch=args.iters_per_epoch, val_iters=args.val_iters,
-                              time_budget_minutes=args.time_budget, device=args.device,
+                              batch_size=args.batch_size, time_budget_minutes=args.time_budget, device=args.device,
                               amp=args.amp and not args.fp32, cpu_bf16=True if args.cpu_bf16 else None,
                               num_workers=args.num_workers, seed=args.seed,
                               resume=args.resume, validate_at_end=not args.no_validation,
