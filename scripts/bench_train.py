@@ -5,7 +5,8 @@
 
 Each tool trains fold 0 for one epoch of ``--iters`` iterations at the same patch and batch
 (Hippocampus: 40x56x40, batch 7 in both plans; ACDC: 20x256x224, where autoseg plans batch 3
-and nnU-Net 4, so autoseg's plan is given nnU-Net's batch, said in the output), with its
+and nnU-Net 4, so autoseg's plan is given nnU-Net's batch, said in the output; autoseg trains at
+the plan's batch, not its CPU default of 2 for 3D, so that an iteration is the same work), with its
 default per-epoch validation (nnU-Net: 50 batches per 250 iterations; autoseg without a
 budget the same, so ``--iters / 5`` batches on both sides), as a command of its own started
 by this script:
