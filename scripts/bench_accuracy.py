@@ -221,8 +221,9 @@ def train_nnunet(work: Path, number: str, configuration: str, trainer: str, iter
         shutil.copyfile(preprocessed / "dataset.json", model / "dataset.json")
         shutil.copyfile(preprocessed / "nnUNetPlans.json", model / "plans.json")
     per_epoch = iterations or parsed.iterations_per_epoch or 250
+    plans = json.loads(next((work / "nn_pre").glob("*/nnUNetPlans.json")).read_text())
     return {"seconds": done, "epochs": parsed.epochs, "iterations": parsed.epochs * per_epoch,
-            "log": str(log)}
+            "batch": plans["configurations"][configuration]["batch_size"], "log": str(log)}
 
 
 def train_autoseg(work: Path, number: str, configuration: str, budget_s: float, label: str, extra: list[str]) -> dict:
@@ -232,8 +233,11 @@ def train_autoseg(work: Path, number: str, configuration: str, budget_s: float, 
                                          "--no-validation", *extra, *roots), child_env(PYTHONUNBUFFERED="1"), log)
     final = next((work / f"res_{label}").glob("*/*/fold_0/checkpoint_final.pt"))
     history = [json.loads(line) for line in (final.parent / "training_log.jsonl").read_text().splitlines()]
+    import torch
+
+    batch = torch.load(final, weights_only=True)["plan"]["batch_size"]  # on the CPU a 3D plan trains at 2
     return {"seconds": final.stat().st_mtime - start, "epochs": len(history),
-            "iterations": sum(entry["iterations"] for entry in history), "log": str(log)}
+            "iterations": sum(entry["iterations"] for entry in history), "batch": batch, "log": str(log)}
 
 
 def validation_inputs(work: Path, source: Path, val_cases: list[str]) -> tuple[Path, Path]:
@@ -361,13 +365,14 @@ def main() -> None:
 
 def print_table(dataset: str, configuration: str, trained: dict, results: dict, cases: int) -> None:
     classes = list(next(iter(results.values()))["per_class"])
-    header = ["dataset", "configuration", "tool", "training s", "iterations"] + [f"Dice {c}" for c in classes] + \
+    header = ["dataset", "configuration", "tool", "training s", "iterations", "batch"] + [f"Dice {c}" for c in classes] + \
         ["mean Dice", "HD95 mm", "NSD 1 mm", "predict s"]
     print(f"\nfold 0, {cases} validation cases, predicted with TTA; MONAI's Dice differs from autoseg evaluate's by "
           f"at most {max(r['monai_max_difference'] for r in results.values()):.1e}")
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for tool, result in results.items():
-        row = [dataset, configuration, tool, f"{trained[tool]['seconds']:.0f}", str(trained[tool]["iterations"])]
+        row = [dataset, configuration, tool, f"{trained[tool]['seconds']:.0f}", str(trained[tool]["iterations"]),
+               str(trained[tool].get("batch", "n/a"))]
         row += [f"{result['per_class'][c]['dice']:.4f}" for c in classes]
         mean = result["mean"]
         row += [f"{mean['dice']:.4f}", _number(mean.get("hd95")), _number(mean.get("nsd")), f"{result['seconds']:.0f}"]
@@ -376,8 +381,19 @@ def print_table(dataset: str, configuration: str, trained: dict, results: dict, 
     for tool, result in results.items():
         if reference and tool != "nnU-Net":
             print(f"{tool} - nnU-Net mean Dice: {result['mean']['dice'] - reference['mean']['dice']:+.4f}; "
-                  f"training iterations per second ratio: "
-                  f"{(trained[tool]['iterations'] / trained[tool]['seconds']) / (trained['nnU-Net']['iterations'] / trained['nnU-Net']['seconds']):.2f}")
+                  f"training {speed_ratio(trained[tool], trained['nnU-Net'])}")
+
+
+def speed_ratio(tool: dict, reference: dict) -> str:
+    """Training speed against nnU-Net's: iterations per second where both trained at one batch, else
+    images per second (an iteration of batch 2 is not one of batch 7); records of older runs lack the batch."""
+    def per_second(run: dict, images: bool) -> float:
+        return run["iterations"] * (run["batch"] if images else 1) / run["seconds"]
+
+    if "batch" in tool and "batch" in reference and tool["batch"] != reference["batch"]:
+        return (f"images per second ratio: {per_second(tool, True) / per_second(reference, True):.2f} "
+                f"(batch {tool['batch']} against {reference['batch']})")
+    return f"iterations per second ratio: {per_second(tool, False) / per_second(reference, False):.2f}"
 
 
 def _number(value) -> str:

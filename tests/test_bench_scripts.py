@@ -92,3 +92,16 @@ def test_bench_train_gives_autoseg_nnunets_batch_at_the_same_patch_and_refuses_a
         == "batch 4 in both plans"
     with pytest.raises(SystemExit, match=r"not like for like: autoseg plans patch \[20, 256, 224\], nnU-Net"):
         same_patch_and_batch(tmp_path, "Dataset027_ACDC", {"patch_size": [16, 256, 224], "batch_size": 4})
+
+
+def test_bench_accuracy_compares_images_per_second_when_the_batches_differ():
+    from bench_accuracy import speed_ratio
+
+    nnunet = {"seconds": 1046, "iterations": 250, "batch": 7}
+    # 2249 x 2 images in 1021 s against 250 x 7 in 1046 s: 4.406 / 1.673 images per second
+    assert speed_ratio({"seconds": 1021, "iterations": 2249, "batch": 2}, nnunet) == \
+        "images per second ratio: 2.63 (batch 2 against 7)"
+    # the same batch: iterations per second, 0.7 against 0.25
+    assert speed_ratio({"seconds": 1000, "iterations": 700, "batch": 7}, {**nnunet, "seconds": 1000}) == \
+        "iterations per second ratio: 2.80"
+    assert speed_ratio({"seconds": 1000, "iterations": 700}, {**nnunet, "seconds": 1000}).endswith("2.80")
