@@ -15,9 +15,10 @@ One run, both tools, one machine:
 2. autoseg plans and preprocesses, takes nnU-Net's ``splits_final.json`` as its ``splits.json``
    (so both validate on the same cases), and trains fold 0 with ``--time-budget`` equal to
    nnU-Net's training time, everything else default (on a CPU: bf16 where it has native bf16
-   units, and batch 2 for a 3D configuration, see ``training.fold.training_batch_size``). Its training time runs from the start of
-   ``autoseg train`` to ``checkpoint_final.pt`` (start-up, loading, per-epoch validation
-   included; ``--no-validation`` leaves out the end-of-fold prediction, as nnU-Net's is left out).
+   units, and batch 2 for a 3D configuration, see ``training.fold.training_batch_size``). Its
+   training time runs from the start of ``autoseg train`` to ``checkpoint_final.pt`` (start-up,
+   loading, per-epoch validation included; ``--no-validation`` leaves out the end-of-fold
+   prediction, as nnU-Net's is left out).
    ``--also-fp32`` trains a second autoseg model with ``--fp32`` at the same budget.
 3. Each tool predicts the fold's validation cases from the raw images (its own command, TTA on,
    one fold); ``autoseg evaluate`` scores both (Dice, HD95, NSD at 1 mm), and the Dice is

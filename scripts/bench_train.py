@@ -85,22 +85,22 @@ import json, sys, time
 from autoseg.cli import STARTED
 from pathlib import Path
 from autoseg.paths import Roots
+from autoseg.planning.plans import load_plans
 from autoseg.training import TrainingOptions, train_fold
 
 raw, pre, res, name, iters, fp32, record = sys.argv[1:]
+roots = Roots(Path(raw), Path(pre), Path(res))
 steps = []
 
 class Steps:
     def on_iteration_end(self, loop, iteration, loss, seconds):
         steps.append(seconds)
 
-from autoseg.planning.plans import load_plans
-# The plan's batch (nnU-Net's), not the CPU's default of 2 for 3D: an iteration must be the same work on both sides.
-batch = load_plans(Roots(Path(raw), Path(pre), Path(res)).plans_file(name)).architecture("3d_fullres", "unet").batch_size
+# The plan's batch (nnU-Net's), not the CPU's default of 2 for 3D: an iteration is the same work on both sides.
+batch = load_plans(roots.plans_file(name)).architecture("3d_fullres", "unet").batch_size
 options = TrainingOptions(epochs=1, iters_per_epoch=int(iters), val_iters=max(1, int(iters) // 5), seed=0,
                           amp=fp32 != "1", validate_at_end=False, progress=False, started=STARTED, batch_size=batch)
-out = train_fold(Roots(Path(raw), Path(pre), Path(res)), name, "3d_fullres", "0",
-                 options=options, callbacks=[Steps()])
+out = train_fold(roots, name, "3d_fullres", "0", options=options, callbacks=[Steps()])
 Path(record).write_text(json.dumps({"steps": steps, "final": str(out / "checkpoint_final.pt")}))
 '''
 

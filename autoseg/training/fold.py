@@ -105,8 +105,8 @@ def autocast_dtype(device: torch.device, options: TrainingOptions) -> torch.dtyp
 # however the batch is called (networks/call_size.py), so a larger batch only buys fewer, larger
 # steps. Measured on Hippocampus 3d_fullres fold 1 (planned batch 7), 17.5 minutes of training on
 # this 2-core CPU, bf16: batch 7 did 689 iterations and scored 0.840 mean Dice on the 40 validation
-# cases, batch 2 did 2245 and scored 0.868 (README, "Training"; fold 0: "Learning per unit of time"). 2D configurations
-# keep the plan's batch: not measured.
+# cases, batch 2 did 2245 and scored 0.868 (README, "Training"; fold 0: "Learning per unit of
+# time"). 2D configurations keep the plan's batch: not measured.
 CPU_3D_BATCH = 2
 
 
