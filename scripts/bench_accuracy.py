@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """Learning per unit of time: autoseg against nnU-Net v2 on the same data, fold and wall-clock budget.
 
-    python scripts/bench_accuracy.py [--dataset hippocampus|ph2|acdc] [--trainer nnUNetTrainer_1epoch]
-                                     [--nnunet-iterations N] [--also-fp32] [--work DIR]
+    python scripts/bench_accuracy.py [--dataset hippocampus|ph2|acdc] [--fold F] [--trainer nnUNetTrainer_1epoch]
+                                     [--nnunet-iterations N] [--also-fp32] [--also-batch B ...] [--work DIR]
 
 One run, both tools, one machine:
-1. nnU-Net (``../shared/peers``' venv) plans, preprocesses and trains fold 0 with ``--trainer``
+1. nnU-Net (``../shared/peers``' venv) plans, preprocesses and trains fold F (0) with ``--trainer``
    (``nnUNetTrainer_1epoch``: 250 iterations; ``_5epochs`` ... for longer budgets). Its training
    time runs from the start of ``nnUNetv2_train`` to its "Training done." line (start-up, data
    loading, its per-epoch validation and the final checkpoint included; its end-of-training
@@ -13,13 +13,14 @@ One run, both tools, one machine:
    epochs to N iterations and N/5 validation batches (its own ratio, 50 per 250), for a dataset whose
    full epoch outlasts a working session on the CPU: a smaller budget, named as such in the table.
 2. autoseg plans and preprocesses, takes nnU-Net's ``splits_final.json`` as its ``splits.json``
-   (so both validate on the same cases), and trains fold 0 with ``--time-budget`` equal to
+   (so both validate on the same cases), and trains fold F with ``--time-budget`` equal to
    nnU-Net's training time, everything else default (on a CPU: bf16 where it has native bf16
    units, and batch 2 for a 3D configuration, see ``training.fold.training_batch_size``). Its
    training time runs from the start of ``autoseg train`` to ``checkpoint_final.pt`` (start-up,
    loading, per-epoch validation included; ``--no-validation`` leaves out the end-of-fold
    prediction, as nnU-Net's is left out).
-   ``--also-fp32`` trains a second autoseg model with ``--fp32`` at the same budget.
+   ``--also-fp32`` trains a second autoseg model with ``--fp32`` at the same budget, ``--also-batch B``
+   one more with ``--batch-size B`` (repeatable; how the CPU's batch rule was chosen, on fold 1).
 3. Each tool predicts the fold's validation cases from the raw images (its own command, TTA on,
    one fold); ``autoseg evaluate`` scores both (Dice, HD95, NSD at 1 mm), and the Dice is
    cross-checked per case against MONAI's ``compute_dice``.
@@ -203,14 +204,15 @@ nnUNetTrainer.__init__ = _shortened
 """
 
 
-def train_nnunet(work: Path, number: str, configuration: str, trainer: str, iterations: int | None = None) -> dict:
+def train_nnunet(work: Path, number: str, configuration: str, trainer: str, iterations: int | None = None,
+                 fold: int = 0) -> dict:
     env = nnunet_env(work)
     subprocess.run(nnunet_command("nnUNetv2_plan_and_preprocess", "-d", number, "-c", configuration, "-np", "2"),
                    env=env, check=True, capture_output=True)
     log = work / "nnunet_train.log"
     prelude = SHORTEN_EPOCHS.format(iterations=iterations) if iterations else ""
-    command = nnunet_command("nnUNetv2_train", number, configuration, "0", "-tr", trainer, "-device", torch_device(),
-                             prelude=prelude)
+    command = nnunet_command("nnUNetv2_train", number, configuration, str(fold), "-tr", trainer, "-device",
+                             torch_device(), prelude=prelude)
     _, _, done = run_logged(command, env, log, stop_at="Training done.")
     parsed = parse_nnunet_log(log.read_text())
     if done is None:
@@ -227,12 +229,17 @@ def train_nnunet(work: Path, number: str, configuration: str, trainer: str, iter
             "batch": plans["configurations"][configuration]["batch_size"], "log": str(log)}
 
 
-def train_autoseg(work: Path, number: str, configuration: str, budget_s: float, label: str, extra: list[str]) -> dict:
-    roots = [f"--raw={work / 'raw'}", f"--preprocessed={work / 'pre'}", f"--results={work / ('res_' + label)}"]
+def train_autoseg(work: Path, number: str, configuration: str, budget_s: float, label: str, extra: list[str],
+                  fold: int = 0) -> dict:
+    results = work / f"res_{label}"
+    # Not in the record, so not finished (say, stopped with its session): start again from nothing.
+    shutil.rmtree(results, ignore_errors=True)
+    roots = [f"--raw={work / 'raw'}", f"--preprocessed={work / 'pre'}", f"--results={results}"]
     log = work / f"autoseg_{label}_train.log"
-    start, _, _ = run_logged(autoseg_command("train", number, configuration, "0", "--time-budget", f"{budget_s / 60:.4f}",
-                                         "--no-validation", *extra, *roots), child_env(PYTHONUNBUFFERED="1"), log)
-    final = next((work / f"res_{label}").glob("*/*/fold_0/checkpoint_final.pt"))
+    start, _, _ = run_logged(autoseg_command("train", number, configuration, str(fold), "--time-budget",
+                                             f"{budget_s / 60:.4f}", "--no-validation", *extra, *roots),
+                             child_env(PYTHONUNBUFFERED="1"), log)
+    final = next(results.glob(f"*/*/fold_{fold}/checkpoint_final.pt"))
     history = [json.loads(line) for line in (final.parent / "training_log.jsonl").read_text().splitlines()]
     import torch
 
@@ -300,7 +307,10 @@ def main() -> None:
     parser.add_argument("--nnunet-iterations", type=int, metavar="N",
                         help="shorten nnU-Net's epochs to N iterations (a smaller budget, for datasets whose epoch "
                              "outlasts a session)")
+    parser.add_argument("--fold", type=int, default=0, help="the fold both tools train and validate (default 0)")
     parser.add_argument("--also-fp32", action="store_true", help="also train autoseg with --fp32 at the same budget")
+    parser.add_argument("--also-batch", type=int, action="append", default=[], metavar="B",
+                        help="also train autoseg with --batch-size B at the same budget (repeatable)")
     parser.add_argument("--work", type=Path, help="keep the working folder here and reuse its finished steps")
     parser.add_argument("--data", type=Path, default=SHARED / "data", help="the folder that holds the datasets")
     args = parser.parse_args()
@@ -314,15 +324,23 @@ def main() -> None:
     if not (folder / "raw" / name).exists():
         (folder / "raw" / name).symlink_to(source)
     work = Work(folder)
-    print(f"working folder {folder}; {os.cpu_count()} cores", flush=True)
+    if work.record.setdefault("fold", args.fold) != args.fold:
+        sys.exit(f"{folder} holds fold {work.record['fold']}'s steps; give fold {args.fold} a working folder of its own")
+    print(f"working folder {folder}; fold {args.fold}; {os.cpu_count()} cores", flush=True)
 
     if args.nnunet_iterations is not None and args.nnunet_iterations < 1:
         sys.exit("--nnunet-iterations must be a positive number")
+    if any(batch < 1 for batch in args.also_batch):
+        sys.exit("--also-batch must be a positive number")
+    if args.fold < 0:
+        sys.exit("--fold must be 0 or more")
     shortened = f" ({args.nnunet_iterations} iterations an epoch)" if args.nnunet_iterations else ""
     trained = {"nnU-Net": work.step(f"train nnU-Net {args.trainer}{shortened}",
                                     lambda: train_nnunet(folder, number, configuration, args.trainer,
-                                                         args.nnunet_iterations))}
+                                                         args.nnunet_iterations, args.fold))}
     splits = json.loads((folder / "nn_pre" / name / "splits_final.json").read_text())
+    if not 0 <= args.fold < len(splits):
+        sys.exit(f"--fold {args.fold}: nnU-Net's splits have folds 0 to {len(splits) - 1}")
     budget_s = trained["nnU-Net"]["seconds"]
 
     def prepare_autoseg():
@@ -334,26 +352,27 @@ def main() -> None:
 
     work.step("autoseg plan-and-preprocess", prepare_autoseg)
     variants = {"autoseg": []} | ({"autoseg --fp32": ["--fp32"]} if args.also_fp32 else {})
+    variants |= {f"autoseg --batch-size {batch}": ["--batch-size", str(batch)] for batch in args.also_batch}
     for label, extra in variants.items():
-        key = label.replace(" --", "_")
         trained[label] = work.step(f"train {label}", lambda: train_autoseg(folder, number, configuration, budget_s,
-                                                                          key, extra))
-    images, labels = validation_inputs(folder, source, splits[0]["val"])
+                                                                          folder_key(label), extra, args.fold))
+    images, labels = validation_inputs(folder, source, splits[args.fold]["val"])
 
     results = {}
     for label in trained:
-        key = label.replace(" --", "_").replace("nnU-Net", "nnunet")
+        key = folder_key(label)
         predictions = folder / f"pred_{key}"
 
         def predict(label=label, predictions=predictions, key=key):
             if label == "nnU-Net":
                 command = nnunet_command("nnUNetv2_predict", "-i", str(images), "-o", str(predictions), "-d", number,
-                                         "-c", configuration, "-f", "0", "-tr", args.trainer, "-device", torch_device(),
+                                         "-c", configuration, "-f", str(args.fold), "-tr", args.trainer, "-device",
+                                         torch_device(),
                                          "-npp", "1", "-nps", "1")
                 env = nnunet_env(folder)
             else:
                 command = autoseg_command("predict", "-i", str(images), "-o", str(predictions), "-d", number, "-c",
-                                          configuration, "-f", "0", f"--raw={folder / 'raw'}",
+                                          configuration, "-f", str(args.fold), f"--raw={folder / 'raw'}",
                                           f"--preprocessed={folder / 'pre'}", f"--results={folder / ('res_' + key)}")
                 env = child_env()
             _, wall, _ = run_logged(command, env, folder / f"{key}_predict.log")
@@ -361,14 +380,19 @@ def main() -> None:
 
         results[label] = work.step(f"predict and evaluate {label}", predict)
     print(f"\nnnU-Net's trainer: {args.trainer}{shortened}; autoseg's budget: nnU-Net's training time")
-    print_table(args.dataset, configuration, trained, results, len(splits[0]["val"]))
+    print_table(args.dataset, configuration, trained, results, len(splits[args.fold]["val"]), args.fold)
 
 
-def print_table(dataset: str, configuration: str, trained: dict, results: dict, cases: int) -> None:
+def folder_key(label: str) -> str:
+    """A tool's label as a folder name: ``autoseg --fp32`` -> ``autoseg_fp32``, ``nnU-Net`` -> ``nnunet``."""
+    return re.sub(r"\W+", "_", label.replace("nnU-Net", "nnunet"))
+
+
+def print_table(dataset: str, configuration: str, trained: dict, results: dict, cases: int, fold: int = 0) -> None:
     classes = list(next(iter(results.values()))["per_class"])
     header = ["dataset", "configuration", "tool", "training s", "iterations", "batch"] + [f"Dice {c}" for c in classes] + \
         ["mean Dice", "HD95 mm", "NSD 1 mm", "predict s"]
-    print(f"\nfold 0, {cases} validation cases, predicted with TTA; MONAI's Dice differs from autoseg evaluate's by "
+    print(f"\nfold {fold}, {cases} validation cases, predicted with TTA; MONAI's Dice differs from autoseg evaluate's by "
           f"at most {max(r['monai_max_difference'] for r in results.values()):.1e}")
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for tool, result in results.items():

@@ -105,3 +105,19 @@ def test_bench_accuracy_compares_images_per_second_when_the_batches_differ():
     assert speed_ratio({"seconds": 1000, "iterations": 700, "batch": 7}, {**nnunet, "seconds": 1000}) == \
         "iterations per second ratio: 2.80"
     assert speed_ratio({"seconds": 1000, "iterations": 700}, {**nnunet, "seconds": 1000}).endswith("2.80")
+
+
+def test_bench_accuracy_keeps_one_fold_per_working_folder_and_refuses_a_batch_below_one(tmp_path):
+    data = tmp_path / "data" / "Dataset004_Hippocampus"
+    data.mkdir(parents=True)
+    (data / "dataset.json").write_text("{}")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "record.json").write_text('{"fold": 1, "train nnU-Net nnUNetTrainer_1epoch": {"seconds": 10}}')
+    script = [sys.executable, str(REPO / "scripts" / "bench_accuracy.py"), "--data", str(tmp_path / "data"),
+              "--work", str(work)]
+    refused = subprocess.run(script, capture_output=True, text=True)
+    assert refused.returncode != 0
+    assert f"{work} holds fold 1's steps; give fold 0 a working folder of its own" in refused.stderr
+    refused = subprocess.run([*script, "--fold", "1", "--also-batch", "0"], capture_output=True, text=True)
+    assert refused.returncode != 0 and "--also-batch must be a positive number" in refused.stderr
