@@ -13,13 +13,28 @@ from autoseg.io.images import read_label
 from tests.test_predict import NearestIntensity, plans  # noqa: F401 - a model that predicts by intensity; its plan
 
 
-@pytest.mark.parametrize("size, patch, step", [(100, 40, 0.5), (41, 40, 0.5), (300, 64, 0.33), (40, 40, 0.5), (7, 9, 1.0)])
+@pytest.mark.parametrize("size, patch, step", [(100, 40, 0.5), (41, 40, 0.5), (300, 64, 0.33), (40, 40, 0.5), (7, 9, 1.0),
+                                               (6, 1, 0.5), (10, 2, 0.33)])
 def test_windows_cover_the_axis_evenly_at_most_a_step_apart(size, patch, step):
     starts = window_starts(size, patch, step)
     assert starts[0] == 0 and starts[-1] == max(size - patch, 0)
     gaps = np.diff(starts)
-    assert np.all(gaps <= patch * step) and np.all(gaps > 0)
+    assert np.all(gaps <= max(patch * step, 1)) and np.all(gaps > 0)  # at least a voxel apart
     assert gaps.size == 0 or gaps.max() - gaps.min() <= 1  # evenly spread, up to rounding
+
+
+def test_a_2d_network_through_a_volume_sees_each_slice_once():
+    calls = []
+
+    def network(x):  # (B, 1, Y, X) slices; returns two-class logits and records which slices it saw
+        calls.append(x[:, 0, 0, 0].tolist())
+        return torch.cat([-x, x], dim=1) * 50.0
+
+    volume = torch.arange(6, dtype=torch.float32).reshape(1, 6, 1, 1).expand(1, 6, 8, 8).contiguous()
+    probabilities = predict_probabilities([network], volume - 2.5, [8, 8], mirror=False, images_per_call=1)
+    assert sorted(value for call in calls for value in call) == [-2.5, -1.5, -0.5, 0.5, 1.5, 2.5]
+    assert probabilities.shape == (2, 6, 8, 8)
+    assert torch.equal(probabilities.argmax(0)[:, 0, 0], torch.tensor([0, 0, 0, 1, 1, 1]))
 
 
 def test_an_image_smaller_than_the_patch_is_padded_and_comes_back_whole():

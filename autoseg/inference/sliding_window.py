@@ -39,7 +39,9 @@ def window_starts(size: int, patch: int, step: float) -> list[int]:
     """Start indices of windows of ``patch`` along an axis of ``size`` (>= patch), evenly spread."""
     if size <= patch:
         return [0]
-    count = math.ceil((size - patch) / (patch * step)) + 1
+    # At least a voxel apart: a 2D network's windows through a volume are one slice thick, and half a
+    # slice apart would visit most slices twice (nnU-Net's 2D prediction takes each slice once).
+    count = math.ceil((size - patch) / max(patch * step, 1.0)) + 1
     return [round(i * (size - patch) / (count - 1)) for i in range(count)]
 
 
