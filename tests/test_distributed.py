@@ -81,9 +81,10 @@ def test_training_collectives_work_on_a_group_whose_cuda_backend_refuses_cpu_ten
 class RefusingCuda:
     """torch.cuda's generator calls for ``visible`` devices; an index beyond them fails as CUDA does."""
 
-    def __init__(self, visible: int):
-        self.visible, self.restored, self.seeded = visible, {}, {}
-        self.default_generators = [self._generator(i) for i in range(visible)]
+    def __init__(self, visible: int, initialized: bool = True):
+        self.visible, self.restored, self.seeded, self.initialized = visible, {}, {}, initialized
+        # torch.cuda.default_generators is an empty tuple until CUDA starts in the process
+        self.default_generators = tuple(self._generator(i) for i in range(visible)) if initialized else ()
 
     def _check(self, index: int) -> None:
         if index >= self.visible:
@@ -106,9 +107,21 @@ class RefusingCuda:
     def install(self, monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "device_count", lambda: self.visible)
+        monkeypatch.setattr(torch.cuda, "is_initialized", lambda: self.initialized)
         monkeypatch.setattr(torch.cuda, "set_rng_state", self.set_rng_state)
         monkeypatch.setattr(torch.cuda.random, "set_rng_state", self.set_rng_state)  # what set_rng_state_all calls
         monkeypatch.setattr(torch.cuda, "default_generators", self.default_generators, raising=False)
+
+
+@pytest.mark.parametrize("saved", [0, 1])
+def test_continue_on_the_cpu_of_a_gpu_machine_leaves_the_unstarted_cuda_generators_alone(saved, monkeypatch):
+    # --device cpu: CUDA never starts, so its generators do not exist yet (indexing them raised IndexError)
+    state = rng_state()
+    state["cuda"] = [torch.full((16,), 7, dtype=torch.uint8)] * saved
+    cuda = RefusingCuda(visible=1, initialized=False)
+    cuda.install(monkeypatch)
+    assert set_rng_state(state, reseed=100) is None
+    assert cuda.seeded == {} and sorted(cuda.restored) == list(range(saved))
 
 
 @pytest.mark.parametrize("saved, visible", [(4, 2), (1, 3), (2, 2)])
@@ -126,3 +139,50 @@ def test_continue_on_another_number_of_gpus_restores_what_matches_and_reseeds_th
         assert note is None
     else:
         assert f"{saved} GPU(s), {visible} visible now: {both} restored" in note and "\n" not in note
+
+
+def test_ranks_started_a_second_apart_run_the_same_epochs_under_a_time_budget(monkeypatch):
+    """Each rank's budget clock starts with its own process. Were the epoch length shaped from each
+    rank's clock, ranks would disagree on it and one would take a training step (a gradient
+    all-reduce) while the other validates: NCCL pairs the wrong collectives and hangs. Two ranks are
+    simulated one after the other on a fake clock, both training from t = 2 s, rank 1's process
+    started 1 s after rank 0's; its collectives get rank 0's values, as ``all_gather_object`` would."""
+    from types import SimpleNamespace
+
+    from autoseg.training import callbacks
+
+    sent_by_rank_0: list = []
+
+    def simulate(rank: int, process_started_at: float) -> list[tuple[int, int]]:
+        calls = iter(range(10**6))
+
+        def gather(value):
+            if rank == 0:
+                sent_by_rank_0.append(value)
+                return [value, None]
+            return [sent_by_rank_0[next(calls)], value]
+
+        monkeypatch.setattr(callbacks, "gather", gather)
+        clock = SimpleNamespace(now=2.0)
+        monkeypatch.setattr(callbacks.time, "perf_counter", lambda: clock.now)
+        budget = callbacks.TimeBudget(40 / 60, start=process_started_at)
+        schedule = PolySchedule(1e-2, 0.9, total_epochs=1000, iters_per_epoch=250)
+        loop = SimpleNamespace(schedule=schedule, rank=rank, val_iters=50, state=SimpleNamespace(epoch=0, history=[]))
+        epochs = []
+        while loop.state.epoch < schedule.total_epochs:
+            epoch, iteration = loop.state.epoch, 0
+            while iteration < schedule.iterations_in(epoch):
+                clock.now += 0.025
+                budget.on_iteration_end(loop, iteration, 0.0, 0.025)
+                iteration += 1
+            clock.now += 0.1
+            epochs.append((iteration, loop.val_iters))
+            loop.state.history.append({"iterations": iteration})
+            loop.state.epoch += 1
+            budget.on_epoch_end(loop, {"epoch": epoch, "iterations": iteration, "validation_seconds": 0.1})
+            clock.now += 0.3
+        return epochs
+
+    rank_0 = simulate(0, process_started_at=0.0)
+    assert len(rank_0) > 10 and rank_0[0][0] < 250  # the budget shortened the epochs
+    assert simulate(1, process_started_at=1.0) == rank_0

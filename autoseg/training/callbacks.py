@@ -83,6 +83,9 @@ class TimeBudget:
         if estimate < MIN_EPOCHS * schedule.iters_per_epoch:
             schedule.iters_per_epoch = max(MIN_ITERS_PER_EPOCH, done + 1, int(estimate // MIN_EPOCHS))
         loop.val_iters = max(1, round(share * schedule.iters_per_epoch)) if share > 0 else 0
+        # Every rank follows rank 0: each clock started with its own process, and ranks that disagreed on
+        # the epoch's length would pair one's gradient all-reduce with the other's validation collectives.
+        schedule.iters_per_epoch, loop.val_iters = gather((schedule.iters_per_epoch, loop.val_iters))[0]
 
     def _refit(self, loop, done: int, validation_s: float) -> None:
         """Total iterations: those done plus what the rest of the budget holds at the measured costs.

@@ -54,8 +54,11 @@ def set_rng_state(state: dict[str, Any], reseed: int) -> str | None:
     for index in range(visible):
         if index < len(saved):
             torch.cuda.set_rng_state(saved[index], index)
-        else:
+        elif torch.cuda.is_initialized():
             torch.cuda.default_generators[index].manual_seed(reseed + index)
+        # else: CUDA has not started in this process (``--device cpu`` on a GPU machine), and
+        # ``default_generators`` is still an empty tuple; the seed that seed_everything queued applies
+        # if it ever starts. (``torch.cuda.set_rng_state`` above is queued the same way.)
     if saved and visible != len(saved):
         restored = min(visible, len(saved))
         return (f"the checkpoint holds the CUDA random state of {len(saved)} GPU(s), {visible} visible now: "
