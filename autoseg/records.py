@@ -103,6 +103,11 @@ def _is_stale(entry: os.DirEntry, host: str, pid: int) -> bool:
     return time.time() - entry.stat(follow_symlinks=False).st_mtime >= FOREIGN_STALE_AFTER_SECONDS
 
 
+def give_usual_permissions(path: str | Path) -> None:
+    """0666 less the umask, as ``open`` would: mkstemp makes its files 0600, readable by their owner only."""
+    os.chmod(path, 0o666 & ~_UMASK)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that the final name never holds a partial file.
 
@@ -116,7 +121,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except OSError as exc:
         raise OSError(exc.errno, exc.strerror, exc.filename or str(path.parent)) from None
     try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
+        give_usual_permissions(tmp)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

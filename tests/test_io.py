@@ -87,3 +87,68 @@ def test_non_integer_labels_are_refused(tmp_path):
     path = write_nifti(tmp_path / "l.nii.gz", np.full((3, 3, 3), 0.5, np.float32))
     with pytest.raises(ImageReadError, match="non-integer"):
         read_label(path)
+
+
+def test_a_nifti_with_a_time_axis_of_one_point_reads_as_its_3d_image(tmp_path):
+    # (x, y, z, 1): many exporters write a 3D image so; SimpleITK folds the axis away, nibabel keeps it
+    data = np.random.default_rng(2).normal(size=(4, 6, 5, 1)).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, np.diag([0.5, 0.7, 2.0, 1.0])), str(tmp_path / "t.nii.gz"))
+    array, geometry = read_image(tmp_path / "t.nii.gz")
+    assert array.shape == (1, 5, 6, 4) and geometry.shape == [5, 6, 4]
+    assert np.array_equal(array[0], data[..., 0].transpose(2, 1, 0))
+    # (x, y, z, 1, c): a vector image, its c components the channels
+    vector = np.random.default_rng(3).normal(size=(4, 6, 5, 1, 2)).astype(np.float32)
+    image = nib.Nifti1Image(vector, np.eye(4))
+    image.header.set_intent("vector")
+    nib.save(image, str(tmp_path / "v.nii.gz"))
+    array, _ = read_image(tmp_path / "v.nii.gz")
+    assert array.shape == (2, 5, 6, 4)
+    assert np.array_equal(array[1], vector[..., 0, 1].transpose(2, 1, 0))
+
+
+@pytest.mark.parametrize("ending", [".mhd", ".nhdr"])
+def test_a_header_and_pixel_file_pair_is_written_under_final_names(tmp_path, ending):
+    labels = np.random.default_rng(4).integers(0, 3, (4, 5, 6)).astype(np.int16)
+    _, geometry = read_label(write_nifti(tmp_path / "ref.nii.gz", labels, (0.7, 0.8, 3.0)))
+    out = tmp_path / "out"
+    write_label(labels, out / f"case{ending}", geometry)
+    written = sorted(p.name for p in out.iterdir())
+    assert len(written) == 2 and f"case{ending}" in written and all(name.startswith("case") for name in written)
+    header = (out / f"case{ending}").read_text(errors="replace")
+    pixel_file = next(name for name in written if name != f"case{ending}")
+    assert pixel_file in header  # the header names the pixel file by its final name, not a temporary one
+    back, back_geometry = read_label(out / f"case{ending}")
+    assert np.array_equal(back, labels) and back_geometry == geometry
+
+
+def test_written_label_maps_are_readable_by_others_as_files_created_by_open_are(tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    labels = np.zeros((3, 4, 5), np.int16)
+    _, geometry = read_label(write_nifti(tmp_path / "ref.nii.gz", labels))
+    for name in ("a.nrrd", "b.mha", "c.nii.gz", "d.mhd"):
+        write_label(labels, tmp_path / "out" / name, geometry)
+    for path in (tmp_path / "out").iterdir():
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path.name
+
+
+def test_labels_predicted_for_jpeg_images_are_written_as_png_which_keeps_them(tmp_path):
+    from autoseg.inference.dicom_cases import output_files
+    from autoseg.io.images import label_file_ending
+
+    labels = np.zeros((32, 32), np.uint8)
+    labels[8:20, 5:25], labels[12:16, 10:30] = 1, 2
+    geometry = read_header(_png(tmp_path / "x.png", labels))[0]
+    sitk.WriteImage(sitk.GetImageFromArray(labels), str(tmp_path / "lossy.jpg"))
+    assert not np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "lossy.jpg"))), labels)
+    assert label_file_ending(".jpg") == ".png" and label_file_ending(".nii.gz") == ".nii.gz"
+    assert output_files("case", ".jpg", tmp_path, "nifti") == [tmp_path / "case.png"]
+    write_label(labels[None], tmp_path / f"case{label_file_ending('.jpg')}", geometry)
+    assert np.array_equal(read_label(tmp_path / "case.png")[0][0], labels)
+
+
+def _png(path, array):
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
+    return path

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from autoseg.errors import UsageError
+from autoseg.io.images import label_file_ending
 
 OUTPUT_FORMATS = ("nifti", "dicom-seg", "both")
 
@@ -35,7 +36,7 @@ def list_dicom_input(input_dir: Path, num_channels: int, channel_patterns: list[
 
 
 def output_files(case_id: str, ending: str, output_dir: Path, output_format: str) -> list[Path]:
-    files = [] if output_format == "dicom-seg" else [output_dir / f"{case_id}{ending}"]
+    files = [] if output_format == "dicom-seg" else [output_dir / f"{case_id}{label_file_ending(ending)}"]
     return files + ([] if output_format == "nifti" else [output_dir / f"{case_id}.dcm"])
 
 

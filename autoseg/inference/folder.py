@@ -27,7 +27,7 @@ from autoseg.inference.ensemble import save_probability_file
 from autoseg.inference.model import TrainedModel
 from autoseg.inference.postprocessing import PostprocessingDecision, apply_postprocessing
 from autoseg.inference.predictor import PredictionSettings, predict_case
-from autoseg.io.images import SUPPORTED_ENDINGS, intensity_problem, read_image
+from autoseg.io.images import SUPPORTED_ENDINGS, intensity_problem, label_file_ending, read_image
 from autoseg.records import check_writable_folder
 
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
@@ -161,7 +161,7 @@ def predict_folder(model: TrainedModel | list[TrainedModel], input_dir: Path, ou
                 bar.update()
                 continue
             prediction = predict_case(model, image, geometry, settings, device)
-            target = output_dir / f"{case.case_id}{case.ending}"
+            target = output_dir / f"{case.case_id}{label_file_ending(case.ending)}"
             if settings.save_probabilities:
                 save_probability_file(output_dir / f"{case.case_id}.npz", prediction.probabilities,
                                       prediction.label_values, prediction.regions)

@@ -14,6 +14,7 @@ sform (codes included) are exactly the input's.
 from __future__ import annotations
 
 import os
+import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from autoseg.errors import ImageReadError
-from autoseg.records import atomic_write_bytes, temporary_sibling
+from autoseg.records import atomic_write_bytes, give_usual_permissions, temporary_folder_name, temporary_sibling
 
 # ITK prints header quirks (e.g. "unexpected scales in sform") to stderr for every read;
 # they are not errors, and autoseg reports real problems itself.
@@ -32,6 +33,14 @@ sitk.ProcessObject_SetGlobalWarningDisplay(False)
 MAX_VOXELS = int(os.environ.get("AUTOSEG_MAX_VOXELS", 2_000_000_000))
 PLACEHOLDER_SPACING_2D = 999.0
 SUPPORTED_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".tif", ".tiff", ".bmp", ".jpg")
+# Formats whose header names a second file that holds the pixels.
+TWO_FILE_ENDINGS = (".mhd", ".nhdr")
+
+
+def label_file_ending(image_ending: str) -> str:
+    """The ending of the label map written for an image of ``image_ending``: the same, except for JPEG,
+    whose lossy compression would change label values at every boundary (PNG instead)."""
+    return ".png" if image_ending.lower() in (".jpg", ".jpeg") else image_ending
 
 
 @dataclass
@@ -127,7 +136,7 @@ def read_image(path: str | Path, dtype=np.float32) -> tuple[np.ndarray, Geometry
     path = Path(path)
     geometry, components = read_header(path)
     if path.name.lower().endswith((".nii", ".nii.gz")):
-        array = _read_nifti_pixels(path)
+        array = _read_nifti_pixels(path, len(geometry.shape))
     else:
         try:
             image = sitk.ReadImage(str(path))
@@ -135,10 +144,10 @@ def read_image(path: str | Path, dtype=np.float32) -> tuple[np.ndarray, Geometry
             raise ImageReadError(f"pixels cannot be read ({_sitk_reason(exc)})", path) from None
         # A copy, not a view: a view's buffer dies with ``image`` when this function returns.
         array = sitk.GetArrayFromImage(image)
-    if components == 1 and array.ndim == len(geometry.shape):
-        array = array[None]
-    else:  # vector pixels (RGB PNG): components are the last axis
-        array = np.moveaxis(array, -1, 0)
+        if components == 1 and array.ndim == len(geometry.shape):
+            array = array[None]
+        else:  # vector pixels (RGB PNG): components are the last axis
+            array = np.moveaxis(array, -1, 0)
     array = array.reshape((array.shape[0], *geometry.array_shape))
     return np.ascontiguousarray(array, dtype=dtype), geometry
 
@@ -197,9 +206,13 @@ def write_image(array: np.ndarray, path: str | Path, geometry: Geometry) -> None
 
 def _write_sitk_atomic(image: sitk.Image, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.name.lower().endswith(TWO_FILE_ENDINGS):
+        _write_two_files_atomic(image, path)
+        return
     fd, tmp = temporary_sibling(path)  # keeps the real ending: SimpleITK picks the writer from it
     os.close(fd)
     try:
+        give_usual_permissions(tmp)
         sitk.WriteImage(image, str(tmp), useCompression=True)
         os.replace(tmp, path)
     except BaseException as exc:
@@ -207,6 +220,23 @@ def _write_sitk_atomic(image: sitk.Image, path: Path) -> None:
         if isinstance(exc, RuntimeError):
             raise OSError(f"{path}: cannot be written ({_sitk_reason(exc)})") from None
         raise
+
+
+def _write_two_files_atomic(image: sitk.Image, path: Path) -> None:
+    """A header and its pixel file (``.mhd`` + ``.zraw``, ``.nhdr`` + ``.raw.gz``): the header names the
+    pixel file, so both are written under their final names in a temporary folder, then the pixel file
+    is moved in first and the header, which makes the pair readable, last."""
+    folder = temporary_folder_name(path)
+    folder.mkdir()
+    try:
+        sitk.WriteImage(image, str(folder / path.name), useCompression=True)
+        for written in sorted(folder.iterdir(), key=lambda f: f.name == path.name):  # the header last
+            give_usual_permissions(written)
+            os.replace(written, path.parent / written.name)
+    except RuntimeError as exc:
+        raise OSError(f"{path}: cannot be written ({_sitk_reason(exc)})") from None
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _write_nifti_like(array_zyx: np.ndarray, path: Path, reference: Path) -> None:
@@ -231,11 +261,13 @@ def _write_nifti_like(array_zyx: np.ndarray, path: Path, reference: Path) -> Non
     atomic_write_bytes(path, raw)
 
 
-def _read_nifti_pixels(path: Path) -> np.ndarray:
-    """NIfTI voxels through nibabel, in SimpleITK's array order.
+def _read_nifti_pixels(path: Path, spatial_dims: int) -> np.ndarray:
+    """NIfTI voxels through nibabel as ``(components, *spatial)`` in SimpleITK's array order.
 
     Not SimpleITK: its NIfTI reader turns NaN voxels into numbers, which would hide exactly
-    the corrupt data the check must find. nibabel also decodes a little faster.
+    the corrupt data the check must find. nibabel also decodes a little faster. nibabel keeps
+    the axes SimpleITK folds away: a time axis of one point (x, y, z, 1), written by many
+    exporters, and the vector axis after it (x, y, z, 1, c); they become the components.
     """
     import nibabel as nib
 
@@ -243,7 +275,8 @@ def _read_nifti_pixels(path: Path) -> np.ndarray:
         data = np.asanyarray(nib.load(str(path)).dataobj)
     except (OSError, EOFError, ValueError, nib.filebasedimages.ImageFileError) as exc:
         raise ImageReadError(f"pixels cannot be read ({exc})", path) from None
-    return data.transpose(tuple(reversed(range(data.ndim))))
+    data = data.reshape(*data.shape[:spatial_dims], -1)
+    return data.transpose(spatial_dims, *reversed(range(spatial_dims)))
 
 
 def _check_nifti_spacing(path: Path) -> None:
