@@ -14,6 +14,7 @@ from autoseg.cli import main
 from autoseg.errors import UsageError
 from autoseg.networks.registry import build_network
 from autoseg.networks.swin_unetr import LEVEL_WIDTHS, feature_size_of
+from autoseg.paths import Roots
 from autoseg.planning.plans import load_plans
 from autoseg.pretraining.inpainting import MaskedInpainting, MaskedReconstructionLoss, random_cube_mask
 from autoseg.pretraining.run import PretrainingOptions, pretrain, pretraining_output
@@ -89,6 +90,26 @@ def test_pretraining_lowers_the_reconstruction_loss_continues_and_feeds_pretrain
     table = json.loads((roots.training_output(name, "3d_fullres", "unet", "0") / "transfer.json").read_text())
     assert {k for k, why in table["unused"].items() if why == "pre-training head"} == set(heads)
     assert table["encoder_tensors_loaded"] == table["encoder_tensors_total"]
+
+
+@pytest.mark.parametrize("amp, cpu_bf16, expected", [(True, True, torch.bfloat16), (False, True, torch.float32),
+                                                     (True, False, torch.float32)])
+def test_pretraining_computes_under_autocast_and_fp32_opts_out(planned, tmp_path, amp, cpu_bf16, expected):
+    """Plans size a batch for a mixed-precision step, and pre-training ran float32 on every device. On a GPU
+    it now takes training's autocast; the CPU, float32 by default, shows the path with --cpu-bf16."""
+    roots, name, _ = planned
+    roots = Roots(roots.raw, roots.preprocessed, tmp_path / "res")
+    seen = []
+
+    class RecordOutputDtype:  # from the second iteration on, the network's output dtype
+        def on_iteration_end(self, loop, iteration, loss, seconds):
+            if iteration == 0:
+                loop.network.register_forward_hook(lambda module, args, output: seen.append(output.dtype))
+
+    options = PretrainingOptions(epochs=1, iters_per_epoch=3, seed=0, progress=False, amp=amp, cpu_bf16=cpu_bf16,
+                                 device="cpu")
+    pretrain(roots, name, "3d_fullres", "unet", options, callbacks=[RecordOutputDtype()])
+    assert seen and set(seen) == {expected}
 
 
 # --- Swin UNETR's three tasks: --task inpainting+rotation+contrastive ---------------------------------------------

@@ -28,6 +28,11 @@ def register(subparsers) -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu", "mps"])
     parser.add_argument("--num-workers", type=int, default=0, help="patch-drawing processes (default 0: in-process)")
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--fp32", action="store_true",
+                        help="float32 throughout (default: mixed precision on CUDA as train has it: bf16, fp16 with "
+                             "a gradient scaler where bf16 is missing; float32 on the CPU unless --cpu-bf16)")
+    parser.add_argument("--cpu-bf16", action="store_true", help="bf16 autocast on the CPU too (not measured for "
+                                                                 "pre-training; fast only with native bf16 units)")
     add_common(parser)
     parser.set_defaults(func=run)
 
@@ -40,7 +45,8 @@ def run(args) -> int:
     options = PretrainingOptions(epochs=args.epochs, iters_per_epoch=args.iters_per_epoch,
                                  time_budget_minutes=args.time_budget, extra_image_folders=list(args.images),
                                  task=args.task, device=args.device, num_workers=args.num_workers, seed=args.seed,
-                                 resume=args.resume)
+                                 resume=args.resume, amp=not args.fp32,
+                                 cpu_bf16=args.cpu_bf16)
     output = pretrain(roots, roots.find_dataset(args.dataset), args.configuration, args.architecture, options)
     print(f"pretrain: done -> {output}")
     return 0

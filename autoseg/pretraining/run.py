@@ -44,7 +44,7 @@ from autoseg.training.callbacks import CheckpointWriter, ProgressWriter, TimeBud
 from autoseg.training.checkpoints import check_identity, load_checkpoint, set_rng_state
 from autoseg.training.data import batch_iterator
 from autoseg.training.distributed import select_device
-from autoseg.training.fold import seed_everything
+from autoseg.training.fold import TrainingOptions, autocast_dtype, seed_everything
 from autoseg.training.loop import TrainingLoop, TrainingState
 from autoseg.training.schedule import PolySchedule
 
@@ -65,6 +65,10 @@ class PretrainingOptions:
     resume: bool = False
     initial_lr: float = 1e-2
     progress: bool = True
+    amp: bool = True  # autocast on CUDA as training has it (bf16; fp16 + scaler where bf16 is missing); --fp32
+    # bf16 on the CPU too. Off by default, unlike training: not measured for pre-training, and in the
+    # test suite's five-epoch Swin run its summed loss did not fall under CPU bf16 where float32's did.
+    cpu_bf16: bool = False
 
     def check(self) -> None:
         if self.epochs < 1 or self.iters_per_epoch < 1:
@@ -129,6 +133,10 @@ def pretrain(roots: Roots, dataset_name: str, configuration: str, architecture: 
         model, loss = MaskedInpainting(network), MaskedReconstructionLoss()
     optimizer = torch.optim.SGD(network.parameters(), lr=options.initial_lr, momentum=0.99, nesterov=True,
                                 weight_decay=3e-5)
+    # Mixed precision as training has it: plans size the batch for a mixed-precision step, so a float32
+    # pre-training step on a GPU needed about twice the activation memory the plan allowed.
+    amp_dtype = autocast_dtype(device, TrainingOptions(amp=options.amp, cpu_bf16=options.amp and options.cpu_bf16))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     schedule = PolySchedule(options.initial_lr, 0.9, options.epochs, options.iters_per_epoch)
     state = TrainingState(seed=seed)
     identity = {"plan": {"dataset": dataset_name, "configuration": configuration, "architecture": arch.name,
@@ -144,6 +152,8 @@ def pretrain(roots: Roots, dataset_name: str, configuration: str, architecture: 
         check_identity(checkpoint, identity["plan"], identity["split"], latest)
         network.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
+        if checkpoint.get("grad_scaler") and scaler.is_enabled():
+            scaler.load_state_dict(checkpoint["grad_scaler"])
         schedule.load_state_dict(checkpoint["scheduler"])
         state.load_state_dict(checkpoint)
         note = set_rng_state(checkpoint["rng"], state.seed + 7919 * state.epoch)
@@ -158,8 +168,8 @@ def pretrain(roots: Roots, dataset_name: str, configuration: str, architecture: 
     loop = TrainingLoop(network=network, model=model, loss=loss,
                         train_batches=batch_iterator(sampler, options.num_workers, seed + 7919 * state.epoch),
                         val_batches=iter(()), optimizer=optimizer, schedule=schedule, num_classes=1, val_iters=0,
-                        device=device, callbacks=loop_callbacks + list(callbacks or []), state=state,
-                        progress=options.progress,
+                        device=device, amp_dtype=amp_dtype, scaler=scaler,
+                        callbacks=loop_callbacks + list(callbacks or []), state=state, progress=options.progress,
                         # Inpainting is per image, so the CPU may split the batch into calls (call_size.py);
                         # the Swin task splits its 2B views itself, since its contrastive loss pairs them.
                         images_per_call=training_images_per_call(arch.patch_size, device) if axes is None else None)
