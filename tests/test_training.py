@@ -474,3 +474,24 @@ def test_torchrun_runs_the_train_command(tiny, tmp_path):
                         f"--raw={roots.raw}", f"--preprocessed={roots.preprocessed}",
                         f"--results={tmp_path / 'res'}"], tmp_path, 29732)
     assert result.stdout.count("train: done") == 1
+
+
+def test_loader_workers_of_a_continued_run_draw_new_patches():
+    """A run continued at epoch e seeds its stream ``seed + 7919 e``. With worker seeds that added the
+    worker's number, worker 0 of the continued run replayed worker e's draws from the start."""
+    import itertools
+
+    from autoseg.training.data import batch_iterator
+
+    class Draws:  # a sampler whose batch is the next number of the worker's numpy generator
+        def batch(self):
+            return torch.tensor(np.random.random())
+
+    def first_draws(seed: int) -> list[float]:
+        stream = batch_iterator(Draws(), 2, seed)
+        draws = sorted(float(b) for b in itertools.islice(stream, 8))
+        stream.close()
+        return draws
+
+    started, continued = first_draws(5), first_draws(5 + 7919)
+    assert len(set(started)) == 8 and not set(started) & set(continued)

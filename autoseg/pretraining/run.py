@@ -166,7 +166,8 @@ def pretrain(roots: Roots, dataset_name: str, configuration: str, architecture: 
     loop_callbacks += [_LossParts(), CheckpointWriter(output, identity), ProgressWriter(output), _EpochLine()]
     sampler = UnlabelledPatchSampler(data_folder, case_ids, arch.patch_size, arch.batch_size)
     loop = TrainingLoop(network=network, model=model, loss=loss,
-                        train_batches=batch_iterator(sampler, options.num_workers, seed + 7919 * state.epoch),
+                        train_batches=batch_iterator(sampler, options.num_workers, seed + 7919 * state.epoch,
+                                                     pin_memory=device.type == "cuda"),
                         val_batches=iter(()), optimizer=optimizer, schedule=schedule, num_classes=1, val_iters=0,
                         device=device, amp_dtype=amp_dtype, scaler=scaler,
                         callbacks=loop_callbacks + list(callbacks or []), state=state, progress=options.progress,

@@ -180,7 +180,7 @@ class _BatchStream(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         if info is not None:  # each worker its own stream; torch is kept to one thread there
-            np.random.seed((self.seed + 7919 * (info.id + 1)) % 2**32)
+            np.random.seed(worker_seed(self.seed, info.id))
             torch.set_num_threads(1)
         while True:
             try:
@@ -191,13 +191,21 @@ class _BatchStream(IterableDataset):
                 return
 
 
-def batch_iterator(sampler: PatchSampler, num_workers: int, seed: int):
-    """An endless iterator of batches; with workers, batches are made in background processes."""
+def worker_seed(seed: int, worker: int) -> int:
+    """The numpy seed of loader worker ``worker`` of a stream seeded ``seed``. Hashed, not added: a run
+    continued at epoch e starts its stream at ``seed + 7919 e``, and a sum would hand worker k the seed
+    that worker k + e had at the start, replaying its patches and augmentations."""
+    return int(np.random.SeedSequence([seed % 2**63, worker]).generate_state(1)[0])
+
+
+def batch_iterator(sampler: PatchSampler, num_workers: int, seed: int, pin_memory: bool = False):
+    """An endless iterator of batches; with workers, batches are made in background processes.
+    ``pin_memory``: for a CUDA device only (page-locked buffers start a CUDA context in the process)."""
     if num_workers == 0:
         while True:
             yield sampler.batch()
     loader = DataLoader(_BatchStream(sampler, seed), batch_size=None, num_workers=num_workers,
-                        persistent_workers=True, prefetch_factor=4, pin_memory=torch.cuda.is_available())
+                        persistent_workers=True, prefetch_factor=4, pin_memory=pin_memory)
     for batch in loader:
         if isinstance(batch, AutosegError):
             raise batch

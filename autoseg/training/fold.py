@@ -235,7 +235,8 @@ def train_fold(roots: Roots, dataset_name: str, configuration: str, fold: int | 
     loop = TrainingLoop(
         network=network, model=model,
         loss=DeepSupervisionLoss(RegionDiceBCELoss(plans.regions) if plans.has_regions else DiceCELoss()),
-        train_batches=batch_iterator(train_sampler, workers, seed + 1000 * rank + 7919 * state.epoch),
+        train_batches=batch_iterator(train_sampler, workers, seed + 1000 * rank + 7919 * state.epoch,
+                                     pin_memory=device.type == "cuda"),
         val_batches=batch_iterator(val_sampler, 0, seed), optimizer=optimizer, schedule=schedule,
         num_classes=plans.num_segmentation_heads, val_iters=options.val_iters, device=device, amp_dtype=amp_dtype,
         scaler=scaler, callbacks=loop_callbacks + list(callbacks or []), state=state, rank=rank,
