@@ -95,6 +95,7 @@ def child_step(spec: dict) -> dict:
     from autoseg.training.schedule import PolySchedule
 
     device = torch.device(spec["device"])
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # as autoseg's select_device sets it
     plans = load_plans(REPO / "plans" / f"{spec['dataset']}.json")
     arch = plans.architecture("3d_fullres", spec["arch"])
     if spec["tiny"]:
@@ -191,6 +192,8 @@ def child_nnunet(spec: dict) -> dict:
         from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
         device = torch.device(spec["device"])
+        # nnU-Net's run_training sets these before it builds the trainer; built directly here, so set alike.
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = device.type == "cuda", False
         plans, dataset_json = nnunet_plans(spec["dataset"], spec["arch"], spec["spacing"])
         trainer = nnUNetTrainer(plans, "3d_fullres", 0, dataset_json, device)
         trainer.initialize()

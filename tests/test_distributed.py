@@ -186,3 +186,14 @@ def test_ranks_started_a_second_apart_run_the_same_epochs_under_a_time_budget(mo
     rank_0 = simulate(0, process_started_at=0.0)
     assert len(rank_0) > 10 and rank_0[0][0] < 250  # the budget shortened the epochs
     assert simulate(1, process_started_at=1.0) == rank_0
+
+
+def test_a_cuda_device_turns_on_cudnn_autotuning_and_the_cpu_leaves_it(monkeypatch):
+    from autoseg.commands.predict import select_device as predict_device
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    assert distributed.select_device("cpu") == torch.device("cpu") and not torch.backends.cudnn.benchmark
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for select in (distributed.select_device, predict_device):
+        torch.backends.cudnn.benchmark = False
+        assert select("auto") == torch.device("cuda") and torch.backends.cudnn.benchmark

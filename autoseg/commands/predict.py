@@ -57,13 +57,9 @@ def register(subparsers) -> None:
 
 
 def select_device(name: str):
-    import torch
+    from autoseg.training.distributed import select_device as training_device
 
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available")
-    return torch.device(name)
+    return training_device(name)
 
 
 def run(args) -> int:

@@ -48,6 +48,10 @@ def select_device(name: str) -> torch.device:
         raise UsageError("--device cuda: no CUDA device is available")
     if name == "mps" and not torch.backends.mps.is_available():
         raise UsageError("--device mps: no Apple GPU is available")
+    if name == "cuda":
+        # Patches and windows keep one shape for the whole run, so cuDNN's autotuner pays its trials once
+        # (nnU-Net's run_training sets the same).
+        torch.backends.cudnn.benchmark = True
     if name == "cuda" and dist.is_initialized():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device(name)
