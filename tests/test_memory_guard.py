@@ -51,9 +51,12 @@ def test_host_available_takes_the_smaller_of_meminfo_and_cgroup(tmp_path):
     assert memory_guard.host_available_bytes(meminfo, tmp_path / "cg") == 3 * GB
 
 
-def test_cuda_available_is_free_device_memory(monkeypatch):
+def test_cuda_available_counts_the_context_and_this_process_memory_once(monkeypatch):
+    # Read after the network is on the device: free memory already lacks the context and the weights
+    # (1 GB reserved by this process), which the step's estimate counts too.
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (5 * GB, 141 * GB))
-    assert memory_guard.available_bytes(torch.device("cuda", 0)) == 5 * GB
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: GB)
+    assert memory_guard.available_bytes(torch.device("cuda", 0)) == 6 * GB + GB // 2
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +76,11 @@ def test_cuda_plan_above_free_memory_is_refused(monkeypatch, tiny_plans):
     plans_file, _, _ = tiny_plans
     plans = load_plans(plans_file)
     plan = plans.architecture("3d_fullres", "unet")
-    # The tiny U-Net's CUDA estimate holds the 0.5 GB context: 0.4 GB free is too little, 2 GB enough.
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(0.4 * GB), 141 * GB))
-    with pytest.raises(PlanError, match=r"unet .*needs about 0\.\d GB .* on the cuda \(bfloat16\) but 0\.4 GB"):
+    # The tiny U-Net's CUDA estimate is the 0.5 GB context and a few MB: none free (0.5 GB with the
+    # context given back) is too little, 2 GB enough.
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, 141 * GB))
+    with pytest.raises(PlanError, match=r"unet .*needs about 0\.\d GB .* on the cuda \(bfloat16\) but 0\.5 GB"):
         memory_guard.check_training_memory(plans, plans_file, "3d_fullres", plan, 2, torch.device("cuda"),
                                            torch.bfloat16)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * GB, 141 * GB))

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from autoseg.errors import PlanError
-from autoseg.networks.memory import measure
+from autoseg.networks.memory import CONTEXT_BYTES, measure
 from autoseg.networks.registry import build_network
 from autoseg.networks.topology import UNetTopology
 from autoseg.planning.plans import ArchitecturePlan
@@ -97,8 +97,11 @@ def host_available_bytes(meminfo: Path = Path("/proc/meminfo"), cgroup_root: Pat
 def available_bytes(device: torch.device) -> int | None:
     """Free memory of ``device`` (host memory for the CPU); None where it cannot be known (MPS)."""
     if device.type == "cuda":
+        # What the memory model's estimate is held against: a step's estimate counts the CUDA context
+        # (CONTEXT_BYTES) and the weights, but free memory is read after both exist (the network is on
+        # the device by now), so what this process holds and the context are given back to it.
         free, _total = torch.cuda.mem_get_info(device)
-        return int(free)
+        return int(free) + torch.cuda.memory_reserved(device) + int(CONTEXT_BYTES)
     if device.type == "cpu":
         return host_available_bytes()
     return None
