@@ -137,3 +137,53 @@ def test_tampered_checkpoints_are_refused(tmp_path, content):
         torch.save(torch.zeros(3), path)
     with pytest.raises(CheckpointError, match="checkpoint_final.pt"):
         load_state_dict(path)
+
+
+class RunsOutOfMemory(NearestIntensity):
+    """Raises torch's out-of-memory error (what CUDA raises) on its first ``failures`` calls."""
+
+    def __init__(self, centres, failures: int):
+        super().__init__(centres)
+        self.failures = failures
+
+    def forward(self, x):
+        if self.failures > 0:
+            self.failures -= 1
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 22.00 GiB")
+        return super().forward(x)
+
+
+def _intensity_cases(synthetic_raw, folder, cases):
+    """Images whose intensity is their label map (label x 10 + 5), and the normalised class centres of the last."""
+    from autoseg.io.images import write_image
+
+    folder.mkdir()
+    for case in cases:
+        label, geometry = read_label(synthetic_raw / "labelsTr" / f"{case}.nii.gz")
+        write_image(label.astype(np.float32) * 10.0 + 5.0, folder / f"{case}_0000.nii.gz", geometry)
+    image, _ = read_image(folder / f"{cases[-1]}_0000.nii.gz")
+    return ((np.array([5.0, 15.0, 25.0]) - image[0].mean()) / image[0].std()).tolist()
+
+
+def test_out_of_memory_predicts_again_with_the_sums_in_host_memory(synthetic_raw, plans, tmp_path, capfd):
+    centres = _intensity_cases(synthetic_raw, tmp_path / "in", ["synth_002"])
+    model = TrainedModel(plans, "3d_fullres", "unet", [RunsOutOfMemory(centres, failures=1)], ["0"])
+    result = predict_folder(model, tmp_path / "in", tmp_path / "out", PredictionSettings(mirror=False),
+                            torch.device("cpu"), progress=False)
+    assert result.written == ["synth_002"] and not result.failed
+    assert "again with the image and the sums in host memory" in capfd.readouterr().err
+    truth, _ = read_label(synthetic_raw / "labelsTr" / "synth_002.nii.gz")
+    assert np.array_equal(read_label(tmp_path / "out" / "synth_002.nii.gz")[0], truth)
+
+
+def test_a_case_that_runs_out_of_memory_twice_is_skipped_and_named_and_the_rest_predicted(synthetic_raw, plans,
+                                                                                           tmp_path):
+    centres = _intensity_cases(synthetic_raw, tmp_path / "in", ["synth_002", "synth_005"])
+    model = TrainedModel(plans, "3d_fullres", "unet", [RunsOutOfMemory(centres, failures=2)], ["0"])
+    result = predict_folder(model, tmp_path / "in", tmp_path / "out", PredictionSettings(mirror=False),
+                            torch.device("cpu"), progress=False)
+    assert result.written == ["synth_005"] and len(result.failed) == 1
+    assert result.failed[0].startswith(str(tmp_path / "in" / "synth_002_0000.nii.gz") + ": out of cpu memory even")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["synth_005.nii.gz"]
+    truth, _ = read_label(synthetic_raw / "labelsTr" / "synth_005.nii.gz")
+    assert np.array_equal(read_label(tmp_path / "out" / "synth_005.nii.gz")[0], truth)

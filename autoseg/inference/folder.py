@@ -160,7 +160,14 @@ def predict_folder(model: TrainedModel | list[TrainedModel], input_dir: Path, ou
                 print(f"autoseg: error: {exc.one_line()}; skipped", file=sys.stderr)
                 bar.update()
                 continue
-            prediction = predict_case(model, image, geometry, settings, device)
+            try:
+                prediction = predict_case(model, image, geometry, settings, device)
+            except AutosegError as exc:  # this case only (say, out of GPU memory): the others are still predicted
+                failed = exc if exc.path else type(exc)(exc.problem, case.files[0])
+                result.failed.append(failed.one_line())
+                print(f"autoseg: error: {failed.one_line()}; skipped", file=sys.stderr)
+                bar.update()
+                continue
             target = output_dir / f"{case.case_id}{label_file_ending(case.ending)}"
             if settings.save_probabilities:
                 save_probability_file(output_dir / f"{case.case_id}.npz", prediction.probabilities,

@@ -13,12 +13,14 @@ Memory: the probabilities are resampled back one class at a time. With one model
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from autoseg.errors import UsageError
 from autoseg.inference.ensemble import argmax_labels, region_labels
 from autoseg.inference.model import TrainedModel
 from autoseg.inference.sliding_window import predict_probabilities
@@ -74,9 +76,9 @@ def predict_case(model: TrainedModel | Sequence[TrainedModel], image: np.ndarray
         arch = one.plans.architecture(one.configuration, one.architecture)
         amp_dtype = inference_autocast_dtype(device) if settings.amp else None
         batch = settings.windows_per_batch or windows_per_batch(arch.patch_size, device)
-        probabilities = predict_probabilities(
-            one.networks, torch.from_numpy(pre.image).to(device), arch.patch_size, settings.step,
-            settings.mirror, batch, amp_dtype, sigmoid=plans.has_regions).cpu()
+        probabilities = _probabilities_on_device_or_host(
+            one.networks, torch.from_numpy(pre.image), device, arch.patch_size, settings.step, settings.mirror,
+            batch, amp_dtype, plans.has_regions)
         del pre  # the preprocessed image is not needed on the way back
         for index in range(probabilities.shape[0]):
             # One class at a time back to the cropped original grid (linear; nearest along a thick-slice axis).
@@ -103,6 +105,28 @@ def predict_case(model: TrainedModel | Sequence[TrainedModel], image: np.ndarray
         if not plans.has_regions:
             full[0][_outside(box, geometry.array_shape)] = 1.0  # background outside the crop
     return CasePrediction(labels, full, values, plans.has_regions)
+
+
+def _probabilities_on_device_or_host(networks, image: torch.Tensor, device: torch.device, patch_size, step: float,
+                                     mirror: bool, batch: int, amp_dtype, sigmoid: bool) -> torch.Tensor:
+    """Class probabilities with the image and the sums on ``device``; where that runs out of memory (a large
+    scan with many classes on a small GPU: 105 classes of 512x512x400 voxels are 22 GB of float16 sums),
+    again with only the windows on ``device`` and the image and sums in host memory, as nnU-Net does."""
+    try:
+        return predict_probabilities(networks, image.to(device), patch_size, step, mirror, batch, amp_dtype,
+                                     sigmoid=sigmoid).cpu()
+    except torch.OutOfMemoryError:
+        pass  # out of the except block first, so the failed attempt's tensors can be freed
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    print(f"predict: out of {device.type} memory with the whole image there; again with the image and the sums "
+          "in host memory", file=sys.stderr, flush=True)
+    try:
+        return predict_probabilities(networks, image, patch_size, step, mirror, batch, amp_dtype, sigmoid=sigmoid,
+                                     compute_device=device)
+    except torch.OutOfMemoryError:
+        raise UsageError(f"out of {device.type} memory even with the image and the sums in host memory: predict "
+                         f"with --windows-per-batch 1, or --device cpu") from None
 
 
 def probabilities_to_labels(probabilities: np.ndarray, plans: Plans) -> np.ndarray:

@@ -82,13 +82,15 @@ class EnsembleWindowFunction:
 def predict_probabilities(networks: Sequence[nn.Module], image: torch.Tensor, patch_size: Sequence[int],
                           step: float = 0.5, mirror: bool = True, images_per_call: int = 4,
                           amp_dtype: torch.dtype | None = None, progress: bool = False,
-                          sigmoid: bool = False) -> torch.Tensor:
+                          sigmoid: bool = False, compute_device: torch.device | None = None) -> torch.Tensor:
     """Class probabilities ``(K, *spatial)`` of ``image`` ``(C, *spatial)``; 2D or 3D after the channel axis.
 
     For a 2D network on a 3D volume, pass ``image`` as ``(C, Z, Y, X)`` with a 2D
     ``patch_size``: each window is one slice, and slices go through the network in batches.
     ``images_per_call``: windows x mirror flips per network call.
     ``sigmoid``: region-based outputs, each an independent probability instead of a softmax.
+    ``compute_device``: where the networks run when it is not ``image``'s device: windows go there and
+    their probabilities come back, so the image and the sums stay in (host) memory.
     The result is float32, or float16 when a float32 volume would pass ``COMPACT_ABOVE_BYTES``.
     """
     dims, spatial = len(patch_size), list(image.shape[1:])
@@ -119,7 +121,10 @@ def predict_probabilities(networks: Sequence[nn.Module], image: torch.Tensor, pa
     for first in (batches if not progress else _bar(batches)):
         batch = boxes[first:first + windows_per_batch]
         windows = torch.stack([image[(slice(None), *box)] for box in batch])
+        if compute_device is not None:
+            windows = windows.to(compute_device)
         probabilities = window_function(windows.squeeze(slice_axis) if slice_axis else windows)
+        probabilities = probabilities.to(image.device)
         if slice_axis:
             probabilities = probabilities.unsqueeze(slice_axis)
         probabilities.mul_(weights)
