@@ -152,3 +152,17 @@ def test_labels_predicted_for_jpeg_images_are_written_as_png_which_keeps_them(tm
 def _png(path, array):
     sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
     return path
+
+
+def test_labels_above_255_survive_png_and_a_label_map_does_not_keep_the_images_display_window(tmp_path):
+    labels = np.array([[0, 1, 300], [7, 300, 2]], np.int16)
+    geometry = read_header(_png(tmp_path / "ref.png", np.zeros((2, 3), np.uint8)))[0]
+    write_label(labels[None], tmp_path / "big.png", geometry)
+    assert np.array_equal(read_label(tmp_path / "big.png")[0][0], labels)
+    image = nib.Nifti1Image(np.zeros((6, 5, 4), np.float32), np.eye(4))
+    image.header["cal_min"], image.header["cal_max"] = -1000, 3000  # a CT's window
+    nib.save(image, str(tmp_path / "ct.nii.gz"))
+    _, ct_geometry = read_image(tmp_path / "ct.nii.gz")
+    write_label(np.ones((4, 5, 6), np.int16), tmp_path / "seg.nii.gz", ct_geometry, reference_file=tmp_path / "ct.nii.gz")
+    header = nib.load(str(tmp_path / "seg.nii.gz")).header
+    assert (float(header["cal_min"]), float(header["cal_max"])) == (0.0, 0.0)

@@ -42,14 +42,21 @@ def run(args) -> int:
     from autoseg.evaluation.evaluate import evaluate_folder, format_table
 
     spec = labels_spec(args)
+    if not 0 < args.tolerance < float("inf"):
+        raise UsageError(f"--tolerance {args.tolerance:g}: the NSD tolerance must be a positive number of millimetres")
     tolerance: float | dict[str, float] = args.tolerance
     if args.class_tolerance:
         tolerance = {name: args.tolerance for name in spec.labels}
         for item in args.class_tolerance:
             name, _, value = item.partition("=")
-            if name not in spec.labels or not value:
-                raise UsageError(f"--class-tolerance {item}: expected NAME=MM with NAME one of {sorted(spec.labels)}")
-            tolerance[name] = float(value)
+            try:
+                millimetres = float(value)
+            except ValueError:
+                millimetres = float("nan")
+            if name not in spec.labels or not millimetres > 0 or millimetres == float("inf"):
+                raise UsageError(f"--class-tolerance {item}: expected NAME=MM with NAME one of {sorted(spec.labels)} "
+                                 "and MM a positive number of millimetres")
+            tolerance[name] = millimetres
     output = Path(args.output or args.predictions)
     if output.resolve() == Path(args.references).resolve():
         raise UsageError("the output folder must differ from the references folder", output)

@@ -180,7 +180,8 @@ def write_label(array: np.ndarray, path: str | Path, geometry: Geometry, referen
     array = array.reshape(geometry.shape) if geometry.dimension == 2 else array
     if list(array.shape) != list(geometry.shape):
         raise ValueError(f"label array shape {array.shape} does not match geometry {geometry.shape}")
-    out_dtype = np.uint8 if array.max(initial=0) < 256 else np.int16
+    # Labels lie in 0..32767 (read_label): uint16 holds them all, and PNG, unlike int16, can store it.
+    out_dtype = np.uint8 if array.max(initial=0) < 256 else np.uint16
     name = path.name.lower()
     if reference_file is not None and name.endswith((".nii", ".nii.gz")) and str(reference_file).lower().endswith((".nii", ".nii.gz")):
         _write_nifti_like(array.astype(out_dtype), path, Path(reference_file))
@@ -255,6 +256,7 @@ def _write_nifti_like(array_zyx: np.ndarray, path: Path, reference: Path) -> Non
     image.set_qform(ref.get_qform(), code=int(ref.header["qform_code"]))
     image.set_sform(ref.get_sform(), code=int(ref.header["sform_code"]))
     image.header["scl_slope"], image.header["scl_inter"] = 1, 0
+    image.header["cal_min"], image.header["cal_max"] = 0, 0  # the image's display window would show labels black
     raw = image.to_bytes()
     if path.name.lower().endswith(".gz"):
         raw = gzip.compress(raw, compresslevel=1, mtime=0)
