@@ -56,6 +56,18 @@ def test_truncated_gzip_is_refused(tmp_path):
         read_image(tmp_path / "cut.nii.gz")
 
 
+def test_a_nifti_gzipped_in_several_members_is_read_and_still_refused_when_cut(tmp_path):
+    voxels = np.random.default_rng(5).random((20, 20, 20)).astype(np.float32)
+    raw = gzip.decompress(write_nifti(tmp_path / "one.nii.gz", voxels).read_bytes())
+    # two gzip members, as bgzip writes them: the trailer's size covers the last one only
+    members = gzip.compress(raw[:10000]) + gzip.compress(raw[10000:])
+    (tmp_path / "two.nii.gz").write_bytes(members)
+    assert np.array_equal(read_image(tmp_path / "two.nii.gz")[0][0], voxels)
+    (tmp_path / "cut.nii.gz").write_bytes(members[: len(members) - 5000])
+    with pytest.raises(ImageReadError, match="cut.nii.gz"):
+        read_image(tmp_path / "cut.nii.gz")
+
+
 def test_directory_named_like_an_image_is_refused(tmp_path):
     (tmp_path / "case.nii.gz").mkdir()
     with pytest.raises(ImageReadError, match="is a directory"):

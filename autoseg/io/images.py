@@ -349,9 +349,25 @@ def _check_gzip_complete(path: Path) -> None:
     vox_offset = struct.unpack(endian + "f", header[108:112])[0]
     voxels = int(np.prod([max(1, d) for d in dims[1 : 1 + max(1, min(7, dims[0]))]], dtype=np.int64))
     expected = int(vox_offset) + voxels * bitpix // 8
-    if stored != expected % 2**32:
+    # The trailer covers only the last gzip member; a file of several members (bgzip, block compressors)
+    # is valid and is measured whole instead, which costs a full decompression, only in that case.
+    if stored != expected % 2**32 and _decompressed_bytes(path) != expected:
         raise ImageReadError("is truncated or corrupt: the compressed stream does not hold all voxels "
                              "the header announces", path)
+
+
+def _decompressed_bytes(path: Path) -> int:
+    """Bytes in all gzip members of ``path``; -1 where the stream ends early or is corrupt."""
+    import gzip
+
+    total = 0
+    try:
+        with gzip.open(path, "rb") as handle:
+            while chunk := handle.read(1 << 24):
+                total += len(chunk)
+    except (OSError, EOFError):
+        return -1
+    return total
 
 
 def _check_file(path: Path) -> None:
