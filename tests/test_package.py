@@ -142,6 +142,10 @@ def test_a_missing_or_unlisted_member_is_refused(pipeline, package, tmp_path, ca
              "models/3d_fullres__unet/plans.json", "missing")
     members = {**_members(package), "extra.py": b"print('hello')"}
     _refused(pipeline, _write(tmp_path / "extra.zip", members), tmp_path, capsys, "extra.py", "not listed")
+    folder = tmp_path / "unpacked"  # an unpacked folder too: a fold-level plans.json would win over the listed one
+    zipfile.ZipFile(package).extractall(folder)
+    (folder / "models/3d_fullres__unet/fold_0/plans.json").write_text("{}")
+    _refused(pipeline, folder, tmp_path, capsys, "models/3d_fullres__unet/fold_0/plans.json", "not listed")
 
 
 class _Code:

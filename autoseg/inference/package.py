@@ -138,6 +138,14 @@ def _parse_manifest(source: Path | bytes, package: Path) -> ModelManifest:
 
 def _verify_folder(folder: Path, manifest: ModelManifest) -> None:
     root = folder.resolve()
+    # As in a zip: a file the manifest does not list was never verified, and the loader might prefer it
+    # (a stray fold-level plans.json, or checkpoint_final.pt beside a packaged checkpoint_best.pt).
+    # Hidden files (a file browser's .DS_Store) are no name the loader reads.
+    present = {path.relative_to(folder).as_posix() for path in folder.rglob("*")
+               if not path.is_dir() and not path.name.startswith(".")}
+    unlisted = sorted(present - set(manifest.files) - {MANIFEST})
+    if unlisted:
+        raise PackageError(f"member '{unlisted[0]}' is not listed in model.json; refused", folder)
     for name, expected in manifest.files.items():
         path = folder / name
         for parent in [path, *path.parents]:
