@@ -133,6 +133,10 @@ def child_step(spec: dict) -> dict:
               "dtype": str(amp).replace("torch.", "") if amp else "float32", "step_s": statistics.median(times),
               "estimate_gb": estimate / 2**30}
     if device.type == "cuda":
+        # Measured again after the steps: cuDNN and cuBLAS load their kernels and handles at the first
+        # convolution, outside the caching allocator, and the step's peak holds them too.
+        free, total = torch.cuda.mem_get_info(device)
+        context = max(context, total - free - torch.cuda.memory_reserved(device))
         peak = torch.cuda.max_memory_reserved(device) + context
         result.update(peak_allocated_gb=torch.cuda.max_memory_allocated(device) / 2**30,
                       context_gb=context / 2**30, peak_gb=peak / 2**30, estimate_over_peak=estimate / peak)
