@@ -58,6 +58,13 @@ def _second_channel_missing(root):
     edit_json(root / "dataset.json", channel_names={"0": "T1", "1": "T2"})
 
 
+def _second_channel_skipped(root):  # synth_000's second channel numbered _0002: it would be read as channel 1
+    for image in (root / "imagesTr").glob("*_0000.nii.gz"):
+        number = "_0002" if image.name == "synth_000_0000.nii.gz" else "_0001"
+        shutil.copy(image, image.with_name(image.name.replace("_0000", number)))
+    edit_json(root / "dataset.json", channel_names={"0": "T1", "1": "T2"})
+
+
 IMAGE, LABEL, DATASET_JSON = "synth_000_0000.nii.gz", "synth_000.nii.gz", "dataset.json"
 # name -> (damage(dataset folder), file the error line names, problem in words)
 BREAKAGES = {
@@ -67,6 +74,15 @@ BREAKAGES = {
        for name, (damage, problem) in {**LABEL_FAULTS, **{k: FILE_FAULTS[k] for k in (
            "truncated gzip", "wrong magic bytes", "empty file", "4D image", "no read permission")}}.items()},
     "missing channel": (_second_channel_missing, IMAGE, "has 1 channel(s), dataset.json names 2"),
+    "skipped channel number": (_second_channel_skipped, IMAGE, "_0001 is missing"),
+    "dataset.json: ignore inside a region": (
+        _dataset_json(lambda p: edit_json(p, labels={"background": 0, "whole": [1, 2], "core": [2], "ignore": 2},
+                                          regions_class_order=[1, 2])), DATASET_JSON, "highest value"),
+    "dataset.json: regions_class_order value in no region": (
+        _dataset_json(lambda p: edit_json(p, labels={"background": 0, "whole": [1, 2], "core": 2},
+                                          regions_class_order=[1, 4])), DATASET_JSON, "regions_class_order"),
+    "dataset.json: a channel number twice": (_dataset_json(lambda p: edit_json(p, channel_names={"0": "T1", "00": "T2"})),
+                                             DATASET_JSON, "each once"),
     "label without image": (lambda r: _image(r, "synth_001").unlink(), "synth_001.nii.gz", "label has no image"),
     "image without label": (lambda r: _label(r, "synth_002").unlink(), "synth_002_0000.nii.gz", "image has no label"),
     "shape mismatch": (lambda r: _rewrite(_image(r), lambda a: a[:-1]), IMAGE, "shape"),

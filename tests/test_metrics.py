@@ -97,3 +97,17 @@ def test_evaluate_command_prints_a_table(synthetic_raw, tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0 and "organ_a" in out and "1.0000 ± 0.0000" in out
     assert json.loads((tmp_path / "summary.json").read_text())["mean_foreground"]["dice"] == 1.0
+
+
+def test_evaluate_reads_the_dataset_json_it_is_given_not_its_neighbour(synthetic_raw, tmp_path, capsys):
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    (labels / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "file_ending": ".nii.gz",
+                                                     "labels": {"background": 0, "spleen": 1, "liver": 2}}))
+    given = json.loads((synthetic_raw / "dataset.json").read_text())
+    (labels / "my_labels.json").write_text(json.dumps(given))
+    code = main(["evaluate", str(synthetic_raw / "labelsTr"), str(synthetic_raw / "labelsTr"), "--dataset-json",
+                 str(labels / "my_labels.json"), "-o", str(tmp_path / "out"), "-np", "1"])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert set(summary["per_class"]) == {name for name in given["labels"] if name != "background"}

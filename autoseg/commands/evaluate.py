@@ -29,7 +29,7 @@ def labels_spec(args):
     from autoseg.paths import Roots
 
     if args.dataset_json:
-        return load_dataset_spec(Path(args.dataset_json).parent, with_cases=False)
+        return load_dataset_spec(Path(args.dataset_json).parent, with_cases=False, json_file=args.dataset_json)
     if args.dataset:
         roots = Roots.resolve(args.raw, args.preprocessed, args.results)
         name = roots.find_dataset(args.dataset)

@@ -26,6 +26,18 @@ class LoadedCase:
     geometry: Geometry | None = None
 
 
+def _channel_numbers(case: CaseFiles, ending: str) -> list[int] | None:
+    """The _NNNN numbers of the case's image files, sorted; None where the names do not carry them
+    (a dataset.json that lists its files)."""
+    numbers = []
+    for file in case.images:
+        stem = Path(file).name[: -len(ending)] if Path(file).name.endswith(ending) else ""
+        if not (stem.startswith(f"{case.case_id}_") and stem[len(case.case_id) + 1:].isdigit()):
+            return None
+        numbers.append(int(stem[len(case.case_id) + 1:]))
+    return sorted(numbers)
+
+
 def read_case(case: CaseFiles, spec: DatasetSpec, need_label: bool = True, load: bool = True) -> LoadedCase:
     """Read and check one case; a problem never raises, it is recorded and reading goes on."""
     problems: list[str] = []
@@ -35,6 +47,12 @@ def read_case(case: CaseFiles, spec: DatasetSpec, need_label: bool = True, load:
         return result
     if need_label and case.label is None:
         problems.append(f"{case.images[0]}: image has no label (expected labelsTr/{case.case_id}{spec.file_ending})")
+    numbers = _channel_numbers(case, spec.file_ending)
+    if numbers is not None and numbers != list(range(len(numbers))):
+        missing = min(set(range(len(numbers))) - set(numbers))
+        problems.append(f"{case.images[0]}: case {case.case_id} has channel files "
+                        f"{', '.join(f'_{n:04d}' for n in numbers)}: _{missing:04d} is missing (channels must be "
+                        f"numbered from _0000 without gaps, or a later file would take its place)")
     channels, geometries = [], []
     for file in case.images:
         try:

@@ -64,12 +64,13 @@ class DatasetSpec:
         return [v for v in self.label_values if v != self.ignore_label]
 
 
-def load_dataset_spec(dataset_dir: str | Path, with_cases: bool = True) -> DatasetSpec:
-    """Parse and validate ``dataset.json``; every problem names the file and the key."""
+def load_dataset_spec(dataset_dir: str | Path, with_cases: bool = True, json_file: str | Path | None = None) -> DatasetSpec:
+    """Parse and validate ``dataset.json`` (or ``json_file``, a dataset.json by another name, for its
+    labels only); every problem names the file and the key."""
     root = Path(dataset_dir).resolve()
     if not root.is_dir():
         raise DatasetError("dataset folder does not exist", root)
-    json_path = root / "dataset.json"
+    json_path = Path(json_file).resolve() if json_file is not None else root / "dataset.json"
     data = read_json(json_path, DatasetError)
     if not isinstance(data, dict):
         raise DatasetError("must hold a JSON object", json_path)
@@ -90,24 +91,37 @@ def load_dataset_spec(dataset_dir: str | Path, with_cases: bool = True) -> Datas
     order = data.get("regions_class_order")
     spec = DatasetSpec(name=root.name, root=str(root), channel_names=channel_names, labels=labels,
                        file_ending=file_ending, num_training=num_training, regions_class_order=order)
-    if spec.has_regions and (not isinstance(order, list) or len(order) != sum(
-            1 for k in labels if k not in ("background", "ignore"))):
-        raise DatasetError("region-based labels need 'regions_class_order' with one label value per region", json_path)
+    if spec.has_regions:
+        _check_regions_class_order(order, labels, json_path)
     if with_cases:
         spec.cases = _explicit_cases(data["dataset"], root, json_path) if "dataset" in data else list_cases(root, spec)
     return spec
+
+
+def _check_regions_class_order(order: Any, labels: dict[str, Any], path: Path) -> None:
+    """One label value per region, each a value of the regions (it is what a voxel of that region is
+    written as), none twice: a string or a value no region holds failed only at prediction or evaluation."""
+    regions = [k for k in labels if k not in ("background", "ignore")]
+    values = {v for k in regions for v in (labels[k] if isinstance(labels[k], list) else [labels[k]])}
+    if (not isinstance(order, list) or len(order) != len(regions)
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v in values for v in order)
+            or len(set(order)) != len(order)):
+        raise DatasetError(f"region-based labels need 'regions_class_order' with one label value per region "
+                           f"({len(regions)}), each a value of the regions ({sorted(values)}), none twice; "
+                           f"got {order!r}", path)
 
 
 def _channel_names(value: Any, path: Path) -> list[str]:
     if not isinstance(value, dict) or not value:
         raise DatasetError("'channel_names' must be a non-empty object like {\"0\": \"CT\"}", path)
     try:
-        indices = sorted(int(k) for k in value)
+        by_index = {int(k): v for k, v in value.items()}  # "0", also " 0" or "00" as int() reads them
     except ValueError:
         raise DatasetError(f"'channel_names' keys must be channel numbers, got {sorted(value)}", path) from None
-    if indices != list(range(len(indices))):
-        raise DatasetError(f"'channel_names' keys must be 0..{len(indices) - 1}, got {indices}", path)
-    names = [value[str(i)] if str(i) in value else value[i] for i in indices]
+    indices = sorted(by_index)
+    if len(by_index) != len(value) or indices != list(range(len(indices))):
+        raise DatasetError(f"'channel_names' keys must be 0..{len(value) - 1}, each once, got {sorted(value)}", path)
+    names = [by_index[i] for i in indices]
     if not all(isinstance(n, str) and n for n in names):
         raise DatasetError("'channel_names' values must be non-empty strings", path)
     return names
@@ -135,7 +149,8 @@ def _labels(value: Any, path: Path) -> dict[str, Any]:
     if ignore is not None:
         if isinstance(ignore, list):
             raise DatasetError("the 'ignore' label must be a single integer", path)
-        others = [v for k, v in labels.items() if k != "ignore" and not isinstance(v, list)]
+        # Region lists count too: an ignore value inside a region would drop the region's voxels of it
+        others = [v for k, raw in labels.items() if k != "ignore" for v in (raw if isinstance(raw, list) else [raw])]
         if others and ignore <= max(others):
             raise DatasetError("the 'ignore' label must have the highest value", path)
     return labels
