@@ -111,3 +111,12 @@ def test_evaluate_reads_the_dataset_json_it_is_given_not_its_neighbour(synthetic
     assert code == 0, capsys.readouterr().err
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert set(summary["per_class"]) == {name for name in given["labels"] if name != "background"}
+
+
+def test_a_jpeg_datasets_references_pair_with_the_png_predictions_autoseg_writes(tmp_path):
+    from autoseg.evaluation.evaluate import pair_label_files
+
+    for folder, name in (("refs", "a.jpg"), ("refs", "b.jpg"), ("preds", "a.png"), ("preds", "b.png")):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        (tmp_path / folder / name).write_bytes(b"")
+    assert pair_label_files(tmp_path / "refs", tmp_path / "preds", ".jpg") == [("a.jpg", "a.png"), ("b.jpg", "b.png")]

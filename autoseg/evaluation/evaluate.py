@@ -22,6 +22,7 @@ import numpy as np
 from autoseg.errors import DatasetError
 from autoseg.evaluation.metrics import pair_metrics
 from autoseg.io.dicom_seg import SEG_ENDING, is_seg_file, read_any_label
+from autoseg.io.images import label_file_ending
 from autoseg.parallel import map_with_progress
 from autoseg.records import atomic_write_bytes, check_writable_folder, save_json
 
@@ -148,7 +149,8 @@ def _label_files(folder: Path, file_ending: str) -> dict[str, str]:
     if not folder.is_dir():
         raise DatasetError("folder does not exist", folder)
     files: dict[str, str] = {}
-    for ending in (SEG_ENDING, file_ending):
+    # A JPEG dataset's predictions are PNG (autoseg predict writes label maps losslessly)
+    for ending in dict.fromkeys((SEG_ENDING, label_file_ending(file_ending), file_ending)):
         files.update({p.name[: -len(ending)]: p.name for p in folder.iterdir()
                       if p.name.endswith(ending) and not p.name.startswith(".")})
     return files
