@@ -54,7 +54,10 @@ def resample_labels(labels: np.ndarray, new_shape: list[int], order: int = 1, an
     result = np.zeros(new_shape, dtype=labels.dtype)
     for value in values:
         score = _zoom((labels == value).astype(np.float32), new_shape, order, aniso_axis)
-        better = score > best
+        # Ties go to the higher value, as nnU-Net's ascending ">= 0.5" thresholds give them: halving a
+        # spacing puts every output voxel midway between two inputs, and a one-voxel structure would
+        # otherwise lose each tie to the background (and anything to the ignore label, -1 here).
+        better = score >= best
         best[better] = score[better]
         result[better] = value
     return result
