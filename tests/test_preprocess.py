@@ -32,7 +32,8 @@ def test_label_resampling_never_invents_values():
 def test_label_resampling_breaks_ties_towards_the_higher_label_as_nnunet():
     # Halved: every output voxel lies midway between two inputs. nnU-Net thresholds each label's
     # interpolated mask at >= 0.5 in ascending order, so a tie goes to the higher label: the one-voxel
-    # structure stays, and the ignore label (-1 here, the highest in nnU-Net) takes no background voxel.
+    # structure stays. The ignore label, -1 here, loses its tie with the background (unlike nnU-Net's,
+    # the highest value there).
     labels = np.array([0, 0, 0, 1, 0, -1, -1, -1], np.int16).reshape(1, 1, 8)
     out = resample_labels(labels, [1, 1, 4], order=1)
     assert out.ravel().tolist() == [0, 1, 0, -1]
