@@ -73,3 +73,23 @@ def test_plan_and_preprocess_resumes_and_skips_finished_cases(synthetic_raw, tmp
     assert list(image.shape[1:]) == props.shape_after_resampling == list(seg.shape)
     assert set(props.class_locations) == {"1", "2"}
     assert not list(folder.glob(".*tmp")), "no temporary file is left behind"
+
+
+def test_nnunets_channel_names_choose_its_normalisations():
+    import dataclasses
+    from pathlib import Path
+
+    from autoseg.fingerprint import load_fingerprint
+    from autoseg.planning.normalization import plan_normalization
+    from autoseg.planning.plans import ChannelNormalization
+    from autoseg.preprocessing.normalize import normalize
+
+    fingerprint = load_fingerprint(Path(__file__).parents[1] / "dataset_fingerprints" / "Dataset004_Hippocampus.json")
+    names = ["rgb_to_0_1", "noNorm", "rescale_to_0_1", "MRI"]
+    fingerprint = dataclasses.replace(fingerprint, channel_names=names,
+                                      foreground_intensity=fingerprint.foreground_intensity * 4)
+    assert [n.scheme for n in plan_normalization(fingerprint)] == ["rgb255", "none", "rescale01", "zscore"]
+    # rgb_to_0_1 divides by 255 (nnU-Net's RGBTo01Normalization): a dark image stays dark, a colour keeps its value
+    dark = np.array([[[[10.0, 51.0]]], [[[0.0, 3.0]]]], np.float32)
+    out = normalize(dark, [ChannelNormalization("R", "rgb255"), ChannelNormalization("mask", "none")])
+    assert out[0].ravel().tolist() == pytest.approx([10 / 255, 0.2]) and out[1].ravel().tolist() == [0.0, 3.0]

@@ -2,7 +2,9 @@
 
 * ``CT`` channels: intensities are physical (HU), so one dataset-wide transform fits all
   images: clip to the foreground 0.5/99.5 percentiles, z-score with the foreground mean/std.
-* ``rgb_to_0_1`` / ``rescale_to_0_1`` (nnU-Net's names) and 8-bit natural images: min/max to [0, 1].
+* ``rgb_to_0_1`` (nnU-Net's name): 8-bit colour divided by 255, the same scale for every image.
+* ``rescale_to_0_1`` (nnU-Net's name): per image, min/max to [0, 1].
+* ``noNorm`` (nnU-Net's name): left as it is (masks, priors, already normalised channels).
 * Anything else (MRI, ...): z-score per image, since MRI intensities have no fixed scale;
   restricted to the non-zero mask when cropping to non-zero shrank the median image to
   under 3/4 (skull-stripped brains: the zero background is not tissue).
@@ -23,8 +25,12 @@ def plan_normalization(fingerprint: DatasetFingerprint) -> list[ChannelNormaliza
         if key == "ct":
             result.append(ChannelNormalization(name, "ct", stats.percentile_00_5, stats.percentile_99_5,
                                                stats.mean, max(stats.std, 1e-8)))
-        elif key in ("rgb_to_0_1", "rescale_to_0_1"):
+        elif key == "rgb_to_0_1":
+            result.append(ChannelNormalization(name, "rgb255"))
+        elif key == "rescale_to_0_1":
             result.append(ChannelNormalization(name, "rescale01"))
+        elif key == "nonorm":
+            result.append(ChannelNormalization(name, "none"))
         elif fingerprint.median_relative_size_after_crop < MASK_NORMALIZATION_BELOW:
             result.append(ChannelNormalization(name, "zscore_mask"))
         else:

@@ -25,7 +25,7 @@ class ChannelNormalization:
     scheme: ``ct`` (clip to ``clip_low``/``clip_high`` then z-score with the dataset's
     foreground ``mean``/``std``), ``zscore`` (per image), ``zscore_mask`` (per image,
     statistics and output restricted to the non-zero mask), ``rescale01`` (per image
-    min/max to [0, 1], for 8-bit natural images) or ``none``.
+    min/max to [0, 1]), ``rgb255`` (divided by 255: 8-bit colour, one scale for all images) or ``none``.
     """
 
     channel_name: str
@@ -148,7 +148,7 @@ def _validate(plans: Plans, path: Path) -> None:
     if len(plans.normalization) != len(plans.channel_names):
         raise PlanError("normalization must have one entry per channel", path)
     for norm in plans.normalization:
-        if norm.scheme not in ("ct", "zscore", "zscore_mask", "rescale01", "none"):
+        if norm.scheme not in ("ct", "zscore", "zscore_mask", "rescale01", "rgb255", "none"):
             raise PlanError(f"unknown normalization scheme '{norm.scheme}'", path)
         if norm.scheme == "ct" and None in (norm.clip_low, norm.clip_high, norm.mean, norm.std):
             raise PlanError("ct normalization needs clip_low, clip_high, mean and std", path)

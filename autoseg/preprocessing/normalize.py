@@ -25,6 +25,8 @@ def normalize(image: np.ndarray, schemes: list[ChannelNormalization], mask: np.n
         elif norm.scheme == "rescale01":
             low, high = float(data.min()), float(data.max())
             out[channel] = (data - low) / max(high - low, 1e-8)
+        elif norm.scheme == "rgb255":  # nnU-Net's RGBTo01Normalization: colour keeps its meaning across images
+            out[channel] = data / 255.0
         else:
             out[channel] = data
     return out
