@@ -93,3 +93,46 @@ def test_nnunets_channel_names_choose_its_normalisations():
     dark = np.array([[[[10.0, 51.0]]], [[[0.0, 3.0]]]], np.float32)
     out = normalize(dark, [ChannelNormalization("R", "rgb255"), ChannelNormalization("mask", "none")])
     assert out[0].ravel().tolist() == pytest.approx([10 / 255, 0.2]) and out[1].ravel().tolist() == [0.0, 3.0]
+
+
+def test_a_store_follows_the_raw_dataset_and_training_refuses_one_of_another_plan(synthetic_raw, tmp_path, capsys):
+    import json
+    import os
+    import shutil
+
+    from tests.conftest import TRAIN_TINY, shrink_plan_to_tiny_unet
+
+    raw = tmp_path / "raw"
+    shutil.copytree(synthetic_raw, raw / synthetic_raw.name)
+    dataset = raw / synthetic_raw.name
+    flags = [f"--raw={raw}", f"--preprocessed={tmp_path / 'pre'}", f"--results={tmp_path / 'res'}"]
+    command = ["plan-and-preprocess", "-d", "999", "-c", "3d_fullres", "-np", "1", "-a", "unet", *flags]
+    assert main(command) == 0
+    plans_file = tmp_path / "pre" / synthetic_raw.name / "plans.json"
+    store = tmp_path / "pre" / synthetic_raw.name / json.loads(plans_file.read_text())[
+        "configurations"]["3d_fullres"]["data_identifier"]
+    cases = list_finished_cases(store)
+    # A label corrected in place (same plan, same digest) is preprocessed again; a removed case leaves the store.
+    label = dataset / "labelsTr" / f"{cases[0]}.nii.gz"
+    os.utime(label, ns=(label.stat().st_atime_ns, label.stat().st_mtime_ns + 10**9))
+    for file in [dataset / "labelsTr" / f"{cases[1]}.nii.gz", *(dataset / "imagesTr").glob(f"{cases[1]}_*")]:
+        file.unlink()
+    data = json.loads((dataset / "dataset.json").read_text())
+    (dataset / "dataset.json").write_text(json.dumps({**data, "numTraining": data["numTraining"] - 1}))
+    capsys.readouterr()
+    assert main(command) == 0
+    assert f"1 case(s) preprocessed, {len(cases) - 2} already done" in capsys.readouterr().out
+    assert list_finished_cases(store) == [c for c in cases if c != cases[1]]
+    assert not list(store.glob(f"{cases[1]}*"))
+    # A misspelt configuration is refused before the plan is rewritten.
+    before = plans_file.stat().st_mtime_ns
+    assert main([*command[:4], "3d_fulres", *command[5:]]) == 2
+    assert "configuration '3d_fulres' is not planned" in capsys.readouterr().err
+    assert plans_file.stat().st_mtime_ns == before
+    # plans.json edited (another spacing) without preprocessing again: training refuses the store.
+    shrink_plan_to_tiny_unet(plans_file)
+    plans = json.loads(plans_file.read_text())
+    plans["configurations"]["3d_fullres"]["spacing"][0] *= 2
+    plans_file.write_text(json.dumps(plans))
+    assert main([*TRAIN_TINY, *flags]) == 2
+    assert "was preprocessed for another plan" in capsys.readouterr().err

@@ -75,6 +75,8 @@ def plan_and_preprocess_one(roots: Roots, name: str, args) -> None:
             from autoseg.planning.plans_from import plans_from_source
 
             plans = plans_from_source(plans, source_plans, source_name)
+        for configuration in args.configurations or []:  # a misspelt -c, refused before the plan is written
+            plans.configuration(configuration)
         save_plans(plans, plans_file)
         say(f"{name}: planned {', '.join(plans.configurations)}"
             f"{f' with the configurations of {source_name}' if source_name else ''} -> {plans_file}")

@@ -23,7 +23,8 @@ from autoseg.planning.spacing import resampled_shape
 from autoseg.preprocessing.crop import bounding_box, crop, nonzero_mask
 from autoseg.preprocessing.normalize import normalize
 from autoseg.preprocessing.resample import resample_image, resample_labels
-from autoseg.preprocessing.store import CASE_SCHEMA_VERSION, IGNORE_INDEX, CaseProperties, list_finished_cases, save_case
+from autoseg.preprocessing.store import (CASE_SCHEMA_VERSION, IGNORE_INDEX, CaseProperties, list_finished_cases,
+                                         remove_case, save_case, source_stamps)
 
 MAX_LOCATIONS_PER_CLASS = 1000  # sampled voxels per class for foreground oversampling
 
@@ -103,6 +104,7 @@ def sample_class_locations(seg: np.ndarray, case_id: str) -> dict[str, list[list
 
 def _preprocess_one(args) -> str | None:
     case, spec, plans, configuration, output, digest = args
+    stamps = source_stamps([*case.images, case.label])  # before reading: a file changed meanwhile counts as changed
     loaded = read_case(case, spec)
     if loaded.problems:
         return "; ".join(loaded.problems)
@@ -113,7 +115,7 @@ def _preprocess_one(args) -> str | None:
         original_spacing=loaded.geometry.array_spacing, crop_box=result.crop_box,
         shape_after_crop=result.shape_after_crop, shape_after_resampling=list(result.image.shape[1:]),
         spacing_after_resampling=result.target_spacing,
-        class_locations=sample_class_locations(result.seg, case.case_id))
+        class_locations=sample_class_locations(result.seg, case.case_id), source_stamps=stamps)
     save_case(output, properties, result.image, result.seg)
     return None
 
@@ -122,18 +124,23 @@ def preprocess_dataset(spec: DatasetSpec, plans: Plans, configuration: str, outp
                        num_processes: int = 2, progress: bool = True) -> tuple[int, int]:
     """Preprocess every labelled case into ``output_root/<data_identifier>``; returns (done, skipped).
 
-    Cases whose properties file records the same preprocessing digest are skipped, so an
-    interrupted run continues where it stopped.
+    Cases whose properties file records the same preprocessing digest and the same source files
+    (size and modification time) are skipped, so an interrupted run continues where it stopped and
+    an edited raw file is preprocessed again. Cases no longer in the dataset are removed from the
+    store, since training takes every case it finds there.
     """
     config = plans.configuration(configuration)
     output = output_root / config.data_identifier
     digest = preprocessing_digest(plans, configuration)
     finished = set(list_finished_cases(output))
     todo, skipped = [], 0
-    for case in spec.cases:
-        if case.label is None or not case.images:
-            continue
-        if case.case_id in finished and _digest_of(output, case.case_id) == digest:
+    labelled = [case for case in spec.cases if case.label is not None and case.images]
+    for case_id in finished - {case.case_id for case in labelled}:
+        remove_case(output, case_id)
+    for case in labelled:
+        recorded = _recorded(output, case.case_id) if case.case_id in finished else {}
+        if (recorded.get("plans_digest") == digest
+                and recorded.get("source_stamps") == source_stamps([*case.images, case.label])):
             skipped += 1
             continue
         todo.append((case, spec, plans, configuration, output, digest))
@@ -144,10 +151,12 @@ def preprocess_dataset(spec: DatasetSpec, plans: Plans, configuration: str, outp
     return len(todo), skipped
 
 
-def _digest_of(folder: Path, case_id: str) -> str | None:
+def _recorded(folder: Path, case_id: str) -> dict:
+    """The case's properties as recorded (empty where unreadable: the case is done again)."""
     import json
 
     try:
-        return json.loads((folder / f"{case_id}.json").read_text()).get("plans_digest")
+        recorded = json.loads((folder / f"{case_id}.json").read_text())
     except (OSError, ValueError):
-        return None
+        return {}
+    return recorded if isinstance(recorded, dict) else {}

@@ -38,6 +38,9 @@ class CaseProperties:
     spacing_after_resampling: list[float]  # array order, 3 entries
     # Per class index (as a string), up to N voxel coordinates (z, y, x) for foreground oversampling.
     class_locations: dict[str, list[list[int]]] = field(default_factory=dict)
+    # Each source file's [size, modification time in ns] when it was read: an edited or replaced raw
+    # file makes the case stale even where the plan's digest is the same.
+    source_stamps: dict[str, list[int]] = field(default_factory=dict)
 
 
 def case_paths(folder: str | Path, case_id: str) -> tuple[Path, Path, Path]:
@@ -53,6 +56,7 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 
 def save_case(folder: str | Path, properties: CaseProperties, image: np.ndarray, seg: np.ndarray | None) -> None:
     image_path, seg_path, json_path = case_paths(folder, properties.case_id)
+    json_path.unlink(missing_ok=True)  # a case rewritten is unfinished until its new properties are written
     atomic_write_bytes(image_path, _npy_bytes(image.astype(np.float32, copy=False)))
     if seg is not None:
         atomic_write_bytes(seg_path, _npy_bytes(seg.astype(np.int16, copy=False)))
@@ -77,17 +81,39 @@ def _load_npy(path: Path, mmap: bool) -> np.ndarray:
         raise DatasetError(f"preprocessed case cannot be read ({reason}); re-run plan-and-preprocess", path) from None
 
 
-def check_training_case(folder: str | Path, properties: CaseProperties) -> None:
-    """Refuse a case whose arrays are missing, truncated or not of the shape its properties record,
-    here and now rather than from inside a data-loading worker halfway through an epoch."""
+def source_stamps(files: list[str]) -> dict[str, list[int]]:
+    """[size, modification time in ns] of each file (a missing file: [-1, -1])."""
+    stamps = {}
+    for file in files:
+        try:
+            status = Path(file).stat()
+            stamps[str(file)] = [status.st_size, status.st_mtime_ns]
+        except OSError:
+            stamps[str(file)] = [-1, -1]
+    return stamps
+
+
+def check_training_case(folder: str | Path, properties: CaseProperties, plans_digest: str | None = None) -> None:
+    """Refuse a case whose arrays are missing, truncated or not of the shape its properties record, or
+    that was preprocessed for another plan (``plans_digest``: what plans.json gives now), here and now
+    rather than from inside a data-loading worker halfway through an epoch."""
+    image_path, seg_path, json_path = case_paths(folder, properties.case_id)
+    if plans_digest is not None and properties.plans_digest != plans_digest:
+        raise DatasetError("was preprocessed for another plan (plans.json changed since: spacing, normalisation, "
+                           "labels); re-run plan-and-preprocess", json_path)
     image, seg = load_arrays(folder, properties.case_id)
-    image_path, seg_path, _ = case_paths(folder, properties.case_id)
     if seg is None:
         raise DatasetError("segmentation is missing; re-run plan-and-preprocess", seg_path)
     for path, shape in ((image_path, list(image.shape[1:])), (seg_path, list(seg.shape))):
         if shape != list(properties.shape_after_resampling):
             raise DatasetError(f"shape {shape} differs from the {properties.shape_after_resampling} recorded in "
                                f"{properties.case_id}.json; re-run plan-and-preprocess", path)
+
+
+def remove_case(folder: str | Path, case_id: str) -> None:
+    """The properties first: a case without them is not finished, whatever else is left."""
+    for path in reversed(case_paths(folder, case_id)):
+        path.unlink(missing_ok=True)
 
 
 def list_finished_cases(folder: str | Path) -> list[str]:

@@ -82,7 +82,7 @@ class PatchSampler:
     """Draws batches ``(image (B, C, *patch), seg (B, *patch))`` from preprocessed cases."""
 
     def __init__(self, folder: Path, case_ids: list[str], patch_size: list[int], batch_size: int,
-                 augment: bool, anisotropic_axis: int | None = None):
+                 augment: bool, anisotropic_axis: int | None = None, plans_digest: str | None = None):
         self.folder, self.case_ids = Path(folder), list(case_ids)
         self.patch_size, self.batch_size, self.dims = list(patch_size), batch_size, len(patch_size)
         self.draw_size = [int(math.ceil(p * CONTEXT)) for p in patch_size] if augment else list(patch_size)
@@ -91,7 +91,7 @@ class PatchSampler:
         self.transform = augmentation(self.patch_size, anisotropic_axis) if augment else None
         self.properties = {c: load_properties(self.folder, c) for c in self.case_ids}
         for properties in self.properties.values():
-            check_training_case(self.folder, properties)
+            check_training_case(self.folder, properties, plans_digest)
         self._arrays: dict[str, tuple] = {}
 
     def arrays(self, case_id: str):

@@ -31,6 +31,7 @@ from autoseg.networks.call_size import training_images_per_call
 from autoseg.networks.precision import cpu_has_native_bf16, cuda_autocast_dtype
 from autoseg.networks.registry import build_network
 from autoseg.paths import Roots
+from autoseg.planning.planner import preprocessing_digest
 from autoseg.planning.plans import load_plans, save_plans
 from autoseg.preprocessing.store import list_finished_cases
 from autoseg.records import check_writable_folder, copy_file_atomic
@@ -164,8 +165,10 @@ def train_fold(roots: Roots, dataset_name: str, configuration: str, fold: int | 
     anisotropic_axis = config.anisotropic_axis if config.dimensions == 3 else None
     # The batch split across ranks (7 on 2 ranks: 4 + 3).
     per_rank_batch = max(1, batch_size // world + (1 if rank < batch_size % world else 0))
-    train_sampler = PatchSampler(data_folder, train_ids, arch.patch_size, per_rank_batch, True, anisotropic_axis)
-    val_sampler = PatchSampler(data_folder, val_ids, arch.patch_size, per_rank_batch, False)
+    digest = preprocessing_digest(plans, configuration)  # the store must hold what plans.json now says
+    train_sampler = PatchSampler(data_folder, train_ids, arch.patch_size, per_rank_batch, True, anisotropic_axis,
+                                 digest)
+    val_sampler = PatchSampler(data_folder, val_ids, arch.patch_size, per_rank_batch, False, plans_digest=digest)
     seed = options.seed if options.seed is not None else int.from_bytes(os.urandom(4), "little")
     seed_everything(seed + 1000 * rank)  # every rank its own patches
 
