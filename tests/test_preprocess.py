@@ -136,3 +136,21 @@ def test_a_store_follows_the_raw_dataset_and_training_refuses_one_of_another_pla
     plans_file.write_text(json.dumps(plans))
     assert main([*TRAIN_TINY, *flags]) == 2
     assert "was preprocessed for another plan" in capsys.readouterr().err
+
+
+def test_a_thick_sliced_case_is_not_interpolated_across_its_slices_under_a_near_isotropic_target(planned):
+    """nnU-Net decides "separate z" per case: 5 mm slices brought to a 1 mm target take their slices
+    (order 0 along z), where cubic interpolation across them would invent intermediate tissue."""
+    import dataclasses
+
+    from autoseg.io.images import Geometry
+
+    _, plans = planned
+    config = dataclasses.replace(plans.configuration("3d_fullres"), spacing=[1.0, 1.0, 1.0], anisotropic_axis=None)
+    isotropic = dataclasses.replace(plans, configurations={"3d_fullres": config})
+    image = np.where(np.arange(4)[:, None, None] % 2 == 0, 10.0, 100.0) * np.ones((4, 6, 6))
+    geometry = Geometry(shape=[4, 6, 6], spacing=[1.0, 1.0, 5.0], origin=[0.0, 0.0, 0.0],
+                        direction=[1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0])
+    result = preprocess_arrays(image[None].astype(np.float32), None, geometry, isotropic, "3d_fullres")
+    assert result.image.shape == (1, 20, 6, 6)
+    assert len(np.unique(result.image.round(5))) == 2  # the two slice intensities, nothing in between

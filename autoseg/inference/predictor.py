@@ -29,6 +29,7 @@ from autoseg.networks.call_size import PREDICTION_CPU_VOXELS, cpu_images_per_cal
 from autoseg.networks.precision import cpu_has_native_bf16, cuda_autocast_dtype
 from autoseg.planning.planner import preprocessing_digest
 from autoseg.planning.plans import Plans
+from autoseg.planning.spacing import resampling_axis
 from autoseg.preprocessing.crop import uncrop
 from autoseg.preprocessing.preprocess import Preprocessed, class_values, preprocess_arrays
 from autoseg.preprocessing.resample import resample_probabilities
@@ -72,7 +73,7 @@ def predict_case(model: TrainedModel | Sequence[TrainedModel], image: np.ndarray
             preprocessed[key] = preprocess_arrays(image, None, geometry, one.plans, one.configuration)
         pre = preprocessed[key] if key in keys[number + 1:] else preprocessed.pop(key)
         box, shape = pre.crop_box, pre.shape_after_crop
-        config = one.plans.configuration(one.configuration)
+        back_axis = resampling_axis(pre.target_spacing, geometry.array_spacing)  # as nnU-Net decides the way back
         arch = one.plans.architecture(one.configuration, one.architecture)
         amp_dtype = inference_autocast_dtype(device) if settings.amp else None
         batch = settings.windows_per_batch or windows_per_batch(arch.patch_size, device)
@@ -83,7 +84,7 @@ def predict_case(model: TrainedModel | Sequence[TrainedModel], image: np.ndarray
         for index in range(probabilities.shape[0]):
             # One class at a time back to the cropped original grid (linear; nearest along a thick-slice axis).
             channel = probabilities[index].float().numpy()[None]
-            channel = resample_probabilities(channel, shape, config.anisotropic_axis)[0]
+            channel = resample_probabilities(channel, shape, back_axis)[0]
             if running is not None:
                 running.update(index, channel)
                 continue

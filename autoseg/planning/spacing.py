@@ -7,11 +7,15 @@
   median: the median would make most cases lose slices, a lower value keeps them.
 * Such an axis is resampled with nearest neighbour (order 0) and the others with
   order 3 ("separate z"), since cubic interpolation across 5-10 mm slices invents tissue.
+  Decided per case, as nnU-Net does (``resampling_axis``): a thick-sliced case is resampled so
+  even where the dataset's target spacing is near isotropic.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from autoseg.io.images import PLACEHOLDER_SPACING_2D as PLACEHOLDER_SPACING
 
 ANISOTROPY_THRESHOLD = 3.0
 
@@ -38,6 +42,19 @@ def anisotropic_axis(spacing: list[float]) -> int | None:
     coarse = int(np.argmax(spacing))
     others = np.delete(spacing, coarse)
     return coarse if spacing[coarse] > ANISOTROPY_THRESHOLD * others.max() else None
+
+
+def resampling_axis(from_spacing: list[float], to_spacing: list[float]) -> int | None:
+    """The axis resampled with order 0 between two spacings (array order): nnU-Net's rule. The case's
+    own spacing decides where it is anisotropic (largest over smallest above ANISOTROPY_THRESHOLD), else
+    the target's; a coarsest spacing shared by two axes (0.24 x 1.25 x 1.25 mm) means no such axis."""
+    for spacing in (from_spacing, to_spacing):
+        real = np.asarray([s for s in spacing if s != PLACEHOLDER_SPACING], dtype=float)
+        if real.size < 2 or real.max() / real.min() <= ANISOTROPY_THRESHOLD:
+            continue
+        coarsest = np.flatnonzero(np.asarray(spacing, dtype=float) == real.max())
+        return int(coarsest[0]) if coarsest.size == 1 else None
+    return None
 
 
 def resampled_shape(shape: list[int], spacing: list[float], target: list[float]) -> list[int]:

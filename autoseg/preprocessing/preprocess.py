@@ -19,7 +19,7 @@ from autoseg.io.images import Geometry
 from autoseg.parallel import map_with_progress
 from autoseg.planning.planner import preprocessing_digest
 from autoseg.planning.plans import Plans
-from autoseg.planning.spacing import resampled_shape
+from autoseg.planning.spacing import resampled_shape, resampling_axis
 from autoseg.preprocessing.crop import bounding_box, crop, nonzero_mask
 from autoseg.preprocessing.normalize import normalize
 from autoseg.preprocessing.resample import resample_image, resample_labels
@@ -77,7 +77,8 @@ def preprocess_arrays(image: np.ndarray, label: np.ndarray | None, geometry: Geo
     spacing = geometry.array_spacing
     target = target_spacing_3d(plans, configuration, spacing)
     new_shape = resampled_shape(shape_after_crop, spacing, target)
-    image = resample_image(image, new_shape, config.image_resampling_order, config.anisotropic_axis)
+    axis = resampling_axis(spacing, target)
+    image = resample_image(image, new_shape, config.image_resampling_order, axis)
     seg = None
     if label is not None:
         lookup = label_lookup(plans)
@@ -85,7 +86,7 @@ def preprocess_arrays(image: np.ndarray, label: np.ndarray | None, geometry: Geo
         for value, index in lookup.items():
             table[value] = index
         seg = table[crop(label, box)]
-        seg = resample_labels(seg, new_shape, config.label_resampling_order, config.anisotropic_axis)
+        seg = resample_labels(seg, new_shape, config.label_resampling_order, axis)
     return Preprocessed(image, seg, box, shape_after_crop, target)
 
 
