@@ -154,3 +154,22 @@ def test_a_thick_sliced_case_is_not_interpolated_across_its_slices_under_a_near_
     result = preprocess_arrays(image[None].astype(np.float32), None, geometry, isotropic, "3d_fullres")
     assert result.image.shape == (1, 20, 6, 6)
     assert len(np.unique(result.image.round(5))) == 2  # the two slice intensities, nothing in between
+
+
+def test_a_2d_images_zero_hole_stays_in_its_nonzero_mask_and_ct_without_foreground_is_refused():
+    import dataclasses
+    from pathlib import Path
+
+    from autoseg.errors import PlanError
+    from autoseg.fingerprint import IntensityStats, load_fingerprint
+    from autoseg.planning.normalization import plan_normalization
+    from autoseg.preprocessing.crop import nonzero_mask
+
+    ring = np.ones((1, 1, 5, 5), np.float32)
+    ring[0, 0, 2, 2] = 0  # a dark pixel inside the picture, as in a dermoscopy image
+    assert nonzero_mask(ring).all()
+    fingerprint = load_fingerprint(Path(__file__).parents[1] / "dataset_fingerprints" / "Dataset004_Hippocampus.json")
+    no_foreground = dataclasses.replace(fingerprint, channel_names=["CT"],
+                                        foreground_intensity=[IntensityStats.of(np.zeros(0))])
+    with pytest.raises(PlanError, match="'CT' is CT, but no training case has a labelled"):
+        plan_normalization(no_foreground)

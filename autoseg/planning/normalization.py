@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+from autoseg.errors import PlanError
 from autoseg.fingerprint import DatasetFingerprint
 from autoseg.planning.plans import ChannelNormalization
 
@@ -23,6 +24,9 @@ def plan_normalization(fingerprint: DatasetFingerprint) -> list[ChannelNormaliza
     for name, stats in zip(fingerprint.channel_names, fingerprint.foreground_intensity):
         key = name.strip().lower()
         if key == "ct":
+            if stats.num_samples == 0:  # the clip window would be [0, 0]: every image would become 0
+                raise PlanError(f"channel '{name}' is CT, but no training case has a labelled (foreground) voxel "
+                                "to take its intensity statistics from")
             result.append(ChannelNormalization(name, "ct", stats.percentile_00_5, stats.percentile_99_5,
                                                stats.mean, max(stats.std, 1e-8)))
         elif key == "rgb_to_0_1":

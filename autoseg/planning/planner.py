@@ -127,8 +127,10 @@ def _plan_lowres(target, spacings, shapes, names, gpu_memory_gb, in_channels, nu
         case_shapes = np.array([resampled_shape(list(sh), list(sp), lowres) for sh, sp in zip(shapes, spacings)])
         median = [int(v) for v in np.median(case_shapes, axis=0)]
         ctx = PlanningContext(gpu_memory_gb, in_channels, num_classes, float(np.sum(np.prod(case_shapes, axis=1))))
-        # Search with the CNN U-Net alone, then plan every architecture at the spacing found.
-        search = _plan_configuration("3d_lowres", 3, lowres, median, ctx, names[:1], anisotropic_axis(lowres))
+        # Search with the CNN U-Net alone (or the first architecture asked for, without it), then plan every
+        # architecture at the spacing found.
+        searcher = ["unet"] if "unet" in names else names[:1]
+        search = _plan_configuration("3d_lowres", 3, lowres, median, ctx, searcher, anisotropic_axis(lowres))
         patch = search.architectures[search.default_architecture].patch_size
         if np.prod(patch) / np.prod(median) >= LOWRES_COVERAGE:
             break

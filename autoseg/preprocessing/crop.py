@@ -15,6 +15,8 @@ def nonzero_mask(image: np.ndarray) -> np.ndarray:
     mask = np.any(image != 0, axis=0)
     if mask.all() or not mask.any():
         return mask
+    if mask.shape[0] == 1:  # a 2D image: filled in its plane (in 3D, the one slice would be all border)
+        return ndimage.binary_fill_holes(mask[0])[None]
     return ndimage.binary_fill_holes(mask)
 
 
