@@ -132,7 +132,7 @@ def read_header(path: str | Path) -> tuple[Geometry, int]:
 
 
 def read_image(path: str | Path, dtype=np.float32) -> tuple[np.ndarray, Geometry]:
-    """Pixels as ``(C, Z, Y, X)`` of ``dtype`` and the geometry; header checked first."""
+    """Pixels as ``(C, Z, Y, X)`` of ``dtype`` (None: as stored) and the geometry; header checked first."""
     path = Path(path)
     geometry, components = read_header(path)
     if path.name.lower().endswith((".nii", ".nii.gz")):
@@ -149,24 +149,27 @@ def read_image(path: str | Path, dtype=np.float32) -> tuple[np.ndarray, Geometry
         else:  # vector pixels (RGB PNG): components are the last axis
             array = np.moveaxis(array, -1, 0)
     array = array.reshape((array.shape[0], *geometry.array_shape))
-    return np.ascontiguousarray(array, dtype=dtype), geometry
+    return np.ascontiguousarray(array, dtype=dtype), geometry  # dtype None keeps the stored type
 
 
 def read_label(path: str | Path) -> tuple[np.ndarray, Geometry]:
     """A label map as ``(Z, Y, X)``; refuses non-integer values and multi-component files."""
     path = Path(path)
-    array, geometry = read_image(path, dtype=np.float64)
+    # As stored: an integer label map is checked without a float copy (a 512x512x1000 CT label in
+    # float64, with its rounded twin, took about 4 GB).
+    array, geometry = read_image(path, dtype=None)
     if array.shape[0] != 1:
         raise ImageReadError(f"label map has {array.shape[0]} components; expected one", path)
     array = array[0]
-    if not np.all(np.isfinite(array)):
-        raise ImageReadError("label map contains NaN or Inf", path)
-    rounded = np.rint(array)
-    if not np.array_equal(rounded, array):
-        raise ImageReadError("label map contains non-integer values", path)
-    if rounded.min() < 0 or rounded.max() > 32767:
-        raise ImageReadError(f"label values must lie in 0..32767, found {rounded.min():g}..{rounded.max():g}", path)
-    return rounded.astype(np.int16), geometry
+    if not np.issubdtype(array.dtype, np.integer):
+        if not np.all(np.isfinite(array)):
+            raise ImageReadError("label map contains NaN or Inf", path)
+        if not np.array_equal(np.rint(array), array):
+            raise ImageReadError("label map contains non-integer values", path)
+    low, high = array.min(), array.max()
+    if low < 0 or high > 32767:
+        raise ImageReadError(f"label values must lie in 0..32767, found {low:g}..{high:g}", path)
+    return array.astype(np.int16), geometry
 
 
 def write_label(array: np.ndarray, path: str | Path, geometry: Geometry, reference_file: str | Path | None = None) -> None:
