@@ -20,7 +20,7 @@ import time
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, Callable, TypeVar
 
 from autoseg.errors import AutosegError, UsageError
 
@@ -114,6 +114,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     A failed write (disk full, permission denied) leaves neither the final name nor the
     temporary file behind, and its ``OSError`` names ``path`` (a bare write error names none).
     """
+    atomic_write_with(path, lambda handle: handle.write(data))
+
+
+def atomic_write_with(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
+    """As ``atomic_write_bytes``, with ``write(handle)`` writing the content: a large array goes to the
+    file without a copy of it in memory first."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -123,7 +129,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     try:
         give_usual_permissions(tmp)
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
