@@ -38,8 +38,9 @@ COMMANDS = [
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # usage errors: one line, exit 2, like every other user error
-        self.print_usage(sys.stderr)
-        print(f"autoseg: error: {message}", file=sys.stderr)
+        # The usage block, wrapped over several lines for train and predict, would break the one-line rule;
+        # the line points at --help instead.
+        print(f"autoseg: error: {self.prog}: {message} (see `{self.prog} --help`)", file=sys.stderr)
         raise SystemExit(2)
 
 

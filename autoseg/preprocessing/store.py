@@ -47,9 +47,18 @@ def case_paths(folder: str | Path, case_id: str) -> tuple[Path, Path, Path]:
     return folder / f"{case_id}.npy", folder / f"{case_id}_seg.npy", folder / f"{case_id}.json"
 
 
+class _Writes:
+    """A file seen only through ``write``: numpy then writes an array in chunks of 16 MB through it, so a
+    failed write raises Python's OSError with its reason (a real file goes through ``tofile``, whose
+    error says neither why nor where)."""
+
+    def __init__(self, handle):
+        self.write = handle.write
+
+
 def _save_npy(path: Path, array: np.ndarray) -> None:
     # Straight into the file: through a BytesIO, a case took three times its size in memory.
-    atomic_write_with(path, lambda handle: np.save(handle, np.ascontiguousarray(array), allow_pickle=False))
+    atomic_write_with(path, lambda handle: np.save(_Writes(handle), np.ascontiguousarray(array), allow_pickle=False))
 
 
 def save_case(folder: str | Path, properties: CaseProperties, image: np.ndarray, seg: np.ndarray | None) -> None:
