@@ -178,3 +178,20 @@ def test_labels_above_255_survive_png_and_a_label_map_does_not_keep_the_images_d
     write_label(np.ones((4, 5, 6), np.int16), tmp_path / "seg.nii.gz", ct_geometry, reference_file=tmp_path / "ct.nii.gz")
     header = nib.load(str(tmp_path / "seg.nii.gz")).header
     assert (float(header["cal_min"]), float(header["cal_max"])) == (0.0, 0.0)
+
+
+def test_a_3d_tiff_takes_its_spacing_from_nnunets_sidecar_json_and_a_label_map_writes_one(tmp_path):
+    import json
+
+    volume = np.random.default_rng(6).integers(0, 3, (4, 5, 6)).astype(np.uint8)
+    sitk.WriteImage(sitk.GetImageFromArray(volume), str(tmp_path / "cell_0000.tif"))
+    (tmp_path / "cell.json").write_text(json.dumps({"spacing": [3.0, 0.5, 0.7]}))  # Tiff3DIO: z, y, x
+    array, geometry = read_image(tmp_path / "cell_0000.tif")
+    assert array.shape == (1, 4, 5, 6) and geometry.array_spacing == [3.0, 0.5, 0.7]
+    write_label(volume, tmp_path / "out" / "cell.tif", geometry)
+    assert json.loads((tmp_path / "out" / "cell.json").read_text()) == {"spacing": [3.0, 0.5, 0.7]}
+    labels, label_geometry = read_label(tmp_path / "out" / "cell.tif")
+    assert np.array_equal(labels, volume) and label_geometry.array_spacing == [3.0, 0.5, 0.7]
+    (tmp_path / "cell.json").write_text(json.dumps({"spacing": [3.0, 0.5]}))
+    with pytest.raises(ImageReadError, match=r"cell\.json: 'spacing' must be a list of 3 numbers"):
+        read_header(tmp_path / "cell_0000.tif")

@@ -23,7 +23,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from autoseg.errors import ImageReadError
-from autoseg.records import atomic_write_bytes, give_usual_permissions, temporary_folder_name, temporary_sibling
+from autoseg.records import (atomic_write_bytes, give_usual_permissions, read_json, save_json, temporary_folder_name,
+                             temporary_sibling)
 
 # ITK prints header quirks (e.g. "unexpected scales in sform") to stderr for every read;
 # they are not errors, and autoseg reports real problems itself.
@@ -120,6 +121,9 @@ def read_header(path: str | Path) -> tuple[Geometry, int]:
     origin = list(reader.GetOrigin())[:dimension]
     full_direction = np.array(reader.GetDirection()).reshape(reader.GetDimension(), reader.GetDimension())
     direction = full_direction[:dimension, :dimension]
+    sidecar = tiff_spacing_file(path) if dimension == 3 else None
+    if sidecar is not None and sidecar.is_file():  # nnU-Net's Tiff3DIO: TIFF holds no usable spacing
+        spacing, origin, direction = _sidecar_spacing(sidecar), [0.0] * 3, np.eye(3)
     if not all(np.isfinite(spacing)) or min(spacing) <= 0:
         raise ImageReadError(f"spacing {spacing} must be positive and finite", path)
     if not np.all(np.isfinite(origin)):
@@ -194,6 +198,8 @@ def write_label(array: np.ndarray, path: str | Path, geometry: Geometry, referen
     image.SetOrigin(geometry.origin)
     image.SetDirection(geometry.direction)
     _write_sitk_atomic(image, path)
+    if geometry.dimension == 3 and tiff_spacing_file(path) is not None:  # as nnU-Net's Tiff3DIO writes it
+        save_json({"spacing": geometry.array_spacing}, path.parent / f"{path.name.rsplit('.', 1)[0]}.json")
 
 
 def write_image(array: np.ndarray, path: str | Path, geometry: Geometry) -> None:
@@ -282,6 +288,29 @@ def _read_nifti_pixels(path: Path, spatial_dims: int) -> np.ndarray:
         raise ImageReadError(f"pixels cannot be read ({exc})", path) from None
     data = data.reshape(*data.shape[:spatial_dims], -1)
     return data.transpose(spatial_dims, *reversed(range(spatial_dims)))
+
+
+def tiff_spacing_file(path: Path) -> Path | None:
+    """Where nnU-Net's Tiff3DIO keeps a 3D TIFF's spacing: ``CASE.json`` beside ``CASE_0000.tif`` (an image)
+    or ``CASE.tif`` (a label map). None for other formats."""
+    name = path.name
+    ending = next((e for e in (".tiff", ".tif") if name.lower().endswith(e)), None)
+    if ending is None:
+        return None
+    stem = name[: -len(ending)]
+    if len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit() and (path.parent / f"{stem[:-5]}.json").is_file():
+        return path.parent / f"{stem[:-5]}.json"
+    return path.parent / f"{stem}.json"
+
+
+def _sidecar_spacing(sidecar: Path) -> list[float]:
+    """The ``spacing`` of a Tiff3DIO sidecar (array order z, y, x) in SimpleITK's order (x, y, z)."""
+    data = read_json(sidecar, ImageReadError)
+    spacing = data.get("spacing") if isinstance(data, dict) else None
+    if (not isinstance(spacing, list) or len(spacing) != 3
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in spacing)):
+        raise ImageReadError(f"'spacing' must be a list of 3 numbers (z, y, x in mm), got {spacing!r}", sidecar)
+    return [float(v) for v in reversed(spacing)]
 
 
 def _check_nifti_spacing(path: Path) -> None:
