@@ -151,13 +151,20 @@ def _to_array(image, spacing, origin, direction) -> tuple[np.ndarray, Geometry, 
             raise UsageError(f"array of shape {image.shape} does not fit {dimension} spacing values "
                              "(give (Z, Y, X) or (C, Z, Y, X) with 3 values, (Y, X) or (C, Y, X) with 2)")
         channels = image if image.ndim == dimension + 1 else image[None]
-        geometry = Geometry(shape=list(channels.shape[1:]), spacing=[float(s) for s in reversed(spacing)],
-                            origin=[float(o) for o in (origin if origin is not None else [0.0] * dimension)],
-                            direction=[float(d) for d in (direction if direction is not None
-                                                          else np.eye(dimension).ravel())])
-        if min(geometry.spacing) <= 0 or len(geometry.origin) != dimension or len(geometry.direction) != dimension ** 2:
-            raise UsageError("spacing must be positive, origin have one value and direction "
-                             "dimension x dimension values per axis")
+        try:  # a direction as np.eye(3) or nine numbers alike
+            geometry = Geometry(shape=list(channels.shape[1:]), spacing=[float(s) for s in reversed(spacing)],
+                                origin=[float(o) for o in np.ravel(origin if origin is not None else [0.0] * dimension)],
+                                direction=[float(d) for d in np.ravel(direction if direction is not None
+                                                                      else np.eye(dimension))])
+        except (TypeError, ValueError):
+            raise UsageError("spacing, origin and direction must be numbers") from None
+        direction_matrix = np.reshape(geometry.direction, (dimension, dimension)) if len(
+            geometry.direction) == dimension ** 2 else None
+        if (not all(np.isfinite(geometry.spacing)) or min(geometry.spacing) <= 0 or len(geometry.origin) != dimension
+                or not all(np.isfinite(geometry.origin)) or direction_matrix is None
+                or not np.allclose(direction_matrix @ direction_matrix.T, np.eye(dimension), atol=1e-3)):
+            raise UsageError("spacing must be positive and finite, origin have one finite value per axis and direction "
+                             "be an orthonormal dimension x dimension matrix")
         array = np.ascontiguousarray(channels, dtype=np.float32).reshape((channels.shape[0], *geometry.array_shape))
         return array, geometry, "numpy", None
     raise UsageError(f"cannot segment a {type(image).__name__}: give a SimpleITK image, a nibabel image, a path "

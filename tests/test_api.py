@@ -96,6 +96,18 @@ def test_bad_inputs_say_what_is_wrong(segmenter, tmp_path):
         segmenter.predict(tmp_path / "nothing.nii.gz")
     with pytest.raises(UsageError, match="neither a model package"):
         autoseg.Segmenter.load(tmp_path)
+    for spacing in ((float("nan"), 1, 1), (0, 1, 1)):  # NaN passed a min() <= 0 test
+        with pytest.raises(UsageError, match="spacing must be positive and finite"):
+            segmenter.predict(np.ones((4, 5, 6), np.float32), spacing=spacing)
+    with pytest.raises(UsageError, match="orthonormal"):
+        segmenter.predict(np.ones((4, 5, 6), np.float32), spacing=(1, 1, 1), direction=np.ones((3, 3)))
+
+
+def test_a_direction_given_as_a_matrix_is_taken(segmenter):
+    image = np.random.default_rng(0).normal(size=(4, 5, 6)).astype(np.float32)
+    as_matrix = segmenter.predict(image, spacing=(3.0, 1.0, 1.0), direction=np.eye(3))
+    as_numbers = segmenter.predict(image, spacing=(3.0, 1.0, 1.0), direction=np.eye(3).ravel().tolist())
+    assert np.array_equal(as_matrix, as_numbers)
 
 
 def test_the_readme_example_runs(pipeline, model_package, tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from autoseg.errors import UsageError
 from autoseg.training import distributed
 from autoseg.training.checkpoints import rng_state, set_rng_state
 from autoseg.training.loop import TrainingLoop
@@ -193,6 +194,8 @@ def test_a_cuda_device_turns_on_cudnn_autotuning_and_the_cpu_leaves_it(monkeypat
 
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     assert distributed.select_device("cpu") == torch.device("cpu") and not torch.backends.cudnn.benchmark
+    with pytest.raises(UsageError, match="device 'gpu': expected auto, cpu, cuda or mps"):
+        predict_device("gpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for select in (distributed.select_device, predict_device):
         torch.backends.cudnn.benchmark = False

@@ -42,6 +42,8 @@ def init_distributed() -> tuple[int, int]:
 
 
 def select_device(name: str) -> torch.device:
+    if name not in ("auto", "cpu", "cuda", "mps"):  # the Python API passes what it is given
+        raise UsageError(f"device '{name}': expected auto, cpu, cuda or mps")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
