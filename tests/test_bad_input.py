@@ -299,11 +299,14 @@ def test_evaluate_names_a_bad_label_map_and_writes_nothing(pipeline, tmp_path, c
 
 
 @pytest.mark.parametrize("option, value", [("--class-tolerance", "organ_a=abc"), ("--class-tolerance", "organ_a=-2"),
-                                           ("--class-tolerance", "nosuch=1"), ("--tolerance", "-1")])
+                                           ("--class-tolerance", "nosuch=1"), ("--class-tolerance", "background=2"),
+                                           ("--tolerance", "-1")])
 def test_evaluate_refuses_a_tolerance_that_is_no_positive_number(pipeline, tmp_path, capsys, option, value):
     references, predictions = _folders(pipeline, tmp_path)
     outcome = run_cli(_evaluate(pipeline, references, predictions, tmp_path / "out", "-d", "999", option, value), capsys)
     assert_refused(outcome, value if option == "--class-tolerance" else "--tolerance -1", "positive number")
+    if value == "background=2":
+        assert "NAME one of ['organ_a', 'organ_b']" in outcome.err  # no surface to score for background
     assert files_under(tmp_path / "out") == {}
 
 

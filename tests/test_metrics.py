@@ -120,3 +120,12 @@ def test_a_jpeg_datasets_references_pair_with_the_png_predictions_autoseg_writes
         (tmp_path / folder).mkdir(exist_ok=True)
         (tmp_path / folder / name).write_bytes(b"")
     assert pair_label_files(tmp_path / "refs", tmp_path / "preds", ".jpg") == [("a.jpg", "a.png"), ("b.jpg", "b.png")]
+
+
+def test_a_tolerance_for_a_class_the_labels_lack_is_refused(tmp_path):
+    from autoseg.errors import UsageError
+
+    (tmp_path / "refs").mkdir()
+    with pytest.raises(UsageError, match="NSD tolerance given for livr, not classes of these labels"):
+        evaluate_folder(tmp_path / "refs", tmp_path / "refs", {"background": 0, "liver": 1}, ".nii.gz",
+                        {"livr": 2.0}, num_processes=1, progress=False)

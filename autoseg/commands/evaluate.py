@@ -46,15 +46,18 @@ def run(args) -> int:
         raise UsageError(f"--tolerance {args.tolerance:g}: the NSD tolerance must be a positive number of millimetres")
     tolerance: float | dict[str, float] = args.tolerance
     if args.class_tolerance:
-        tolerance = {name: args.tolerance for name in spec.labels}
+        from autoseg.evaluation.evaluate import evaluation_classes
+
+        classes = sorted(evaluation_classes(spec.labels))  # background and ignore have no surface to score
+        tolerance = {name: args.tolerance for name in classes}
         for item in args.class_tolerance:
             name, _, value = item.partition("=")
             try:
                 millimetres = float(value)
             except ValueError:
                 millimetres = float("nan")
-            if name not in spec.labels or not millimetres > 0 or millimetres == float("inf"):
-                raise UsageError(f"--class-tolerance {item}: expected NAME=MM with NAME one of {sorted(spec.labels)} "
+            if name not in classes or not millimetres > 0 or millimetres == float("inf"):
+                raise UsageError(f"--class-tolerance {item}: expected NAME=MM with NAME one of {classes} "
                                  "and MM a positive number of millimetres")
             tolerance[name] = millimetres
     output = Path(args.output or args.predictions)

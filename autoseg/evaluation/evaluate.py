@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from autoseg.errors import DatasetError
+from autoseg.errors import DatasetError, UsageError
 from autoseg.evaluation.metrics import pair_metrics
 from autoseg.io.dicom_seg import SEG_ENDING, is_seg_file, read_any_label
 from autoseg.io.images import label_file_ending
@@ -92,6 +92,10 @@ def evaluate_folder(reference_dir: str | Path, prediction_dir: str | Path, label
                     output_dir: str | Path | None = None, progress: bool = True) -> EvaluationSummary:
     reference_dir, prediction_dir = Path(reference_dir), Path(prediction_dir)
     classes = evaluation_classes(labels)
+    unknown = sorted(set(tolerance_mm) - set(classes)) if isinstance(tolerance_mm, dict) else []
+    if unknown:  # a misspelt class would silently keep the 1 mm default
+        raise UsageError(f"NSD tolerance given for {', '.join(unknown)}, not classes of these labels "
+                         f"({', '.join(classes)})")
     tolerances = {name: float(tolerance_mm[name] if isinstance(tolerance_mm, dict) and name in tolerance_mm
                               else tolerance_mm if not isinstance(tolerance_mm, dict) else 1.0) for name in classes}
     pairs = pair_label_files(reference_dir, prediction_dir, file_ending)
