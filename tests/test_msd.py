@@ -53,3 +53,17 @@ def test_msd_path_escaping_the_task_folder_is_refused(tmp_path):
     with pytest.raises(DatasetError, match="leaves the dataset folder"):
         convert_msd(task, tmp_path / "raw")
     assert not (tmp_path / "raw" / "Dataset007_Toy").exists()
+
+
+def test_an_msd_entry_without_its_label_is_named_and_leaves_nothing_half_converted(tmp_path):
+    from autoseg.errors import UsageError
+
+    task = _msd_task(tmp_path)
+    meta = json.loads((task / "dataset.json").read_text())
+    del meta["training"][1]["label"]
+    (task / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(DatasetError, match="each 'training' entry needs \"image\" and \"label\""):
+        convert_msd(task, tmp_path / "raw")
+    assert not list((tmp_path / "raw").iterdir())  # the half-converted folder is gone too
+    with pytest.raises(UsageError, match="ids are 0 to 999"):
+        convert_msd(_msd_task(tmp_path / "again"), tmp_path / "raw", dataset_id=-1)

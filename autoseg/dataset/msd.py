@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 
 from autoseg.dataset.spec import inside
-from autoseg.errors import DatasetError
+from autoseg.errors import DatasetError, UsageError
 from autoseg.records import read_json
 
 _TASK = re.compile(r"^Task(\d+)_(\w+)$")
@@ -28,6 +28,8 @@ def convert_msd(task_dir: str | Path, raw_root: str | Path, dataset_id: int | No
     if not match:
         raise DatasetError("folder name must look like Task04_Hippocampus", task_dir)
     number = dataset_id if dataset_id is not None else int(match.group(1))
+    if not 0 <= number <= 999:
+        raise UsageError(f"dataset id {number}: ids are 0 to 999 (DatasetNNN_Name)")
     target = Path(raw_root) / f"Dataset{number:03d}_{match.group(2)}"
     json_path = task_dir / "dataset.json"
     meta = read_json(json_path, DatasetError)
@@ -36,16 +38,32 @@ def convert_msd(task_dir: str | Path, raw_root: str | Path, dataset_id: int | No
             raise DatasetError(f"missing key '{key}' (not an MSD dataset.json?)", json_path)
     tmp = target.with_name(f".{target.name}.converting")
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _convert_into(tmp, task_dir, meta, json_path, match.group(2))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-converted is left behind
+        raise
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+    return target
+
+
+def _convert_into(tmp: Path, task_dir: Path, meta: dict, json_path: Path, task_name: str) -> None:
     for sub in ("imagesTr", "labelsTr", "imagesTs"):
         (tmp / sub).mkdir(parents=True)
     num_channels = len(meta["modality"])
     for entry in meta["training"]:
+        if not isinstance(entry, dict) or not {"image", "label"} <= set(entry):
+            raise DatasetError(f"each 'training' entry needs \"image\" and \"label\", got {entry!r}", json_path)
         image = inside(task_dir, entry["image"], json_path, "'training'")
         label = inside(task_dir, entry["label"], json_path, "'training'")
         case_id = image.name[: -len(".nii.gz")]
         _split_channels(image, tmp / "imagesTr", case_id, num_channels)
         shutil.copyfile(label, tmp / "labelsTr" / f"{case_id}.nii.gz")
     for entry in meta.get("test", []):
+        if not isinstance(entry, str) and not (isinstance(entry, dict) and "image" in entry):
+            raise DatasetError(f"each 'test' entry needs an image path, got {entry!r}", json_path)
         image = inside(task_dir, entry if isinstance(entry, str) else entry["image"], json_path, "'test'")
         _split_channels(image, tmp / "imagesTs", image.name[: -len(".nii.gz")], num_channels)
     labels = {name if int(value) else "background": int(value) for value, name in meta["labels"].items()}
@@ -54,16 +72,12 @@ def convert_msd(task_dir: str | Path, raw_root: str | Path, dataset_id: int | No
         "labels": labels,
         "numTraining": len(meta["training"]),
         "file_ending": ".nii.gz",
-        "name": meta.get("name", match.group(2)),
+        "name": meta.get("name", task_name),
         "description": meta.get("description", ""),
         "reference": meta.get("reference", ""),
         "licence": meta.get("licence", ""),
     }
     (tmp / "dataset.json").write_text(json.dumps(description, indent=2) + "\n")
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
-    return target
 
 
 def _split_channels(image_path: Path, out_dir: Path, case_id: str, num_channels: int) -> None:
