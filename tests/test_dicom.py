@@ -307,3 +307,17 @@ def test_convert_dicom_round_trip_gives_back_the_labels_and_lists_unmapped_segme
     assert description["labels"] == {"background": 0, "spleen": 1, "kidney right": 2, "kidney left": 3, "lung": 10}
     assert description["numTraining"] == 1 and description["channel_names"] == {"0": "CT"}
     assert main(["check", "-d", "50", f"--raw={tmp_path / 'raw'}", "-np", "1"]) == 0
+
+
+def test_a_label_mapping_may_not_use_the_names_dataset_json_reserves_or_a_value_twice(tmp_path):
+    from autoseg.dataset.dicom_convert import read_label_mapping
+    from autoseg.errors import DatasetError
+
+    for mapping, problem in (({"background": 3, "liver": 1}, "'background' is a name dataset.json reserves"),
+                             ({"liver": 1, "ignore": 2}, "'ignore' is a name dataset.json reserves"),
+                             ({"liver": 1, "spleen": 1}, "the same value")):
+        (tmp_path / "labels.json").write_text(json.dumps(mapping))
+        with pytest.raises(DatasetError, match=problem):
+            read_label_mapping(tmp_path / "labels.json")
+    (tmp_path / "labels.json").write_text(json.dumps({"liver": 1, "spleen": 2}))
+    assert read_label_mapping(tmp_path / "labels.json") == {"liver": 1, "spleen": 2}

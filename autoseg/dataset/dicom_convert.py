@@ -33,6 +33,11 @@ def read_label_mapping(path: Path) -> dict[str, int]:
             isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 32767
             for k, v in mapping.items()):
         raise DatasetError('expected {"segment label": label value (1..32767), ...}', path)
+    reserved = sorted(set(mapping) & {"background", "ignore"})
+    if reserved:  # dataset.json's own names: background is 0, and an ignore label has its own rules
+        raise DatasetError(f"segment label '{reserved[0]}' is a name dataset.json reserves; rename it", path)
+    if len(set(mapping.values())) != len(mapping):
+        raise DatasetError("two segment labels map to the same value", path)
     return mapping
 
 
