@@ -187,3 +187,18 @@ def test_a_case_that_runs_out_of_memory_twice_is_skipped_and_named_and_the_rest_
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["synth_005.nii.gz"]
     truth, _ = read_label(synthetic_raw / "labelsTr" / "synth_005.nii.gz")
     assert np.array_equal(read_label(tmp_path / "out" / "synth_005.nii.gz")[0], truth)
+
+
+def test_plain_names_ending_in_four_digits_are_cases_of_a_one_channel_model(tmp_path):
+    from autoseg.inference.folder import list_input_cases
+
+    for name in ("liver_0001.nii.gz", "liver_0002.nii.gz", "plain.nii.gz", "c_0000.nii.gz", "two_0000.nrrd",
+                 "two_0001.nrrd"):
+        (tmp_path / name).write_bytes(b"")
+    one_channel = {case.case_id: [f.name for f in case.files] for case in list_input_cases(tmp_path, 1)}
+    assert one_channel == {"c": ["c_0000.nii.gz"], "liver_0001": ["liver_0001.nii.gz"],
+                           "liver_0002": ["liver_0002.nii.gz"], "plain": ["plain.nii.gz"],
+                           "two": ["two_0000.nrrd", "two_0001.nrrd"]}  # _0000 present: channels (refused later)
+    two_channels = {case.case_id: [f.name for f in case.files] for case in list_input_cases(tmp_path, 2)}
+    assert two_channels["two"] == ["two_0000.nrrd", "two_0001.nrrd"] and two_channels["liver"] == [
+        "liver_0001.nii.gz", "liver_0002.nii.gz"]  # refused when read: no _0000

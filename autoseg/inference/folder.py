@@ -72,7 +72,16 @@ def list_input_cases(folder: Path, num_channels: int) -> list[InputCase]:
         endings[case] = ending
     if not grouped:
         raise UsageError(f"no image files ({', '.join(SUPPORTED_ENDINGS)}) in the input folder", folder)
-    return [InputCase(case, [files[c] for c in sorted(files)], endings[case]) for case, files in sorted(grouped.items())]
+    cases = []
+    for case, files in sorted(grouped.items()):
+        if num_channels == 1 and 0 not in files:
+            # liver_0001.nii.gz, liver_0002.nii.gz for a one-channel model: plain names that end in four
+            # digits, not channels of a case "liver" (which would have a _0000)
+            cases += [InputCase(path.name[: -len(_ending(path.name))], [path], _ending(path.name))
+                      for path in files.values()]
+        else:
+            cases.append(InputCase(case, [files[c] for c in sorted(files)], endings[case]))
+    return sorted(cases, key=lambda c: c.case_id)
 
 
 def read_input_case(case: InputCase, num_channels: int):
