@@ -92,6 +92,11 @@ class PatchSampler:
         self.properties = {c: load_properties(self.folder, c) for c in self.case_ids}
         for properties in self.properties.values():
             check_training_case(self.folder, properties, plans_digest)
+            # As int32 arrays, not JSON's lists of Python ints: about 10x less memory (1200 cases of
+            # 117 classes held some 140 M small lists), and loader workers, forked, share the pages
+            # instead of copying them as reference counts are touched.
+            properties.class_locations = {key: np.asarray(points, dtype=np.int32).reshape(-1, 3)
+                                          for key, points in properties.class_locations.items()}
         self._arrays: dict[str, tuple] = {}
 
     def arrays(self, case_id: str):
@@ -101,7 +106,7 @@ class PatchSampler:
 
     def _patch(self, case_id: str, force_foreground: bool) -> tuple[np.ndarray, np.ndarray]:
         image, seg = self.arrays(case_id)
-        present = [points for points in self.properties[case_id].class_locations.values() if points]
+        present = [points for points in self.properties[case_id].class_locations.values() if len(points)]
         shape = list(seg.shape)
         centre = None
         if force_foreground and present:  # a random present class, then a random voxel of it
