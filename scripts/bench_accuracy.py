@@ -324,7 +324,8 @@ def main() -> None:
     if not (folder / "raw" / name).exists():
         (folder / "raw" / name).symlink_to(source)
     work = Work(folder)
-    if work.record.setdefault("fold", args.fold) != args.fold:
+    # A record without a fold is older than --fold: its steps are fold 0's.
+    if work.record.setdefault("fold", 0 if work.record else args.fold) != args.fold:
         sys.exit(f"{folder} holds fold {work.record['fold']}'s steps; give fold {args.fold} a working folder of its own")
     print(f"working folder {folder}; fold {args.fold}; {os.cpu_count()} cores", flush=True)
 

@@ -194,9 +194,14 @@ def test_a_cuda_device_turns_on_cudnn_autotuning_and_the_cpu_leaves_it(monkeypat
 
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     assert distributed.select_device("cpu") == torch.device("cpu") and not torch.backends.cudnn.benchmark
-    with pytest.raises(UsageError, match="device 'gpu': expected auto, cpu, cuda or mps"):
-        predict_device("gpu")
+    for wrong in ("gpu", "cpu:1", "cuda:x"):
+        with pytest.raises(UsageError, match=f"device '{wrong}': expected auto, cpu, cuda"):
+            predict_device(wrong)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for select in (distributed.select_device, predict_device):
         torch.backends.cudnn.benchmark = False
         assert select("auto") == torch.device("cuda") and torch.backends.cudnn.benchmark
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # the Python API's cuda:N and torch.device
+    assert predict_device("cuda:1") == torch.device("cuda", 1) == predict_device(torch.device("cuda", 1))
+    with pytest.raises(UsageError, match="cuda:2: 2 CUDA device"):
+        predict_device("cuda:2")

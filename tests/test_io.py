@@ -195,3 +195,22 @@ def test_a_3d_tiff_takes_its_spacing_from_nnunets_sidecar_json_and_a_label_map_w
     (tmp_path / "cell.json").write_text(json.dumps({"spacing": [3.0, 0.5]}))
     with pytest.raises(ImageReadError, match=r"cell\.json: 'spacing' must be a list of 3 numbers"):
         read_header(tmp_path / "cell_0000.tif")
+
+
+def test_the_files_an_image_is_read_from_besides_itself_are_found(tmp_path):
+    import json
+
+    from autoseg.io.images import companion_files
+
+    labels = np.zeros((3, 4, 5), np.int16)
+    _, geometry = read_label(write_nifti(tmp_path / "ref.nii.gz", labels))
+    write_label(labels, tmp_path / "a.mhd", geometry)
+    assert [p.name for p in companion_files(tmp_path / "a.mhd")] == [
+        next(p.name for p in tmp_path.iterdir() if p.name.startswith("a.") and p.name != "a.mhd")]
+    write_label(labels, tmp_path / "b.nhdr", geometry)
+    assert len(companion_files(tmp_path / "b.nhdr")) == 1 and companion_files(tmp_path / "b.nhdr")[0].is_file()
+    sitk.WriteImage(sitk.GetImageFromArray(labels.astype(np.uint8)), str(tmp_path / "c_0000.tif"))
+    assert companion_files(tmp_path / "c_0000.tif") == []
+    (tmp_path / "c.json").write_text(json.dumps({"spacing": [1, 1, 1]}))
+    assert companion_files(tmp_path / "c_0000.tif") == [tmp_path / "c.json"]
+    assert companion_files(tmp_path / "ref.nii.gz") == []

@@ -202,3 +202,15 @@ def test_plain_names_ending_in_four_digits_are_cases_of_a_one_channel_model(tmp_
     two_channels = {case.case_id: [f.name for f in case.files] for case in list_input_cases(tmp_path, 2)}
     assert two_channels["two"] == ["two_0000.nrrd", "two_0001.nrrd"] and two_channels["liver"] == [
         "liver_0001.nii.gz", "liver_0002.nii.gz"]  # refused when read: no _0000
+
+
+def test_a_plain_name_ending_in_four_digits_is_read_and_predicted(synthetic_raw, plans, tmp_path):
+    centres = _intensity_cases(synthetic_raw, tmp_path / "src", ["synth_002"])
+    (tmp_path / "in").mkdir()
+    (tmp_path / "src" / "synth_002_0000.nii.gz").rename(tmp_path / "in" / "liver_0001.nii.gz")
+    model = TrainedModel(plans, "3d_fullres", "unet", [NearestIntensity(centres)], ["0"])
+    result = predict_folder(model, tmp_path / "in", tmp_path / "out", PredictionSettings(mirror=False),
+                            torch.device("cpu"), progress=False)
+    assert result.written == ["liver_0001"] and not result.failed
+    truth, _ = read_label(synthetic_raw / "labelsTr" / "synth_002.nii.gz")
+    assert np.array_equal(read_label(tmp_path / "out" / "liver_0001.nii.gz")[0], truth)

@@ -30,10 +30,10 @@ def test_label_resampling_never_invents_values():
 
 
 def test_label_resampling_breaks_ties_towards_the_higher_label_as_nnunet():
-    # Halved: every output voxel lies midway between two inputs. nnU-Net thresholds each label's
-    # interpolated mask at >= 0.5 in ascending order, so a tie goes to the higher label: the one-voxel
-    # structure stays. The ignore label, -1 here, loses its tie with the background (unlike nnU-Net's,
-    # the highest value there).
+    # Spacing doubled (8 voxels to 4): every output voxel lies midway between two inputs. nnU-Net
+    # thresholds each label's interpolated mask at >= 0.5 in ascending order, so a tie goes to the
+    # higher label: the one-voxel structure stays. The ignore label, -1 here, loses its tie with the
+    # background (unlike nnU-Net's, the highest value there).
     labels = np.array([0, 0, 0, 1, 0, -1, -1, -1], np.int16).reshape(1, 1, 8)
     out = resample_labels(labels, [1, 1, 4], order=1)
     assert out.ravel().tolist() == [0, 1, 0, -1]
@@ -112,6 +112,19 @@ def test_a_store_follows_the_raw_dataset_and_training_refuses_one_of_another_pla
     store = tmp_path / "pre" / synthetic_raw.name / json.loads(plans_file.read_text())[
         "configurations"]["3d_fullres"]["data_identifier"]
     cases = list_finished_cases(store)
+    # A store written before the stamps existed takes the present ones instead of being redone; a dataset
+    # moved elsewhere is not redone either (stamps are keyed by the path inside the dataset folder).
+    properties = json.loads((store / f"{cases[2]}.json").read_text())
+    del properties["source_stamps"]
+    (store / f"{cases[2]}.json").write_text(json.dumps(properties))
+    shutil.move(str(raw), str(tmp_path / "moved"))
+    raw, dataset = tmp_path / "moved", tmp_path / "moved" / synthetic_raw.name
+    flags[0] = f"--raw={raw}"
+    command = ["plan-and-preprocess", "-d", "999", "-c", "3d_fullres", "-np", "1", "-a", "unet", *flags]
+    capsys.readouterr()
+    assert main(command) == 0
+    assert f"0 case(s) preprocessed, {len(cases)} already done" in capsys.readouterr().out
+    assert json.loads((store / f"{cases[2]}.json").read_text())["source_stamps"]
     # A label corrected in place (same plan, same digest) is preprocessed again; a removed case leaves the store.
     label = dataset / "labelsTr" / f"{cases[0]}.nii.gz"
     os.utime(label, ns=(label.stat().st_atime_ns, label.stat().st_mtime_ns + 10**9))

@@ -47,7 +47,7 @@ def read_case(case: CaseFiles, spec: DatasetSpec, need_label: bool = True, load:
         return result
     if need_label and case.label is None:
         problems.append(f"{case.images[0]}: image has no label (expected labelsTr/{case.case_id}{spec.file_ending})")
-    numbers = _channel_numbers(case, spec.file_ending)
+    numbers = None if spec.listed_cases else _channel_numbers(case, spec.file_ending)
     if numbers is not None and numbers != list(range(len(numbers))):
         missing = min(set(range(len(numbers))) - set(numbers))
         problems.append(f"{case.images[0]}: case {case.case_id} has channel files "

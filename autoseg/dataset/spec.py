@@ -40,6 +40,7 @@ class DatasetSpec:
     num_training: int
     regions_class_order: list[int] | None = None
     cases: list[CaseFiles] = field(default_factory=list)
+    listed_cases: bool = False  # dataset.json lists each case's files ("dataset"): that list fixes channel order
 
     @property
     def has_regions(self) -> bool:
@@ -95,6 +96,7 @@ def load_dataset_spec(dataset_dir: str | Path, with_cases: bool = True, json_fil
         _check_regions_class_order(order, labels, json_path)
     if with_cases:
         spec.cases = _explicit_cases(data["dataset"], root, json_path) if "dataset" in data else list_cases(root, spec)
+        spec.listed_cases = "dataset" in data
     return spec
 
 

@@ -89,7 +89,9 @@ def read_input_case(case: InputCase, num_channels: int):
         from autoseg.io.dicom import read_dicom_case
 
         return read_dicom_case(case.dicom, num_channels)
-    numbers = [int(m["channel"]) if (m := _CHANNEL.match(f.name[: -len(case.ending)])) else 0 for f in case.files]
+    plain = len(case.files) == 1 and case.files[0].name == f"{case.case_id}{case.ending}"  # liver_0001.nii.gz
+    numbers = [0] if plain else [int(m["channel"]) if (m := _CHANNEL.match(f.name[: -len(case.ending)])) else 0
+                                 for f in case.files]
     if numbers != list(range(len(numbers))):  # a missing _0000 must not let _0001 stand in for it
         raise AutosegError(f"case {case.case_id} has channel files {numbers}, expected 0..{len(numbers) - 1} "
                            f"({case.case_id}_0000{case.ending} ...)", case.files[0])

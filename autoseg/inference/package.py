@@ -142,7 +142,7 @@ def _verify_folder(folder: Path, manifest: ModelManifest) -> None:
     # (a stray fold-level plans.json, or checkpoint_final.pt beside a packaged checkpoint_best.pt).
     # Hidden files (a file browser's .DS_Store) are no name the loader reads.
     present = {path.relative_to(folder).as_posix() for path in folder.rglob("*")
-               if not path.is_dir() and not path.name.startswith(".")}
+               if not path.is_dir() and not any(part.startswith(".") for part in path.relative_to(folder).parts)}
     unlisted = sorted(present - set(manifest.files) - {MANIFEST})
     if unlisted:
         raise PackageError(f"member '{unlisted[0]}' is not listed in model.json; refused", folder)

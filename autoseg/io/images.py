@@ -173,7 +173,7 @@ def read_label(path: str | Path) -> tuple[np.ndarray, Geometry]:
     low, high = array.min(), array.max()
     if low < 0 or high > 32767:
         raise ImageReadError(f"label values must lie in 0..32767, found {low:g}..{high:g}", path)
-    return array.astype(np.int16), geometry
+    return array.astype(np.int16, copy=False), geometry
 
 
 def write_label(array: np.ndarray, path: str | Path, geometry: Geometry, reference_file: str | Path | None = None) -> None:
@@ -290,6 +290,26 @@ def _read_nifti_pixels(path: Path, spatial_dims: int) -> np.ndarray:
     return data.transpose(spatial_dims, *reversed(range(spatial_dims)))
 
 
+def companion_files(path: Path) -> list[Path]:
+    """Files an image is read from besides ``path``: a 3D TIFF's spacing sidecar, the pixel file that an
+    .mhd or .nhdr header names. Only those that exist."""
+    sidecar = tiff_spacing_file(path)
+    if sidecar is not None:
+        return [sidecar] if sidecar.is_file() else []
+    if not path.name.lower().endswith(TWO_FILE_ENDINGS):
+        return []
+    try:
+        header = path.read_text(errors="replace")[:65536]
+    except OSError:
+        return []
+    for line in header.splitlines():
+        key, _, value = line.partition("=" if path.name.lower().endswith(".mhd") else ":")
+        if key.strip().lower() in ("elementdatafile", "data file", "datafile") and value.strip():
+            pixel_file = path.parent / value.strip()
+            return [pixel_file] if pixel_file.is_file() else []
+    return []
+
+
 def tiff_spacing_file(path: Path) -> Path | None:
     """Where nnU-Net's Tiff3DIO keeps a 3D TIFF's spacing: ``CASE.json`` beside ``CASE_0000.tif`` (an image)
     or ``CASE.tif`` (a label map). None for other formats."""
@@ -298,9 +318,10 @@ def tiff_spacing_file(path: Path) -> Path | None:
     if ending is None:
         return None
     stem = name[: -len(ending)]
-    if len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit() and (path.parent / f"{stem[:-5]}.json").is_file():
-        return path.parent / f"{stem[:-5]}.json"
-    return path.parent / f"{stem}.json"
+    exact = path.parent / f"{stem}.json"  # a label map's, and what write_label writes
+    if not exact.is_file() and len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit():
+        return path.parent / f"{stem[:-5]}.json"  # an image channel's: the case's
+    return exact
 
 
 def _sidecar_spacing(sidecar: Path) -> list[float]:

@@ -48,11 +48,13 @@ def resampling_axis(from_spacing: list[float], to_spacing: list[float]) -> int |
     """The axis resampled with order 0 between two spacings (array order): nnU-Net's rule. The case's
     own spacing decides where it is anisotropic (largest over smallest above ANISOTROPY_THRESHOLD), else
     the target's; a coarsest spacing shared by two axes (0.24 x 1.25 x 1.25 mm) means no such axis."""
+    if PLACEHOLDER_SPACING in list(from_spacing) + list(to_spacing):
+        return None  # a 2D image: nnU-Net's rule picks the placeholder axis, which is not resampled
     for spacing in (from_spacing, to_spacing):
-        real = np.asarray([s for s in spacing if s != PLACEHOLDER_SPACING], dtype=float)
-        if real.size < 2 or real.max() / real.min() <= ANISOTROPY_THRESHOLD:
+        real = np.asarray(spacing, dtype=float)
+        if real.max() / real.min() <= ANISOTROPY_THRESHOLD:
             continue
-        coarsest = np.flatnonzero(np.asarray(spacing, dtype=float) == real.max())
+        coarsest = np.flatnonzero(real == real.max())
         return int(coarsest[0]) if coarsest.size == 1 else None
     return None
 

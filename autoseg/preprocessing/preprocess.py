@@ -24,7 +24,8 @@ from autoseg.preprocessing.crop import bounding_box, crop, nonzero_mask
 from autoseg.preprocessing.normalize import normalize
 from autoseg.preprocessing.resample import resample_image, resample_labels
 from autoseg.preprocessing.store import (CASE_SCHEMA_VERSION, IGNORE_INDEX, CaseProperties, list_finished_cases,
-                                         remove_case, save_case, source_stamps)
+                                         load_properties, remove_case, save_case, source_stamps)
+from autoseg.records import save_json
 
 MAX_LOCATIONS_PER_CLASS = 1000  # sampled voxels per class for foreground oversampling
 
@@ -105,7 +106,7 @@ def sample_class_locations(seg: np.ndarray, case_id: str) -> dict[str, list[list
 
 def _preprocess_one(args) -> str | None:
     case, spec, plans, configuration, output, digest = args
-    stamps = source_stamps([*case.images, case.label])  # before reading: a file changed meanwhile counts as changed
+    stamps = source_stamps([*case.images, case.label], spec.root)  # before reading: a file changed meanwhile counts
     loaded = read_case(case, spec)
     if loaded.problems:
         return "; ".join(loaded.problems)
@@ -127,8 +128,9 @@ def preprocess_dataset(spec: DatasetSpec, plans: Plans, configuration: str, outp
 
     Cases whose properties file records the same preprocessing digest and the same source files
     (size and modification time) are skipped, so an interrupted run continues where it stopped and
-    an edited raw file is preprocessed again. Cases no longer in the dataset are removed from the
-    store, since training takes every case it finds there.
+    an edited raw file is preprocessed again. A case of an older store, without the sizes and times,
+    takes the present ones (its digest vouches for it, as it did before). Cases no longer in the
+    dataset are removed from this configuration's store, since training takes every case it finds there.
     """
     config = plans.configuration(configuration)
     output = output_root / config.data_identifier
@@ -140,16 +142,25 @@ def preprocess_dataset(spec: DatasetSpec, plans: Plans, configuration: str, outp
         remove_case(output, case_id)
     for case in labelled:
         recorded = _recorded(output, case.case_id) if case.case_id in finished else {}
-        if (recorded.get("plans_digest") == digest
-                and recorded.get("source_stamps") == source_stamps([*case.images, case.label])):
+        stamps = source_stamps([*case.images, case.label], spec.root)
+        if recorded.get("plans_digest") == digest and not recorded.get("source_stamps"):
+            _adopt_stamps(output, case.case_id, stamps)  # written before stamps existed: trusted as before
             skipped += 1
-            continue
-        todo.append((case, spec, plans, configuration, output, digest))
+        elif recorded.get("plans_digest") == digest and recorded.get("source_stamps") == stamps:
+            skipped += 1
+        else:
+            todo.append((case, spec, plans, configuration, output, digest))
     problems = [p for p in map_with_progress(_preprocess_one, todo, num_processes, f"preprocess {configuration}",
                                              progress) if p]
     if problems:
         raise DatasetError("; ".join(problems[:5]), spec.root)
     return len(todo), skipped
+
+
+def _adopt_stamps(folder: Path, case_id: str, stamps: dict[str, list[int]]) -> None:
+    properties = load_properties(folder, case_id)
+    properties.source_stamps = stamps
+    save_json(properties, folder / f"{case_id}.json")
 
 
 def _recorded(folder: Path, case_id: str) -> dict:

@@ -54,8 +54,9 @@ def resample_labels(labels: np.ndarray, new_shape: list[int], order: int = 1, an
     result = np.zeros(new_shape, dtype=labels.dtype)
     for value in values:
         score = _zoom((labels == value).astype(np.float32), new_shape, order, aniso_axis)
-        # Ties go to the higher value, as nnU-Net's ascending ">= 0.5" thresholds give them: halving a
-        # spacing puts every output voxel midway between two inputs, and a one-voxel structure would
+        # Ties go to the higher value, as nnU-Net's ascending ">= 0.5" thresholds give them: doubling a
+        # spacing (half the voxels) puts every output voxel midway between two inputs, and a one-voxel
+        # structure would
         # otherwise lose each tie to the background. The ignore label is -1 here, so it loses its ties
         # (in nnU-Net it is the highest value and wins them): no supervised voxel becomes unsupervised.
         better = score >= best

@@ -88,15 +88,23 @@ def _load_npy(path: Path, mmap: bool) -> np.ndarray:
         raise DatasetError(f"preprocessed case cannot be read ({reason}); re-run plan-and-preprocess", path) from None
 
 
-def source_stamps(files: list[str]) -> dict[str, list[int]]:
-    """[size, modification time in ns] of each file (a missing file: [-1, -1])."""
+def source_stamps(files: list[str], root: str | Path) -> dict[str, list[int]]:
+    """[size, modification time in ns] of each file and of the files it reads besides itself (a 3D TIFF's
+    spacing sidecar, an .mhd's pixel file), keyed by the path under ``root`` (the dataset folder), so a
+    dataset moved or mounted elsewhere is not preprocessed again. A missing file: [-1, -1]."""
+    from autoseg.io.images import companion_files
+
     stamps = {}
-    for file in files:
+    for file in [f for name in files for f in (Path(name), *companion_files(Path(name)))]:
+        try:
+            key = Path(file).resolve().relative_to(Path(root).resolve()).as_posix()
+        except ValueError:  # outside the dataset folder (a dataset.json that lists files elsewhere)
+            key = str(file)
         try:
             status = Path(file).stat()
-            stamps[str(file)] = [status.st_size, status.st_mtime_ns]
+            stamps[key] = [status.st_size, status.st_mtime_ns]
         except OSError:
-            stamps[str(file)] = [-1, -1]
+            stamps[key] = [-1, -1]
     return stamps
 
 

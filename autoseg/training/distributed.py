@@ -41,16 +41,21 @@ def init_distributed() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def select_device(name: str) -> torch.device:
-    if name not in ("auto", "cpu", "cuda", "mps"):  # the Python API passes what it is given
-        raise UsageError(f"device '{name}': expected auto, cpu, cuda or mps")
+def select_device(name: str | torch.device) -> torch.device:
+    """``auto``, ``cpu``, ``cuda``, ``mps``, or (the Python API) ``cuda:N`` and a torch.device."""
+    name = str(name)
+    kind, _, index = name.partition(":")
+    if kind not in ("auto", "cpu", "cuda", "mps") or (index and (kind != "cuda" or not index.isdigit())):
+        raise UsageError(f"device '{name}': expected auto, cpu, cuda (or cuda:N) or mps")
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available")
+        name = kind = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA device is available")
+    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: {torch.cuda.device_count()} CUDA device(s) visible")
     if name == "mps" and not torch.backends.mps.is_available():
         raise UsageError("--device mps: no Apple GPU is available")
-    if name == "cuda":
+    if kind == "cuda":
         # Patches and windows keep one shape for the whole run, so cuDNN's autotuner pays its trials once
         # (nnU-Net's run_training sets the same).
         torch.backends.cudnn.benchmark = True

@@ -55,7 +55,8 @@ def load_or_create_splits(path: Path, case_ids: list[str], group_pattern: str = 
             raise UsageError("must be a non-empty list of {\"train\": [case ids], \"val\": [case ids]}", path)
         unknown = sorted({c for s in splits for c in s["train"] + s["val"]} - set(case_ids))
         if unknown:
-            raise UsageError(f"names cases that are not preprocessed: {unknown[:5]}", path)
+            raise UsageError(f"names cases that are not preprocessed: {unknown[:5]} (removed from the dataset? "
+                             f"take them out of {path.name}, or delete it to split the cases anew)", path)
         for index, split in enumerate(splits):
             if set(split["train"]) & set(split["val"]):
                 raise UsageError(f"fold {index} has cases in both train and val: "
