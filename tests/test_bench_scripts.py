@@ -121,3 +121,18 @@ def test_bench_accuracy_keeps_one_fold_per_working_folder_and_refuses_a_batch_be
     assert f"{work} holds fold 1's steps; give fold 0 a working folder of its own" in refused.stderr
     refused = subprocess.run([*script, "--fold", "1", "--also-batch", "0"], capture_output=True, text=True)
     assert refused.returncode != 0 and "--also-batch must be a positive number" in refused.stderr
+
+
+def test_bench_accuracy_takes_a_smaller_autoseg_budget_but_never_a_larger_one(tmp_path):
+    data = tmp_path / "data" / "Dataset004_Hippocampus"
+    data.mkdir(parents=True)
+    (data / "dataset.json").write_text("{}")
+    work = tmp_path / "work"
+    (work / "nn_pre" / "Dataset004_Hippocampus").mkdir(parents=True)
+    (work / "nn_pre" / "Dataset004_Hippocampus" / "splits_final.json").write_text('[{"train": ["a"], "val": ["b"]}]')
+    (work / "record.json").write_text('{"fold": 0, "train nnU-Net nnUNetTrainer_1epoch": {"seconds": 100.0}}')
+    script = [sys.executable, str(REPO / "scripts" / "bench_accuracy.py"), "--data", str(tmp_path / "data"),
+              "--work", str(work)]
+    refused = subprocess.run([*script, "--autoseg-budget-s", "150"], capture_output=True, text=True)
+    assert refused.returncode != 0
+    assert "at most nnU-Net's measured training time, 100 s (a larger budget would flatter autoseg)" in refused.stderr
