@@ -166,14 +166,8 @@ def predict_folder(model: TrainedModel | list[TrainedModel], input_dir: Path, ou
             pending = reader.submit(read_input_case, todo[index + 1], channels) if index + 1 < len(todo) else None
             try:
                 image, geometry = current.result()
-            except AutosegError as exc:
-                result.failed.append(exc.one_line())
-                print(f"autoseg: error: {exc.one_line()}; skipped", file=sys.stderr)
-                bar.update()
-                continue
-            try:
                 prediction = predict_case(model, image, geometry, settings, device)
-            except AutosegError as exc:  # this case only (say, out of GPU memory): the others are still predicted
+            except AutosegError as exc:  # this case only (unreadable, out of GPU memory): the others are predicted
                 failed = exc if exc.path else type(exc)(exc.problem, case.files[0])
                 result.failed.append(failed.one_line())
                 print(f"autoseg: error: {failed.one_line()}; skipped", file=sys.stderr)

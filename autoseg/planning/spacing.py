@@ -36,7 +36,7 @@ def fullres_spacing(spacings: np.ndarray, shapes: np.ndarray) -> list[float]:
 def anisotropic_axis(spacing: list[float]) -> int | None:
     """The axis to resample with order 0, when one axis is much coarser than the others."""
     spacing = np.asarray(spacing, dtype=float)
-    real = spacing[spacing != 999.0]
+    real = spacing[spacing != PLACEHOLDER_SPACING]
     if real.size < 2:
         return None
     coarse = int(np.argmax(spacing))

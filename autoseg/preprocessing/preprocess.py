@@ -105,8 +105,7 @@ def sample_class_locations(seg: np.ndarray, case_id: str) -> dict[str, list[list
 
 
 def _preprocess_one(args) -> str | None:
-    case, spec, plans, configuration, output, digest = args
-    stamps = source_stamps([*case.images, case.label], spec.root)  # before reading: a file changed meanwhile counts
+    case, spec, plans, configuration, output, digest, stamps = args  # stamps taken before reading
     loaded = read_case(case, spec)
     if loaded.problems:
         return "; ".join(loaded.problems)
@@ -143,13 +142,12 @@ def preprocess_dataset(spec: DatasetSpec, plans: Plans, configuration: str, outp
     for case in labelled:
         recorded = _recorded(output, case.case_id) if case.case_id in finished else {}
         stamps = source_stamps([*case.images, case.label], spec.root)
-        if recorded.get("plans_digest") == digest and not recorded.get("source_stamps"):
-            _adopt_stamps(output, case.case_id, stamps)  # written before stamps existed: trusted as before
-            skipped += 1
-        elif recorded.get("plans_digest") == digest and recorded.get("source_stamps") == stamps:
-            skipped += 1
-        else:
-            todo.append((case, spec, plans, configuration, output, digest))
+        if recorded.get("plans_digest") != digest or recorded.get("source_stamps") not in (None, {}, stamps):
+            todo.append((case, spec, plans, configuration, output, digest, stamps))
+            continue
+        if not recorded.get("source_stamps"):  # written before stamps existed: its digest vouches, as before
+            _adopt_stamps(output, case.case_id, stamps)
+        skipped += 1
     problems = [p for p in map_with_progress(_preprocess_one, todo, num_processes, f"preprocess {configuration}",
                                              progress) if p]
     if problems:

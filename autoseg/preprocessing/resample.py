@@ -56,9 +56,9 @@ def resample_labels(labels: np.ndarray, new_shape: list[int], order: int = 1, an
         score = _zoom((labels == value).astype(np.float32), new_shape, order, aniso_axis)
         # Ties go to the higher value, as nnU-Net's ascending ">= 0.5" thresholds give them: doubling a
         # spacing (half the voxels) puts every output voxel midway between two inputs, and a one-voxel
-        # structure would
-        # otherwise lose each tie to the background. The ignore label is -1 here, so it loses its ties
-        # (in nnU-Net it is the highest value and wins them): no supervised voxel becomes unsupervised.
+        # structure would otherwise lose each tie to the background. The ignore label is -1 here, so it
+        # loses its ties (in nnU-Net it is the highest value and wins them): no supervised voxel becomes
+        # unsupervised.
         better = score >= best
         best[better] = score[better]
         result[better] = value

@@ -133,8 +133,8 @@ def pretrain(roots: Roots, dataset_name: str, configuration: str, architecture: 
         model, loss = MaskedInpainting(network), MaskedReconstructionLoss()
     optimizer = torch.optim.SGD(network.parameters(), lr=options.initial_lr, momentum=0.99, nesterov=True,
                                 weight_decay=3e-5)
-    # Mixed precision as training has it: plans size the batch for a mixed-precision step, so a float32
-    # pre-training step on a GPU needed about twice the activation memory the plan allowed.
+    # Mixed precision as training has it: plans size the batch for a mixed-precision step (networks/memory.py),
+    # which a float32 pre-training step on a GPU would exceed.
     amp_dtype = autocast_dtype(device, TrainingOptions(amp=options.amp, cpu_bf16=options.amp and options.cpu_bf16))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     schedule = PolySchedule(options.initial_lr, 0.9, options.epochs, options.iters_per_epoch)
