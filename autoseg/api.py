@@ -62,6 +62,10 @@ class Segmenter:
 
         if not 0 < step <= 1:
             raise UsageError(f"step must be in (0, 1], got {step}")
+        if engine not in ("torch", "onnxruntime"):  # a misspelt one ran torch without a word
+            raise UsageError(f"engine must be 'torch' or 'onnxruntime', got {engine!r}")
+        if folds is not None and not list(folds):  # a package took [] as every fold, a results folder as none
+            raise UsageError("folds is empty: give the folds to use, or None for all of them")
         if threads is not None:
             torch.set_num_threads(int(threads))
         torch_device = select_device(device)
@@ -112,17 +116,18 @@ class Segmenter:
 
 def _load_results_folder(model_dir: Path, device: torch.device, folds: list[str] | None) -> TrainedModel:
     from autoseg.inference.ensemble import split_model_name
-    from autoseg.inference.model import load_trained_model
+    from autoseg.inference.model import FINAL_CHECKPOINT, load_trained_model
 
     if not model_dir.is_dir() or "__" not in model_dir.name:
         raise UsageError("neither a model package (zip, or a folder with model.json) nor a trained model folder "
                          "(CONFIG__ARCH)", model_dir)
     configuration, architecture = split_model_name(model_dir.name)
-    if folds is None:
-        folds = sorted((p.name[len("fold_"):] for p in model_dir.glob("fold_*") if p.is_dir()),
+    if folds is None:  # the finished folds, as nnU-Net finds them: a fold still training is left out
+        folds = sorted((p.name[len("fold_"):] for p in model_dir.glob("fold_*")
+                        if (p / FINAL_CHECKPOINT).is_file()),
                        key=lambda f: (not f.isdigit(), int(f) if f.isdigit() else 0, f))
         if not folds:
-            raise UsageError("no trained fold (fold_N) in the model folder", model_dir)
+            raise UsageError(f"no finished fold (fold_N/{FINAL_CHECKPOINT}) in the model folder", model_dir)
     return load_trained_model(model_dir, folds, configuration, architecture, device)
 
 

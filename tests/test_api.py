@@ -78,8 +78,16 @@ def test_probabilities_are_what_save_probabilities_writes(pipeline, model_packag
     assert np.allclose(probabilities.astype(np.float32).sum(0), 1.0, atol=1e-2)
 
 
-def test_a_results_folder_loads_like_its_package(pipeline, segmenter):
-    from_folder = autoseg.Segmenter.load(pipeline.fold.parent, tta=False)
+def test_a_results_folder_loads_like_its_package(pipeline, segmenter, tmp_path):
+    # Its finished folds, as nnU-Net finds them: a fold still training (best/latest only) is left out.
+    import shutil
+
+    model = tmp_path / pipeline.fold.parent.name
+    shutil.copytree(pipeline.fold.parent, model)
+    shutil.copytree(pipeline.fold, model / "fold_1")
+    (model / "fold_1" / "checkpoint_final.pt").rename(model / "fold_1" / "checkpoint_best.pt")
+    from_folder = autoseg.Segmenter.load(model, tta=False)
+    assert from_folder.models[0].folds == [pipeline.fold.name[len("fold_"):]]
     image = sitk.ReadImage(str(pipeline.dataset / "imagesTs" / f"{CASES[1]}_0000.nii.gz"))
     assert np.array_equal(sitk.GetArrayFromImage(from_folder.predict(image)),
                           sitk.GetArrayFromImage(segmenter.predict(image)))
@@ -101,6 +109,16 @@ def test_bad_inputs_say_what_is_wrong(segmenter, tmp_path):
             segmenter.predict(np.ones((4, 5, 6), np.float32), spacing=spacing)
     with pytest.raises(UsageError, match="orthonormal"):
         segmenter.predict(np.ones((4, 5, 6), np.float32), spacing=(1, 1, 1), direction=np.ones((3, 3)))
+    with pytest.raises(UsageError, match="a 2D image .* cannot be predicted by the 3D configuration"):
+        segmenter.predict(np.ones((40, 30), np.float32), spacing=(1, 1))
+
+
+def test_bad_load_arguments_say_what_is_wrong(model_package):
+    # "onnx" for "onnxruntime" ran torch without a word; folds=[] meant every fold of a package.
+    with pytest.raises(UsageError, match="engine must be 'torch' or 'onnxruntime', got 'onnx'"):
+        autoseg.Segmenter.load(model_package, engine="onnx")
+    with pytest.raises(UsageError, match="folds is empty"):
+        autoseg.Segmenter.load(model_package, folds=[])
 
 
 def test_a_direction_given_as_a_matrix_is_taken(segmenter):

@@ -13,6 +13,16 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "no problems found" in result.stdout and "demo: done" in result.stdout
     plans = json.loads((tmp_path / "demo" / "preprocessed" / "Dataset999_Synthetic" / "plans.json").read_text())
     assert plans["configurations"]["3d_fullres"]["spacing"] == [3.0, 1.0, 1.0]
+    # Run again with fewer cases: its own model predicts (nothing "already there"), evaluated on its own test cases.
+    first = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "demo" / "predictions").glob("*.nii.gz")}
+    again = subprocess.run([sys.executable, "-m", "autoseg", "demo", "-o", str(tmp_path / "demo"), "--cases", "5",
+                            "--quick"], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "predict: 2 written, 0 already there" in again.stdout
+    raw = tmp_path / "demo" / "raw" / "Dataset999_Synthetic"
+    assert len(list((raw / "imagesTr").iterdir())) == 5
+    predictions = sorted(p.name for p in (tmp_path / "demo" / "predictions").glob("*.nii.gz"))
+    assert predictions == sorted(p.name for p in (raw / "labelsTs").iterdir()) and predictions != sorted(first)
 
 
 def test_hippocampus_plan_and_preprocess_from_the_command_line(tmp_path, capsys):

@@ -178,6 +178,22 @@ def test_predicting_dicom_equals_predicting_nifti_and_the_seg_holds_the_same_mas
     assert found == {0, 1, 2}  # the random network predicts every class somewhere, so the masks are not trivial
 
 
+@pytest.mark.slow
+def test_the_parts_of_a_job_array_share_one_complete_cases_csv_and_one_bad_series_fails_one_part(
+        mixed_folder, model_flags, tmp_path):
+    dicom, _ = mixed_folder
+    work = tmp_path / "in"
+    shutil.copytree(dicom, work)
+    _defective_folder(work / "bad")
+    codes = [main(["predict", "-i", str(work), "-o", str(tmp_path / "out"), "--part", f"{k}/2", *model_flags])
+             for k in (2, 1)]
+    assert codes == [0, 2]  # the refused series are part 1's failure; part 2 predicted its case
+    rows = (tmp_path / "out" / "cases.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in rows[1:]] == ["CT1_20240102_1", "HIP1_20240102_1"]  # not part 1's alone
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.nii.gz")) == ["CT1_20240102_1.nii.gz",
+                                                                          "HIP1_20240102_1.nii.gz"]
+
+
 def test_seg_of_a_many_class_ct_reads_back_voxel_identical_at_the_source_positions(mixed_folder, tmp_path):
     dicom, _ = mixed_folder
     dataset = shared_dataset("Dataset030_CTExample")
@@ -227,6 +243,19 @@ def test_a_missing_extra_says_what_to_install(monkeypatch, mixed_folder):
         dicom_cases(mixed_folder[0], 1)
 
 
+def test_objects_that_are_no_images_are_passed_over_with_a_note_not_refused(mixed_folder, tmp_path, capsys):
+    # A SEG (or SR, KO, ...) beside the images is in almost every export: refusing it failed every run.
+    dicom, _ = mixed_folder
+    shutil.copytree(dicom, tmp_path / "export")
+    ct_files = sorted(dicom.glob("a*.dcm"))
+    labels = np.zeros((len(ct_files), *pydicom.dcmread(ct_files[0]).pixel_array.shape), dtype=np.uint8)
+    labels[2, 5:9, 5:9] = 1
+    _highdicom_seg(ct_files, labels, {1: "spleen"}, tmp_path / "export" / "seg.dcm")
+    cases, refused = dicom_cases(tmp_path / "export", 1)
+    assert refused == [] and len(cases) == 2
+    assert "1 DICOM series that are no images passed over (Modality SEG)" in capsys.readouterr().err
+
+
 def test_evaluate_accepts_seg_predictions_and_references(mixed_folder, tmp_path, capsys):
     dicom, nifti = mixed_folder
     dataset = shared_dataset("Dataset030_CTExample")
@@ -262,6 +291,17 @@ def test_evaluate_accepts_seg_predictions_and_references(mixed_folder, tmp_path,
         if key != "case":
             assert summaries["pred_seg"][key] == pytest.approx(value, abs=1e-9)
             assert summaries["ref_nifti"][key] == pytest.approx(value, abs=1e-6), key  # metrics are symmetric
+    # A reference SEG written as most tools write it, empty frames left out, covers only the annotated slices
+    # on its own: it is placed on the prediction's grid (it ended in "does not match its reference").
+    sparse = tmp_path / "ref_seg_sparse"
+    sparse.mkdir()
+    _highdicom_seg(series.files, shifted, names, sparse / "CT1_20240102_1.dcm")
+    assert int(hd.seg.segread(sparse / "CT1_20240102_1.dcm").NumberOfFrames) < len(series.files) * len(names)
+    out = tmp_path / "eval_sparse"
+    assert main(["evaluate", str(sparse), str(folders["ref_nifti"]), "-o", str(out), *flags]) == 0
+    row = json.loads((out / "summary.json").read_text())["per_case"][0]
+    assert {k: v for k, v in row.items() if k != "case"} == pytest.approx(
+        {k: v for k, v in summaries["ref_nifti"].items() if k != "case"}, abs=1e-9)
 
 
 def _highdicom_seg(series_files: list[Path], labels_zyx: np.ndarray, names: dict[int, str], path: Path) -> None:
@@ -290,6 +330,8 @@ def test_convert_dicom_round_trip_gives_back_the_labels_and_lists_unmapped_segme
     kept = np.where(np.isin(truth, list(names)), truth, 0)
     (tmp_path / "labels").mkdir()
     _highdicom_seg([f for f in dicom.glob("a*.dcm")], kept, names, tmp_path / "labels" / "ct_seg.dcm")
+    # The labels folder may be the whole export, images beside the SEGs (each image was refused as "not a SEG").
+    shutil.copytree(dicom, tmp_path / "labels" / "export")
     mapping = tmp_path / "labels.json"
     mapping.write_text(json.dumps({"spleen": 1, "kidney right": 2, "lung": 10}))
     target = tmp_path / "raw" / "Dataset050_Mine"

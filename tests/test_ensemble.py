@@ -71,3 +71,17 @@ def test_an_ensemble_averages_the_probabilities_of_its_members(synthetic_raw, pl
     clear = top_two[1] - top_two[0] > 2e-3  # away from ties, which float16 rounding may break either way
     assert clear.mean() > 0.5
     assert np.array_equal(both.labels[clear], np.array([0, 1, 2])[mean.argmax(0)][clear])
+
+
+def test_an_ensemble_of_models_with_other_labels_is_refused(synthetic_raw, plans):  # noqa: F811
+    # Averaged channel by channel, the probabilities of a model of other classes would be mixed into these.
+    import copy
+
+    label, geometry = read_label(synthetic_raw / "labelsTr" / "synth_004.nii.gz")
+    other = copy.deepcopy(plans)
+    other.labels = {"background": 0, "liver": 1, "tumour": 2}
+    first = TrainedModel(plans, "3d_fullres", "unet", [NearestIntensity([0.0, 1.0, 2.0])], ["0"])
+    second = TrainedModel(other, "3d_fullres", "unet", [NearestIntensity([0.0, 1.0, 2.0])], ["0"])
+    with pytest.raises(UsageError, match="the ensemble's models differ in labels or channels"):
+        predict_case([first, second], label[None].astype(np.float32), geometry, PredictionSettings(),
+                     torch.device("cpu"))

@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -121,10 +122,14 @@ def test_five_tiny_folds_then_find_best_then_predict_with_the_postprocessing(tin
     for organ in ("organ_a", "organ_b"):
         assert decision.dice_before[organ] == pytest.approx(np.mean([r[f"{organ}/dice"] for r in rows]), abs=1e-9)
 
-    # Validation alone, again: the record is rewritten from the new predictions.
+    # Validation alone, again: the record is rewritten from the new predictions. A prediction of a case the
+    # fold no longer validates (its split changed since) is not evaluated with them: that ended in an error.
     (model_dir / "fold_0" / "validation" / "summary.json").unlink()
+    shutil.copy(next((model_dir / "fold_0" / "validation").glob("*.nii.gz")),
+                model_dir / "fold_0" / "validation" / "synth_099.nii.gz")
     assert main(["train", "999", "3d_fullres", "0", "--validation-only", "--save-probabilities"] + flags) == 0
     assert list((model_dir / "fold_0" / "validation").glob("*.npz"))
+    assert not (model_dir / "fold_0" / "validation" / "synth_099.nii.gz").exists()
 
     assert main(["find-best", "-d", "999", "-np", "1"] + flags) == 0
     out = capsys.readouterr().out

@@ -63,3 +63,20 @@ def test_build_shapes_only_lets_a_real_build_error_through():
     with pytest.raises(ValueError, match="0 stages"):
         build_shapes_only(build, torch.device("meta"))
     assert len(calls) == 2  # tried shapes-only, then for real, where it failed with its own error
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's resettable peak RSS")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_estimate_counts_the_loss_of_a_hundred_classes(precision, tmp_path):
+    # With many classes (TotalSegmentator's 105) the loss's fp32 softmax, log-softmax and one-hot per class
+    # and voxel outgrow the network's activations; a model that left them out planned steps that do not fit.
+    import json
+
+    plans = json.loads(Path(HIPPOCAMPUS_PLANS).read_text())
+    plans["labels"] = {"background": 0, **{f"structure_{value}": value for value in range(1, 100)}}
+    (tmp_path / "plans.json").write_text(json.dumps(plans))
+    result = run_child(str(tmp_path / "plans.json"), "2d", "unet", "cpu", batch=4, precision=precision)
+    ratio = result["estimate_mb"] / result["peak_mb"]
+    assert 0.75 <= ratio <= 1.25, f"unet, 100 classes ({precision}): estimate {result['estimate_mb']:.0f} MB, " \
+                                  f"peak {result['peak_mb']:.0f} MB"

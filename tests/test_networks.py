@@ -84,6 +84,29 @@ def test_forward_contract(name: str, dims: int) -> None:
 
 
 @pytest.mark.parametrize("name,dims", CASES)
+def test_deep_supervision_heads_run_in_training_only(name: str, dims: int) -> None:
+    # Prediction builds networks with their heads (so the weights fit) and runs them in eval mode: a head run
+    # there is work for nothing, and its kept output memory held per fold of an ensemble (MONAI's DynUNet ran them).
+    plan = small_plan(name, dims)
+    model = build_network(plan, IN_CHANNELS, NUM_CLASSES, dims, deep_supervision=True)
+    x, _ = fixed_batch(plan)
+    low_resolution_logits = []
+
+    def record(module, args, output):  # a convolution giving class logits below full resolution: a head
+        if output.shape[1] == NUM_CLASSES and list(output.shape[2:]) != plan.patch_size:
+            low_resolution_logits.append(type(module).__name__)
+
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Conv3d)):
+            module.register_forward_hook(record)
+    with torch.no_grad():
+        model.eval()(x)
+        assert low_resolution_logits == []
+        model.train()(x)
+    assert bool(low_resolution_logits) == (name != "swin_unetr")  # swin_unetr has no deep supervision
+
+
+@pytest.mark.parametrize("name,dims", CASES)
 def test_loss_decreases_and_checkpoint_roundtrips(name: str, dims: int, tmp_path) -> None:
     torch.manual_seed(0)
     plan = small_plan(name, dims)

@@ -114,6 +114,17 @@ def test_a_member_escaping_the_folder_is_refused(pipeline, package, tmp_path, ca
     _refused(pipeline, _write(tmp_path / "absolute.zip", members), tmp_path, capsys, "/etc/cron.d/job", "outside")
 
 
+def test_a_manifest_naming_a_model_folder_outside_the_package_is_refused(pipeline, package, tmp_path, capsys):
+    # Its files all verify, but the loader joins configuration/architecture/fold names into paths: "../.."
+    # would have it read plans and weights that no sha256 covered.
+    members = _members(package)
+    manifest = json.loads(members["model.json"])
+    manifest["models"][0]["folds"] = ["0/../../../elsewhere"]
+    members["model.json"] = json.dumps(manifest).encode()
+    _refused(pipeline, _write(tmp_path / "escape.zip", members), tmp_path, capsys, "'0/../../../elsewhere'",
+             "not a plain name")
+
+
 def test_a_symbolic_link_is_refused_in_a_zip_and_in_a_folder(pipeline, package, tmp_path, capsys):
     members = _members(package)
     members["dataset.json"] = b"/etc/passwd"

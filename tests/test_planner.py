@@ -103,6 +103,14 @@ def test_edited_plans_are_validated(tmp_path):
     edit_json(tmp_path / "p2.json", network_class_name="evil.module.Class")
     with pytest.raises(PlanError, match="unknown field"):
         load_plans(tmp_path / "p2.json")
+    for field, value, problem in (("strides", [[1, 2, 2], [1, 2, 2], [2, 2, 2], [2, 2, 2]], "first stage's stride"),
+                                  ("kernel_sizes", [[1, 3, 3], [2, 3, 3], [3, 3, 3], [3, 3, 3]], "odd and positive"),
+                                  ("features", [32, 64, 0, 256], "features must be positive")):
+        plans = load_plans(source)  # each a hand edit that builds a network whose output no longer fits
+        setattr(plans.configurations["3d_fullres"].architectures["unet"], field, value)
+        save_plans(plans, tmp_path / "p4.json")
+        with pytest.raises(PlanError, match=problem):
+            load_plans(tmp_path / "p4.json")
     plans = load_plans(source)
     plans.configurations["3d_fullres"].architectures["unet"].name = "os.system"
     save_plans(plans, tmp_path / "p3.json")
@@ -177,7 +185,8 @@ def _nnunet_fingerprint(fingerprint: dict) -> dict:
             "spacings": [case["spacing"] for case in fingerprint["cases"]]}
 
 
-def test_hippocampus_plan_equals_nnunets_planner_on_the_same_fingerprint(tmp_path):
+def _nnunets_plans(tmp_path: Path, fingerprint: dict) -> dict:
+    """nnU-Net's planner's plans for Hippocampus with ``fingerprint`` (autoseg's layout) as its fingerprint."""
     import json
     import os
     import subprocess
@@ -192,15 +201,21 @@ def test_hippocampus_plan_equals_nnunets_planner_on_the_same_fingerprint(tmp_pat
         folder.mkdir()
     (roots["nnUNet_raw"] / raw.name).symlink_to(raw.resolve())
     (roots["nnUNet_preprocessed"] / raw.name).mkdir()
-    fingerprint = json.loads((REPO / "dataset_fingerprints" / f"{raw.name}.json").read_text())
     (roots["nnUNet_preprocessed"] / raw.name / "dataset_fingerprint.json").write_text(
         json.dumps(_nnunet_fingerprint(fingerprint)))
     env = {"PATH": os.environ.get("PATH", ""), "OMP_NUM_THREADS": "1", **{k: str(v) for k, v in roots.items()}}
     result = subprocess.run([str(python), "-c", NNUNET_PLAN], capture_output=True, text=True, env=env, timeout=600,
                             cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
-    theirs = json.loads(result.stdout.strip().splitlines()[-1])
-    ours = load_plans(REPO / "plans" / f"{raw.name}.json")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_hippocampus_plan_equals_nnunets_planner_on_the_same_fingerprint(tmp_path):
+    import json
+
+    name = "Dataset004_Hippocampus"
+    theirs = _nnunets_plans(tmp_path, json.loads((REPO / "dataset_fingerprints" / f"{name}.json").read_text()))
+    ours = load_plans(REPO / "plans" / f"{name}.json")
     assert sorted(theirs["configurations"]) == sorted(ours.configurations)  # no 3d_lowres on either side
     full = ours.configurations["3d_fullres"]
     unet = full.architectures["unet"]
@@ -220,3 +235,69 @@ def test_a_budget_no_architecture_fits_is_refused_with_the_flag_to_change():
     committed = load_plans(REPO / "plans" / "Dataset004_Hippocampus.json")
     with pytest.raises(PlanError, match=r"no architecture fits the memory budget of 0\.25 GB .*--gpu-memory-gb"):
         plan_dataset(fingerprint, committed.labels, 0.25)
+
+
+def test_2d_slices_across_the_axis_nnunets_planner_transposes_first(tmp_path):
+    """Hippocampus with its voxels made 4 mm along array axis 2 (a sagittal-like series): nnU-Net's planner
+    transposes that axis first (``transpose_forward``), and its 2d configuration has the other two axes'
+    spacing and median size; autoseg's 2d configuration must slice across the same axis with the same plane."""
+    import json
+
+    fingerprint = json.loads((REPO / "dataset_fingerprints" / "Dataset004_Hippocampus.json").read_text())
+    for case in fingerprint["cases"]:
+        case["spacing"] = [1.0, 1.0, 4.0]
+    theirs = _nnunets_plans(tmp_path, fingerprint)
+    (tmp_path / "fingerprint.json").write_text(json.dumps(fingerprint))
+    committed = load_plans(REPO / "plans" / "Dataset004_Hippocampus.json")
+    ours = plan_dataset(load_fingerprint(tmp_path / "fingerprint.json"), committed.labels, architectures=["unet"])
+    config, their_2d = ours.configurations["2d"], theirs["configurations"]["2d"]
+    assert theirs["transpose_forward"] == [2, 0, 1] and config.slice_axis == 2
+    assert config.spacing == their_2d["spacing"] == [1.0, 1.0]
+    assert np.allclose(config.median_shape, their_2d["median_image_size_in_voxels"], atol=0.5)
+
+
+NNUNET_TOPOLOGY = '''
+import json, sys
+from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
+out = []
+for spacing, patch in json.loads(sys.argv[1]):
+    _, pools, convs, padded, _ = get_pool_and_conv_props(spacing, patch, 4, 999999)
+    out.append([[list(p) for p in pools], [list(c) for c in convs], [int(v) for v in padded]])
+print(json.dumps(out))
+'''
+
+
+def test_unet_topology_is_nnunets_get_pool_and_conv_props():
+    """Strides, kernels and padded patch against nnU-Net's own function, on isotropic, 2:1, 3:1, 4:1 and 8:1
+    spacings (thick axis first or last) and 2D: until 2026-12-05 autoseg pooled a 2:1 axis at once (nnU-Net
+    waits), and an axis too small to pool, being the finest, stopped the others early (a 16x14 bottleneck
+    in-plane where nnU-Net goes on to 8x7). The one planned difference: at most MAX_STAGES stages."""
+    import json
+    import os
+    import subprocess
+
+    from autoseg.networks.topology import MAX_STAGES, unet_topology
+
+    python = Path(os.environ.get("AUTOSEG_PEERS_PYTHON", "/tmp/peers-venv/bin/python"))
+    if not python.exists():
+        pytest.skip(f"{python} is missing: nnU-Net runs in the peers' environment (/work/shared/peers/setup.sh)")
+    cases = [[list(spacing), list(patch)]
+             for spacing in [(1, 1, 1), (2, 1, 1), (3, 1, 1), (4, 1, 1), (5, 1.5, 1.5), (8, 1, 1), (1, 1, 4),
+                             (2.5, 0.8, 0.8), (1.5, 0.7, 0.7)]
+             for patch in [(32, 128, 128), (64, 128, 128), (20, 256, 224), (40, 56, 40), (128, 128, 128),
+                           (16, 320, 320), (48, 192, 160)]]
+    cases += [[list(spacing), list(patch)] for spacing in [(1, 1), (2, 1), (0.5, 0.5)]
+              for patch in [(56, 40), (256, 224), (512, 256), (64, 64)]]
+    result = subprocess.run([str(python), "-c", NNUNET_TOPOLOGY, json.dumps(cases)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    capped = 0
+    for (spacing, patch), (strides, kernels, padded) in zip(cases, json.loads(result.stdout)):
+        ours = unet_topology(patch, spacing)
+        if len(strides) > MAX_STAGES:  # the cap: nnU-Net's first stages, and a bottleneck kernel of 3
+            capped += 1
+            strides, kernels = strides[:MAX_STAGES], kernels[:MAX_STAGES - 1] + [[3] * len(patch)]
+            divisor = np.prod(strides, axis=0)
+            padded = [int(-(-p // d) * d) for p, d in zip(patch, divisor)]
+        assert (ours.strides, ours.kernel_sizes, ours.patch_size) == (strides, kernels, padded), (spacing, patch)
+    assert capped < len(cases) // 10

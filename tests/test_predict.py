@@ -9,7 +9,7 @@ from autoseg.dataset.spec import load_dataset_spec
 from autoseg.errors import CheckpointError
 from autoseg.fingerprint import compute_fingerprint
 from autoseg.inference.folder import predict_folder
-from autoseg.inference.model import TrainedModel, load_state_dict
+from autoseg.inference.model import TrainedModel, load_state_dict, load_trained_model
 from autoseg.inference.predictor import PredictionSettings
 from autoseg.inference.sliding_window import predict_probabilities
 from autoseg.io.images import read_image, read_label
@@ -214,3 +214,115 @@ def test_a_plain_name_ending_in_four_digits_is_read_and_predicted(synthetic_raw,
     assert result.written == ["liver_0001"] and not result.failed
     truth, _ = read_label(synthetic_raw / "labelsTr" / "synth_002.nii.gz")
     assert np.array_equal(read_label(tmp_path / "out" / "liver_0001.nii.gz")[0], truth)
+
+
+class NearestIntensity2D(NearestIntensity):
+    """NearestIntensity for 2D windows, counting the slices it is given."""
+
+    def __init__(self, centres):
+        super().__init__(centres)
+        self.centres = self.centres.view(1, -1, 1, 1)
+        self.slices_seen = 0
+
+    def forward(self, x):
+        assert x.dim() == 4, "a 2D network gets (batch, channels, Y, X) windows"
+        self.slices_seen += x.shape[0]
+        return super().forward(x)
+
+
+def _thick_axis_last_dataset(synthetic_raw, root):
+    """The synthetic dataset with each array turned (z, y, x) -> (y, x, z): the 3 mm slices are now along
+    array axis 2 (ITK's x), as in a sagittal series; images are their label map (label x 10 + 5)."""
+    import json
+
+    from tests.conftest import write_nifti
+
+    dataset = root / synthetic_raw.name
+    for case in sorted(p.name[:-len(".nii.gz")] for p in (synthetic_raw / "labelsTr").iterdir()):
+        label, _ = read_label(synthetic_raw / "labelsTr" / f"{case}.nii.gz")
+        turned = np.ascontiguousarray(np.transpose(label, (1, 2, 0)))
+        write_nifti(dataset / "labelsTr" / f"{case}.nii.gz", turned.astype(np.uint8), spacing=(3.0, 1.0, 1.0))
+        write_nifti(dataset / "imagesTr" / f"{case}_0000.nii.gz", turned.astype(np.float32) * 10.0 + 5.0,
+                    spacing=(3.0, 1.0, 1.0))
+    spec = json.loads((synthetic_raw / "dataset.json").read_text())
+    (dataset / "dataset.json").write_text(json.dumps({**spec, "numTraining": len(list((dataset / "labelsTr").iterdir()))}))
+    return dataset
+
+
+def test_a_2d_configuration_slices_across_the_thick_axis_wherever_it_lies_and_maps_back(synthetic_raw, tmp_path):
+    # nnU-Net's transpose_forward: the 2D network sees the fine 1x1 mm planes, not 3x1 mm strips, and the
+    # prediction comes back in the input's own array order and geometry.
+    dataset = _thick_axis_last_dataset(synthetic_raw, tmp_path / "raw")
+    plans = plan_dataset(compute_fingerprint(dataset, 1, False), load_dataset_spec(dataset).labels,
+                         architectures=["unet"])
+    config = plans.configurations["2d"]
+    assert config.slice_axis == 2 and config.spacing == [1.0, 1.0]
+    case = "synth_002"
+    image, geometry = read_image(dataset / "imagesTr" / f"{case}_0000.nii.gz")
+    truth, truth_geometry = read_label(dataset / "labelsTr" / f"{case}.nii.gz")
+    pre = preprocess_arrays(image, truth, geometry, plans, "2d")  # nothing to crop or resample here
+    assert pre.seg.shape == (truth.shape[2], truth.shape[0], truth.shape[1])  # the thick axis's slices first
+    assert all(np.array_equal(pre.seg[k], truth[:, :, k]) for k in range(truth.shape[2]))
+    patch = plans.architecture("2d").patch_size
+    assert all(p >= n for p, n in zip(patch, image.shape[1:3])), "one window per slice, for the count below"
+    (tmp_path / "in").mkdir()
+    shutil.copy(dataset / "imagesTr" / f"{case}_0000.nii.gz", tmp_path / "in")
+    network = NearestIntensity2D(((np.array([5.0, 15.0, 25.0]) - image[0].mean()) / image[0].std()).tolist())
+    model = TrainedModel(plans, "2d", "unet", [network], ["0"])
+    result = predict_folder(model, tmp_path / "in", tmp_path / "out", PredictionSettings(mirror=False),
+                            torch.device("cpu"), progress=False)
+    assert result.written == [case]
+    assert network.slices_seen == image.shape[3]  # one window per 3 mm slice (axis 2), none across
+    predicted, predicted_geometry = read_label(tmp_path / "out" / f"{case}.nii.gz")
+    assert predicted_geometry == truth_geometry
+    assert np.array_equal(predicted, truth)
+    # A 2D image has no axis 2 to slice across (its placeholder axis 0 would be resampled into ~999 slices).
+    from tests.conftest import write_nifti
+
+    write_nifti(tmp_path / "flat" / "flat_0000.nii.gz", np.full((30, 20), 5.0, np.float32), spacing=(1.0, 1.0))
+    result = predict_folder(model, tmp_path / "flat", tmp_path / "out", PredictionSettings(mirror=False),
+                            torch.device("cpu"), progress=False)
+    assert result.written == [] and "which slices volumes across array axis 2" in result.failed[0]
+
+
+def test_only_a_finished_fold_predicts_unless_another_checkpoint_is_named(plans, tmp_path):
+    # nnU-Net's rule: a fold still training (or killed) has best/latest checkpoints only, and is not used unasked.
+    fold = _trained_model(tmp_path / "results", plans, "Dataset999_Synthetic")
+    (fold / "checkpoint_final.pt").rename(fold / "checkpoint_best.pt")
+    with pytest.raises(CheckpointError, match=r"training has not finished \(no checkpoint_final.pt; "
+                                              r"checkpoint_best.pt there\).*--checkpoint"):
+        load_trained_model(fold.parent, ["0"], "3d_fullres", "unet", torch.device("cpu"))
+    model = load_trained_model(fold.parent, ["0"], "3d_fullres", "unet", torch.device("cpu"),
+                               checkpoint_name="checkpoint_best.pt")
+    assert len(model.networks) == 1
+
+
+def test_a_fold_trained_on_another_plan_is_refused_by_name(plans, tmp_path):
+    """Re-planned (new preprocessing, same topology), then only fold 0 retrained: fold 1's weights still load,
+    so without the check the two would be averaged, fold 1 fed data preprocessed for the new plan."""
+    fold_0 = _trained_model(tmp_path / "results", plans, "Dataset999_Synthetic")
+    arch = plans.architecture("3d_fullres")
+    trained_on = {"configuration": "3d_fullres", "architecture": "unet", "patch_size": list(arch.patch_size),
+                  "data_identifier": plans.configuration("3d_fullres").data_identifier, "num_classes": 3}
+    weights = load_state_dict(fold_0 / "checkpoint_final.pt")
+    torch.save({"model": weights, "plan": trained_on}, fold_0 / "checkpoint_final.pt")
+    fold_1 = fold_0.parent / "fold_1"
+    shutil.copytree(fold_0, fold_1)
+    torch.save({"model": weights, "plan": {**trained_on, "data_identifier": "3d_fullres_0ld0ld00"}},
+               fold_1 / "checkpoint_final.pt")
+    assert len(load_trained_model(fold_0.parent, ["0"], "3d_fullres", "unet", torch.device("cpu")).networks) == 1
+    with pytest.raises(CheckpointError, match=r"fold_1/checkpoint_final.pt.*another plan .*data_identifier: "
+                                              r"3d_fullres_0ld0ld00 there"):
+        load_trained_model(fold_0.parent, ["0", "1"], "3d_fullres", "unet", torch.device("cpu"))
+
+
+def test_a_2d_image_given_to_a_3d_model_is_refused_not_stretched_to_999_slices(plans, tmp_path):
+    from tests.conftest import write_nifti
+
+    write_nifti(tmp_path / "in" / "flat_0000.nii.gz", np.full((40, 30), 100.0, dtype=np.float32), spacing=(1.0, 1.0))
+    model = TrainedModel(plans, "3d_fullres", "unet", [NearestIntensity([0.0, 1.0, 2.0])], ["0"])
+    result = predict_folder(model, tmp_path / "in", tmp_path / "out", PredictionSettings(mirror=False),
+                            torch.device("cpu"), progress=False)
+    assert result.written == [] and len(result.failed) == 1
+    assert result.failed[0] == (f"{tmp_path / 'in' / 'flat_0000.nii.gz'}: a 2D image (40 x 30) cannot be predicted "
+                                "by the 3D configuration 3d_fullres; give a 3D image, or a model of 2D images")

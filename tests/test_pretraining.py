@@ -308,3 +308,33 @@ def test_swin_views_split_into_cpu_calls_give_the_whole_batch_step():
     for name, value in whole_parts.items():
         assert split_parts[name] == pytest.approx(value, rel=1e-10), name
     assert torch.allclose(split_weights, whole_weights, rtol=0, atol=1e-10)
+
+
+def test_the_unlabelled_cache_follows_its_files_and_an_empty_images_ts_is_skipped(planned, tmp_path, capfd):
+    from autoseg.pretraining.data import preprocess_unlabelled
+
+    roots, name, _ = planned
+    plans = load_plans(roots.plans_file(name))
+    tests = sorted((roots.raw / name / "imagesTs").iterdir())
+    for folder, source in (("site_a", tests[0]), ("site_b", tests[1])):  # one name, two different scans
+        (tmp_path / folder).mkdir()
+        shutil.copy(source, tmp_path / folder / "scan_0000.nii.gz")
+    cache = tmp_path / "cache"
+    [case_id] = preprocess_unlabelled(plans, "3d_fullres", [tmp_path / "site_a"], cache)
+    from_a = np.load(cache / f"{case_id}.npy")
+    assert preprocess_unlabelled(plans, "3d_fullres", [tmp_path / "site_b"], cache) == [case_id]
+    from_b = np.load(cache / f"{case_id}.npy")
+    assert from_a.shape != from_b.shape or not np.array_equal(from_a, from_b), "site_b's scan, not site_a's again"
+    written = (cache / f"{case_id}.npy").stat().st_mtime_ns
+    preprocess_unlabelled(plans, "3d_fullres", [tmp_path / "site_b"], cache)
+    assert (cache / f"{case_id}.npy").stat().st_mtime_ns == written  # the same files: kept
+
+    # A dataset whose imagesTs is empty pre-trains on imagesTr (it stopped with "no image files").
+    raw = tmp_path / "raw"
+    shutil.copytree(roots.raw / name, raw / name, ignore=shutil.ignore_patterns("imagesTs"))
+    (raw / name / "imagesTs").mkdir()
+    shutil.copytree(roots.preprocessed / name, tmp_path / "pre" / name,
+                    ignore=shutil.ignore_patterns("pretrain_*", "3d_*", "2d_*"))
+    own = Roots(raw, tmp_path / "pre", tmp_path / "res")
+    pretrain(own, name, "3d_fullres", "unet", PretrainingOptions(epochs=1, iters_per_epoch=1, seed=0, progress=False))
+    assert "pretrain: 6 image(s) from 1 folder(s)" in capfd.readouterr().out

@@ -84,3 +84,24 @@ def test_a_region_based_dataset_trains_validates_and_predicts(synthetic_raw, tmp
         probabilities = np.load(written.with_name(written.name.replace(".nii.gz", ".npz")))
         stored = probabilities[probabilities.files[0]]
         assert stored.shape[0] == 2 and stored.min() >= 0 and stored.max() <= 1
+
+
+def test_dicom_seg_output_of_a_region_based_model_is_refused_before_any_work(tmp_path):
+    # The SEG writer makes one segment per written value; nested regions (a core inside the whole tumour) need
+    # one of each region's voxels, so its SEG named the edema ring "whole tumour". Refused until written right.
+    from pathlib import Path
+
+    from autoseg.errors import UsageError
+    from autoseg.inference.folder import predict_folder
+    from autoseg.inference.model import TrainedModel
+    from autoseg.inference.predictor import PredictionSettings
+
+    plans = load_plans(Path(__file__).resolve().parents[1] / "plans" / "Dataset999_Synthetic.json")
+    plans.labels, plans.has_regions, plans.regions_class_order = {"background": 0, "whole": [1, 2], "core": [2]}, \
+        True, [1, 2]
+    (tmp_path / "in").mkdir()
+    model = TrainedModel(plans, "3d_fullres", "unet", [], ["0"])
+    with pytest.raises(UsageError, match="DICOM SEG output of region-based models is not supported yet"):
+        predict_folder(model, tmp_path / "in", tmp_path / "out", PredictionSettings(), torch.device("cpu"),
+                       output_format="dicom-seg")
+    assert not (tmp_path / "out").exists()

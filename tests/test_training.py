@@ -136,6 +136,77 @@ def test_patches_larger_than_the_image_are_padded_and_foreground_is_oversampled(
     assert image.shape == (3, 1, 32, 32) and seg.shape == (3, 32, 32) and (seg[-1] > 0).any()
 
 
+def test_foreground_is_forced_by_the_place_in_the_whole_batch_as_nnunet_does(tiny, monkeypatch):
+    # nnU-Net forces the last third of a step's batch (2 -> the second sample). Under torchrun with batch 2 on
+    # 2 ranks each rank draws one sample: forcing "the last third of my own batch" made every patch forced.
+    roots, name = tiny
+    _, folder = _folder(roots, name)
+    forced = []
+    monkeypatch.setattr(PatchSampler, "_patch", lambda self, case_id, force_foreground: forced.append(
+        force_foreground) or (np.zeros((1, 8, 8, 8), np.float32), np.zeros((8, 8, 8), np.int16)))
+    np.random.seed(0)
+
+    def share(batch_size, place_in_batch=None, draws=300):
+        forced.clear()
+        sampler = PatchSampler(folder, ["synth_000"], [8, 8, 8], batch_size, False, place_in_batch=place_in_batch)
+        for _ in range(draws):
+            sampler.batch()
+        return sum(forced) / len(forced)
+
+    assert share(2) == 0.5 and share(7) == 2 / 7 and share(3) == 1 / 3
+    assert share(1, (0, 2)) == 0.0 and share(1, (1, 2)) == 1.0  # batch 2 on two ranks: one forced in all
+    assert share(4, (0, 7)) == 0.0 and share(3, (4, 7)) == 2 / 3  # 7 on two ranks: 4 + 3
+    assert 0.25 <= share(1) <= 0.42  # a batch of one: a third of the time (was always)
+
+
+def test_patches_of_a_sparsely_annotated_case_are_centred_on_its_annotated_voxels(tiny):
+    # One annotated slice in a case otherwise ignored (-1): a patch placed at random is mostly all-ignored,
+    # a step without loss; nnU-Net centres the patches it does not force onto foreground on annotated voxels.
+    from autoseg.preprocessing.preprocess import sample_class_locations
+
+    roots, name = tiny
+    _, folder = _folder(roots, name)
+    sampler = PatchSampler(folder, ["synth_000"], [4, 16, 16], 1, augment=False, place_in_batch=(0, 2))  # not forced
+    image, seg = sampler.arrays("synth_000")
+    sparse = np.full(seg.shape, -1, dtype=np.int16)
+    sparse[seg.shape[0] - 2] = np.asarray(seg[seg.shape[0] - 2])  # only the second-last slice annotated
+    sampler._arrays["synth_000"] = (image, sparse)
+    sampler.properties["synth_000"].class_locations = {
+        key: np.asarray(points, dtype=np.int32).reshape(-1, 3)
+        for key, points in sample_class_locations(sparse, "synth_000").items()}
+    np.random.seed(0)
+    all_ignored = sum(bool((sampler.batch()[1] == -1).all()) for _ in range(40))
+    assert all_ignored == 0
+
+
+@pytest.mark.parametrize("patch, degrees", [([512, 256], 15), ([256, 224], 180), ([40, 56, 40], 30)])
+def test_rotation_ranges_are_nnunets_for_the_patch_shape(patch, degrees):
+    # nnU-Net (configure_rotation_dummyDA_mirroring_and_inital_patch_size): ±15 degrees for 2D patches whose
+    # sides differ by more than 1.5x, any angle for other 2D patches, ±30 degrees in 3D.
+    from autoseg.training.data import augmentation
+
+    spatial = augmentation(patch).transforms[0]
+    assert spatial.angle_x == pytest.approx((-np.radians(degrees), np.radians(degrees)))
+
+
+def test_the_sampler_keeps_a_bounded_number_of_cases_open(tiny, monkeypatch):
+    # Each memory-mapped case holds file descriptors; a worker that kept every case of a large dataset open
+    # ran into the usual limit of 1024 open files.
+    import autoseg.training.data as data
+
+    roots, name = tiny
+    _, folder = _folder(roots, name)
+    monkeypatch.setattr(data, "OPEN_CASES", 1)
+    sampler = PatchSampler(folder, ["synth_000", "synth_001"], [8, 32, 32], 2, augment=False)
+    before = len(os.listdir("/proc/self/fd"))
+    first = np.array(sampler.arrays("synth_000")[1][:2])
+    one_open = len(os.listdir("/proc/self/fd"))
+    sampler.arrays("synth_001")
+    assert len(os.listdir("/proc/self/fd")) == one_open > before  # synth_000's maps closed as synth_001's opened
+    assert list(sampler._arrays) == ["synth_001"]
+    assert np.array_equal(np.array(sampler.arrays("synth_000")[1][:2]), first)  # opened again when needed
+
+
 # ---- the loop -----------------------------------------------------------------------------------------------
 
 def test_a_few_iterations_decrease_the_loss(tiny):
@@ -156,6 +227,33 @@ def test_a_few_iterations_decrease_the_loss(tiny):
         optimizer.step()
         losses.append(float(loss.detach()))
     assert losses[-1] < 0.6 * losses[0]
+
+
+class _LogitsOf(torch.nn.Module):
+    """A 'network' that outputs the one-hot logits of a fixed label map (its input is ignored)."""
+
+    def __init__(self, labels, num_classes):
+        super().__init__()
+        self.logits = torch.nn.functional.one_hot(labels, num_classes).movedim(-1, 1).float() * 10
+
+    def forward(self, image):
+        return self.logits
+
+
+def test_a_class_absent_from_every_validation_patch_has_no_pseudo_dice_and_does_not_lower_the_mean():
+    # nnU-Net: NaN and nanmean. A 0 for a class that no patch held made the EMA (and checkpoint_best.pt)
+    # follow which classes a budget's one or two validation batches happened to contain.
+    target = torch.zeros(2, 4, 4, 4, dtype=torch.long)
+    target[:, :2] = 1  # class 1 present, class 2 nowhere
+    predicted = target.clone()
+    predicted[0, 0] = 0  # class 1: 48 of 64 voxels found -> Dice 2*48 / (48 + 64) = 6/7
+    network = _LogitsOf(predicted, 3)
+    batches = iter([(torch.zeros(2, 1, 4, 4, 4), target)] * 2)
+    loop = TrainingLoop(network=network, model=network, loss=DiceCELoss(), train_batches=batches,
+                        val_batches=batches, optimizer=torch.optim.SGD([torch.zeros(1, requires_grad=True)], 0.1),
+                        schedule=PolySchedule(0.01, 0.9, 1, 1), num_classes=3, val_iters=1, progress=False)
+    _, dice = loop.validate()
+    assert dice[0] == pytest.approx(6 / 7) and dice[1] is None
 
 
 def test_a_batch_split_into_network_calls_trains_exactly_as_one_call():
@@ -224,6 +322,49 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny):
     assert resumed["split"]["fold"] == "0" and resumed["plan"]["patch_size"] == [8, 32, 32]
     assert (out / "progress.png").stat().st_size > 1000 and len((out / "training_log.jsonl").read_text().splitlines()) == 3
     assert (out / "plans.json").is_file() and (out / "dataset.json").is_file()
+
+
+class _ValidationBatches:
+    """Sets the loop's validation batches (as a time budget does in its first epoch) or records them."""
+
+    def __init__(self, set_to=None):
+        self.set_to, self.seen = set_to, []
+
+    def on_iteration_end(self, loop, iteration, loss, seconds):
+        if self.set_to is not None:
+            loop.val_iters = self.set_to
+        self.seen.append(loop.val_iters)
+
+
+def test_a_continued_run_keeps_the_validation_batches_its_time_budget_chose(tiny):
+    # --continue ignores --time-budget (the schedule was fitted at the start) but fell back to --val-iters'
+    # 50 batches per epoch where the budget had chosen a few: each epoch ~1.6x longer than planned.
+    roots, name = tiny
+    killed = Roots(roots.raw, roots.preprocessed, roots.results.parent / "val_iters")
+    with pytest.raises(KeyboardInterrupt):
+        train_fold(killed, name, "3d_fullres", "0", options=_options(val_iters=4),
+                   callbacks=[_ValidationBatches(set_to=2), _Kill(after=1)])
+    seen = _ValidationBatches()
+    train_fold(killed, name, "3d_fullres", "0", options=_options(val_iters=4, resume=True), callbacks=[seen])
+    assert seen.seen and set(seen.seen) == {2}
+
+
+def test_a_run_continued_without_seed_draws_its_patches_from_the_runs_own_seed(tiny, monkeypatch):
+    # Without --seed a run draws a random seed and stores it; continued, the loader workers took a fresh one.
+    import autoseg.training.fold as fold_module
+
+    roots, name = tiny
+    killed = Roots(roots.raw, roots.preprocessed, roots.results.parent / "no_seed")
+    with pytest.raises(KeyboardInterrupt):
+        train_fold(killed, name, "3d_fullres", "0", options=_options(seed=None), callbacks=[_Kill(after=1)])
+    saved = torch.load(killed.training_output(name, "3d_fullres", "unet", 0) / "checkpoint_latest.pt",
+                       weights_only=True)
+    seeds = []
+    real = fold_module.batch_iterator
+    monkeypatch.setattr(fold_module, "batch_iterator", lambda sampler, workers, seed, **kw: seeds.append(seed) or
+                        real(sampler, workers, seed, **kw))
+    train_fold(killed, name, "3d_fullres", "0", options=_options(seed=None, resume=True))
+    assert seeds == [saved["seed"] + 7919 * saved["epoch"], saved["seed"]]
 
 
 class _Custom:  # a pickled object of a class: what weights_only refuses to build
@@ -495,3 +636,10 @@ def test_loader_workers_of_a_continued_run_draw_new_patches():
 
     started, continued = first_draws(5), first_draws(5 + 7919)
     assert len(set(started)) == 8 and not set(started) & set(continued)
+
+
+@pytest.mark.parametrize("minutes", [float("nan"), float("inf"), 0.0, -3.0])
+def test_a_time_budget_that_is_no_positive_finite_number_is_refused(minutes):
+    # NaN compared false everywhere (the run ended after six iterations); inf overflowed in the refit.
+    with pytest.raises(UsageError, match=r"--time-budget must be a positive, finite number of minutes"):
+        TrainingOptions(time_budget_minutes=minutes).check()

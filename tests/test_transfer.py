@@ -96,6 +96,28 @@ def test_fine_tuning_with_a_frozen_encoder_keeps_the_source_encoder(source):
     assert tuned["history"][0]["encoder_frozen"] is True
 
 
+def test_a_frozen_encoders_gradients_do_not_shrink_the_decoders_clipped_step():
+    # The clip (norm 12) took every gradient's norm; with the encoder frozen its (dropped) gradients still
+    # shrank the decoder's step: here encoder gradients of norm 200 scaled the decoder's by 0.06.
+    from autoseg.training.loop import TrainingLoop
+
+    network = torch.nn.Sequential(torch.nn.Linear(4, 4, bias=False), torch.nn.Linear(4, 1, bias=False))
+    with torch.no_grad():
+        network[0].weight.fill_(0.01)
+        network[1].weight.fill_(1.0)
+    image = torch.full((1, 4), 1000.0)  # hidden units 40 each
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
+    schedule = PolySchedule(0.1, 0.9, total_epochs=10, iters_per_epoch=3)
+    phases = FineTuningPhases(optimizer, schedule, list(network[0].parameters()), freeze_encoder_epochs=1)
+    loss = lambda output, target: 0.05 * output.sum()  # noqa: E731
+    loop = TrainingLoop(network=network, model=network, loss=loss, train_batches=iter([]), val_batches=iter([]),
+                        optimizer=optimizer, schedule=schedule, num_classes=2, callbacks=[phases], progress=False)
+    loop.train_step(image, torch.zeros(1))
+    assert torch.equal(network[0].weight, torch.full((4, 4), 0.01))  # frozen
+    # the decoder's gradient: 0.05 x 40 = 2 per weight, norm 4 < 12, so the step is the full 0.1 x 2
+    torch.testing.assert_close(network[1].weight, torch.full((1, 4), 0.8))
+
+
 def test_warmup_ramps_the_steps_linearly_then_follows_the_schedule():
     weight = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([weight], lr=0.1)  # no momentum: each step moves by lr * grad exactly

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 from pathlib import Path
 
 from autoseg.cli import add_common
@@ -25,6 +26,12 @@ def run(args) -> int:
     work = Path(args.output).resolve()
     roots = {key: work / key for key in ("raw", "preprocessed", "results")}
     print(f"demo: making a synthetic dataset of {args.cases} cases under {roots['raw']}")
+    # Made afresh, as are its predictions: a demo run again (with another --cases, or after --quick) must
+    # neither train on an earlier run's cases nor evaluate an earlier model's masks that predict would skip.
+    # Its store, splits and models too: the folds of an earlier run name cases this one may not have.
+    made = [roots[key] / "Dataset999_Synthetic" for key in ("raw", "preprocessed", "results")]
+    for made_by_the_demo in made + [work / "predictions"]:
+        shutil.rmtree(made_by_the_demo, ignore_errors=True)
     make_synthetic_dataset(roots["raw"], num_cases=args.cases)
     flags = [f"--raw={roots['raw']}", f"--preprocessed={roots['preprocessed']}", f"--results={roots['results']}"]
     steps = demo_steps(args, work)

@@ -23,7 +23,7 @@ def register(subparsers) -> None:
     parser.add_argument("--best", action="store_true",
                         help="export what `autoseg find-best` chose (its models and folds; -c/-a/-f not allowed)")
     parser.add_argument("--checkpoint", choices=["final", "best"], default=None,
-                        help="which weights of each fold (default: final, else best)")
+                        help="which weights of each fold (default: final: finished folds only)")
     parser.add_argument("--onnx", action="store_true",
                         help="also the networks as ONNX, for `predict --engine onnxruntime` (unet, resenc_unet)")
     add_common(parser)

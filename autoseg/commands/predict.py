@@ -34,7 +34,9 @@ def register(subparsers) -> None:
                         help="only the K-th of N parts of the sorted cases (1 <= K <= N), e.g. a job array's task")
     parser.add_argument("--engine", choices=["torch", "onnxruntime"], default="torch",
                         help="onnxruntime: the package's ONNX networks (export --onnx), float32 on the CPU")
-    parser.add_argument("--checkpoint", default=None, help="checkpoint file name (default: final, then best)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="checkpoint file name, e.g. checkpoint_best.pt of a fold still training "
+                             "(default: checkpoint_final.pt: finished folds only)")
     parser.add_argument("--step", type=float, default=0.5, help="window step as a fraction of the patch")
     parser.add_argument("--disable-tta", action="store_true", help="no mirroring (8x faster in 3D)")
     parser.add_argument("--save-probabilities", action="store_true", help="also write CASE.npz")

@@ -38,6 +38,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    from autoseg.cli import STARTED
     from autoseg.paths import Roots
     from autoseg.pretraining.run import PretrainingOptions, pretrain
 
@@ -46,7 +47,7 @@ def run(args) -> int:
                                  time_budget_minutes=args.time_budget, extra_image_folders=list(args.images),
                                  task=args.task, device=args.device, num_workers=args.num_workers, seed=args.seed,
                                  resume=args.resume, amp=not args.fp32,
-                                 cpu_bf16=args.cpu_bf16)
+                                 cpu_bf16=args.cpu_bf16, started=STARTED)
     output = pretrain(roots, roots.find_dataset(args.dataset), args.configuration, args.architecture, options)
     print(f"pretrain: done -> {output}")
     return 0

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,7 @@ def find_segs(folder: Path) -> tuple[dict[str, list[Path]], list[str]]:
     """SEG files by the SeriesInstanceUID they reference, and one line per label file that cannot be used."""
     pydicom = require("pydicom")
     segs: dict[str, list[Path]] = {}
-    problems = []
+    problems, rtstructs = [], []
     for path in sorted(p for p in Path(folder).rglob("*") if p.is_file() and looks_like_dicom(p)):
         try:
             header = pydicom.dcmread(path, stop_before_pixels=True)
@@ -54,30 +55,45 @@ def find_segs(folder: Path) -> tuple[dict[str, list[Path]], list[str]]:
             continue
         modality = str(getattr(header, "Modality", ""))
         if modality == "RTSTRUCT":
-            problems.append(f"{path}: RTSTRUCT labels are not supported; convert them to DICOM SEG (e.g. with "
-                            "dcmqi or 3D Slicer)")
+            rtstructs.append(path)
         elif modality != "SEG":
-            problems.append(f"{path}: not a DICOM SEG (Modality {modality or 'missing'})")
+            continue  # the images themselves, reports, DICOMDIRs: a labels folder may be the whole export
         elif "ReferencedSeriesSequence" not in header:
             problems.append(f"{path}: the SEG references no series (ReferencedSeriesSequence missing)")
         else:
             segs.setdefault(str(header.ReferencedSeriesSequence[0].SeriesInstanceUID), []).append(path)
+    if rtstructs:
+        message = (f"{len(rtstructs)} RTSTRUCT file(s) ({rtstructs[0]}{', ...' if len(rtstructs) > 1 else ''}): "
+                   "RTSTRUCT labels are not supported; convert them to DICOM SEG (e.g. with dcmqi or 3D Slicer)")
+        if segs:  # SEGs label the cases; the contours beside them are left out, and said so
+            print(f"convert-dicom: warning: {message}; left out", file=sys.stderr)
+        else:
+            problems.append(message)
     return segs, problems
 
 
 def seg_label_map(path: Path, series: DicomSeries, mapping: dict[str, int]) -> tuple[np.ndarray | None, list[str]]:
     """The SEG as a label map on ``series``' grid, or None and the reasons it cannot be mapped."""
     hd = require("highdicom")
-    seg = hd.seg.segread(path)
-    labels = {int(s.SegmentNumber): str(s.SegmentLabel) for s in seg.SegmentSequence}
+    try:
+        seg = hd.seg.segread(path)
+        labels = {int(s.SegmentNumber): str(s.SegmentLabel) for s in seg.SegmentSequence}
+    except Exception as exc:  # noqa: BLE001 - pydicom/highdicom raise many types for a damaged file
+        return None, [f"{path}: cannot be read as a DICOM SEG ({exc.__class__.__name__}: {str(exc)[:200]})"]
     unmapped = sorted({label for label in labels.values() if label not in mapping})
     if unmapped:
         return None, [f"{path}: segment label(s) {unmapped} are not in labels.json"]
-    masks = seg.get_pixels_by_source_instance(series.instance_uids, segment_numbers=sorted(labels),
-                                              assert_missing_frames_are_empty=True)
+    try:
+        # Frames are found through the source instances they reference; SpatialLocationsPreserved is optional
+        # and many writers leave it out, which highdicom otherwise refuses.
+        masks = seg.get_pixels_by_source_instance(series.instance_uids, segment_numbers=sorted(labels),
+                                                  assert_missing_frames_are_empty=True, ignore_spatial_locations=True)
+    except Exception as exc:  # noqa: BLE001 - as above: a per-file problem, not an internal error
+        return None, [f"{path}: its frames cannot be placed on series {series.uid} "
+                      f"({exc.__class__.__name__}: {str(exc)[:200]})"]
     label_map = np.zeros(masks.shape[:3], dtype=np.int16)
     for index, number in enumerate(sorted(labels)):
-        inside = masks[..., index] > 0
+        inside = masks[..., index] >= 0.5  # a FRACTIONAL SEG's probabilities too, not every non-zero one
         value = mapping[labels[number]]
         clash = inside & (label_map != 0) & (label_map != value)
         if clash.any():

@@ -60,11 +60,24 @@ def segment_values(classes: dict[str, list[int]]) -> dict[str, int]:
     return {name: values[0] for name, values in classes.items() if len(values) == 1}
 
 
+def read_label_pair(reference_path, prediction_path, classes: dict[str, list[int]]):
+    """(reference, its geometry, prediction, its geometry). A DICOM SEG is placed on the other file's grid: a
+    SEG may omit its empty frames (most tools' default), so on its own it covers only the annotated slices.
+    Where both are SEGs the prediction's grid serves (autoseg writes every frame)."""
+    values = segment_values(classes)
+    if is_seg_file(reference_path):
+        prediction, pred_geometry = read_any_label(prediction_path, values)
+        reference, ref_geometry = read_any_label(reference_path, values, pred_geometry)
+    else:
+        reference, ref_geometry = read_any_label(reference_path, values)
+        prediction, pred_geometry = read_any_label(prediction_path, values,
+                                                   ref_geometry if is_seg_file(prediction_path) else None)
+    return reference, ref_geometry, prediction, pred_geometry
+
+
 def evaluate_case(args) -> dict[str, Any]:
     reference_path, prediction_path, classes, tolerances, ignore = args
-    reference, ref_geometry = read_any_label(reference_path, segment_values(classes))
-    prediction, pred_geometry = read_any_label(prediction_path, segment_values(classes),
-                                               ref_geometry if is_seg_file(prediction_path) else None)
+    reference, ref_geometry, prediction, pred_geometry = read_label_pair(reference_path, prediction_path, classes)
     problems = pred_geometry.matches(ref_geometry)
     if problems:
         raise DatasetError(f"does not match its reference {reference_path}: {'; '.join(problems)}", prediction_path)

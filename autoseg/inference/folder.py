@@ -26,7 +26,7 @@ from autoseg.errors import AutosegError, UsageError
 from autoseg.inference.ensemble import save_probability_file
 from autoseg.inference.model import TrainedModel
 from autoseg.inference.postprocessing import PostprocessingDecision, apply_postprocessing
-from autoseg.inference.predictor import PredictionSettings, predict_case
+from autoseg.inference.predictor import PredictionSettings, check_ensemble, predict_case
 from autoseg.io.images import SUPPORTED_ENDINGS, intensity_problem, label_file_ending, read_image
 from autoseg.records import check_writable_folder
 
@@ -138,19 +138,29 @@ def predict_folder(model: TrainedModel | list[TrainedModel], input_dir: Path, ou
     if input_dir == output_dir:
         raise UsageError("output folder must differ from the input folder (predictions would mix with images)",
                          output_dir)
-    channels = (model if isinstance(model, TrainedModel) else model[0]).plans.num_input_channels
+    check_ensemble([model] if isinstance(model, TrainedModel) else model)  # once, before any case is read
+    plans = (model if isinstance(model, TrainedModel) else model[0]).plans
+    channels = plans.num_input_channels
+    if output_format != "nifti" and plans.has_regions:
+        # Its regions overlap (a tumour core inside the whole tumour): each would need a segment of its own
+        # region's voxels, which the SEG writer does not make yet; a SEG of the label map would mislabel them.
+        raise UsageError(f"--output-format {output_format}: DICOM SEG output of region-based models is not "
+                         "supported yet; write label maps (--output-format nifti)")
     dicom = list_dicom_input(input_dir, channels, dicom_channels)
     if dicom is None and output_format != "nifti":
         raise UsageError(f"--output-format {output_format} needs DICOM series as input (a SEG references them)",
                          input_dir)
     cases, refused = dicom or (list_input_cases(input_dir, channels), [])
-    cases = select_part(cases, part)
     check_writable_folder(output_dir)
-    result = FolderResult(failed=list(refused))
     if dicom is not None:
         from autoseg.io.dicom import write_cases_csv
 
+        # Every case, whichever part this is: the N jobs of --part share the output folder and write the
+        # same listing (each only its own share overwrote the others').
         write_cases_csv([c.dicom for c in cases], output_dir / "cases.csv")
+    cases = select_part(cases, part)
+    # Series that cannot be read count as failures of part 1 only, so that one bad series fails one job, not N.
+    result = FolderResult(failed=list(refused) if part is None or part[0] == 1 else [])
     write_seg = seg_writer(model) if output_format != "nifti" else None
     todo = []
     for case in cases:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -133,6 +134,14 @@ def _parse_manifest(source: Path | bytes, package: Path) -> ModelManifest:
         raise PackageError(f"member '{MANIFEST}' does not match the manifest schema: {exc}", package) from None
     for name in manifest.files:
         _safe_name(name, package)
+    # The names that become paths when the models load: plain words only, so that a manifest cannot send
+    # the loader to plans or weights outside the verified members ("../../elsewhere").
+    for model in manifest.models:
+        names = [model.configuration, model.architecture, *model.folds, *model.checkpoints.values()]
+        unsafe = [name for name in names if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or ".." in name]
+        if unsafe:
+            raise PackageError(f"member '{MANIFEST}': {unsafe[0]!r} is not a plain name (configuration, "
+                               "architecture, fold or checkpoint); refused", package)
     return manifest
 
 
@@ -255,5 +264,6 @@ def load_package_models(folder: Path, manifest: ModelManifest, device: torch.dev
 
             models.append(load_onnx_model(model_dir, chosen, packaged.configuration, packaged.architecture))
         else:
-            models.append(load_trained_model(model_dir, chosen, packaged.configuration, packaged.architecture, device))
+            models.append(load_trained_model(model_dir, chosen, packaged.configuration, packaged.architecture, device,
+                                             checkpoint_name=packaged.checkpoints))
     return models, (load_postprocessing(folder) if manifest.postprocessing else None)

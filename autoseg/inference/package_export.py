@@ -28,15 +28,16 @@ import numpy as np
 import torch
 
 from autoseg import __version__
-from autoseg.errors import CheckpointError, UsageError
+from autoseg.errors import UsageError
 from autoseg.evaluation.evaluate import summarize_rows
 from autoseg.inference.ensemble import ensemble_folder, model_name
-from autoseg.inference.model import find_checkpoint, load_state_dict
+from autoseg.inference.model import check_fold_plan, find_checkpoint, load_state_dict
 from autoseg.inference.package import (MANIFEST, PACKAGE_SCHEMA_VERSION, ModelManifest, PackagedFile, PackagedModel,
                                        member_folder)
 from autoseg.inference.postprocessing import POSTPROCESSING_FILE
 from autoseg.paths import Roots
-from autoseg.records import atomic_write_bytes, dumps, read_json
+from autoseg.planning.plans import load_plans
+from autoseg.records import atomic_write_with, dumps, read_json
 
 _ZIP_DATE = (2020, 1, 1, 0, 0, 0)  # fixed member dates: the same model gives the same members
 CHECKPOINT_NAMES = {"final": "checkpoint_final.pt", "best": "checkpoint_best.pt"}
@@ -61,6 +62,7 @@ def export_package(roots: Roots, dataset_name: str, models: list[tuple[str, str]
         if plans_file is None:
             raise UsageError("no plans.json beside the trained model", model_dir)
         members[f"{folder}/plans.json"] = plans_file.read_bytes()
+        plans = load_plans(plans_file)
         dataset_json = dataset_json or next((p for p in (model_dir / "dataset.json", roots.raw_dataset(dataset_name)
                                                          / "dataset.json") if p.is_file()), None)
         chosen, training = {}, {}
@@ -69,10 +71,10 @@ def export_package(roots: Roots, dataset_name: str, models: list[tuple[str, str]
             if not fold_dir.is_dir():
                 raise UsageError(f"fold {fold} of {model_dir.name} is not trained", fold_dir)
             path = find_checkpoint(fold_dir, CHECKPOINT_NAMES[checkpoint] if checkpoint else None)
-            if path.name == "checkpoint_latest.pt":
-                raise CheckpointError("only checkpoint_latest.pt: the fold's training has not finished", fold_dir)
+            settings = _training_settings(path)
+            check_fold_plan(settings.get("plan"), plans, configuration, architecture, path)
             members[f"{folder}/fold_{fold}/{path.name}"] = _weights_only(path)
-            chosen[fold], training[fold] = path.name, _training_settings(path)
+            chosen[fold], training[fold] = path.name, settings
         if onnx:
             from autoseg.inference.onnx import export_onnx_members
 
@@ -145,12 +147,15 @@ def _onnx_opset() -> int:
 
 
 def _write_zip(output: Path, members: dict[str, bytes]) -> None:
-    """The zip built in memory (weights are tens of MB), then written atomically like every other output."""
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        for name, data in members.items():
-            info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
-            info.compress_type = zipfile.ZIP_DEFLATED
-            info.external_attr = 0o644 << 16
-            archive.writestr(info, data, compresslevel=1)
-    atomic_write_bytes(output, buffer.getvalue())
+    """The zip written straight into the temporary file that becomes ``output`` (atomically, like every other
+    output): built in memory first, it held two more copies of the members (five folds of a large network
+    are gigabytes)."""
+    def write(handle) -> None:
+        with zipfile.ZipFile(handle, "w") as archive:
+            for name, data in members.items():
+                info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
+                info.compress_type = zipfile.ZIP_DEFLATED
+                info.external_attr = 0o644 << 16
+                archive.writestr(info, data, compresslevel=1)
+
+    atomic_write_with(output, write)

@@ -60,6 +60,15 @@ def predict_case(model: TrainedModel | Sequence[TrainedModel], image: np.ndarray
                  settings: PredictionSettings, device: torch.device) -> CasePrediction:
     models = [model] if isinstance(model, TrainedModel) else list(model)
     plans = models[0].plans
+    check_ensemble(models)
+    for one in models:
+        config = one.plans.configuration(one.configuration)
+        if geometry.dimension == 2 and (config.dimensions == 3 or config.slicing_axis != 0):
+            # Its placeholder slice spacing (999) would be "resampled" into ~999 interpolated slices.
+            raise UsageError(f"a 2D image ({' x '.join(map(str, geometry.shape))}) cannot be predicted by the "
+                             + (f"3D configuration {one.configuration}" if config.dimensions == 3 else
+                                f"configuration {one.configuration}, which slices volumes across array axis "
+                                f"{config.slicing_axis}") + "; give a 3D image, or a model of 2D images")
     # The label value of each output channel; for region outputs, the value each region writes.
     values = plans.regions_class_order if plans.has_regions else class_values(plans)
     keys = [(m.configuration, preprocessing_digest(m.plans, m.configuration)) for m in models]
@@ -80,6 +89,8 @@ def predict_case(model: TrainedModel | Sequence[TrainedModel], image: np.ndarray
         probabilities = _probabilities_on_device_or_host(
             one.networks, torch.from_numpy(pre.image), device, arch.patch_size, settings.step, settings.mirror,
             batch, amp_dtype, plans.has_regions)
+        if pre.moved_axis:  # a 2D configuration's slice axis back where it was
+            probabilities = probabilities.movedim(1, 1 + pre.moved_axis)
         del pre  # the preprocessed image is not needed on the way back
         for index in range(probabilities.shape[0]):
             # One class at a time back to the cropped original grid (linear; nearest along a thick-slice axis).
@@ -106,6 +117,18 @@ def predict_case(model: TrainedModel | Sequence[TrainedModel], image: np.ndarray
         if not plans.has_regions:
             full[0][_outside(box, geometry.array_shape)] = 1.0  # background outside the crop
     return CasePrediction(labels, full, values, plans.has_regions)
+
+
+def check_ensemble(models: Sequence[TrainedModel]) -> None:
+    """Refuse an ensemble whose models differ in labels or channels: averaged channel by channel, they would
+    mix unrelated classes."""
+    plans = models[0].plans
+    for one in models[1:]:
+        if (one.plans.labels, one.plans.regions_class_order, one.plans.channel_names) != (
+                plans.labels, plans.regions_class_order, plans.channel_names):
+            raise UsageError(f"the ensemble's models differ in labels or channels ({one.configuration}__"
+                             f"{one.architecture} against {models[0].configuration}__{models[0].architecture}); "
+                             "ensemble models of one dataset and plan only")
 
 
 def _probabilities_on_device_or_host(networks, image: torch.Tensor, device: torch.device, patch_size, step: float,

@@ -21,6 +21,7 @@ import fnmatch
 import importlib
 import io
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from autoseg.io.images import MAX_VOXELS, Geometry, intensity_problem
 from autoseg.records import atomic_write_bytes
 
 # Modalities of DICOM objects that are not images to segment (they may sit beside the series).
+NOT_AN_IMAGE = "not an image"
 NOT_IMAGES = {"SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "SR", "PR", "KO", "REG", "DOC", "PLAN"}
 # Slice gaps may differ by this fraction of their mean (positions are rounded decimal strings).
 GAP_TOLERANCE = 0.01
@@ -136,7 +138,7 @@ def _refusal(items) -> str | None:
     first = headers[0]
     modality = str(getattr(first, "Modality", ""))
     if modality in NOT_IMAGES or "Rows" not in first:
-        return f"not an image (Modality {modality or 'missing'})"
+        return f"{NOT_AN_IMAGE} (Modality {modality or 'missing'})"
     if any(int(getattr(h, "NumberOfFrames", 1) or 1) > 1 for h in headers):
         return "multi-frame files are not supported (export the series as one file per slice)"
     if any(int(getattr(h, "SamplesPerPixel", 1)) != 1 for h in headers):
@@ -248,7 +250,15 @@ def dicom_cases(folder: Path, num_channels: int, channel_patterns: list[str] | N
     series per channel; a study where a pattern matches none or several is refused.
     """
     series = find_series(Path(folder))
-    refused = [AutosegError(f"{s.describe()} refused: {s.problem}", s.files[0]).one_line() for s in series if s.problem]
+    # Objects that are no images at all (SEGs, structure sets, reports, key objects: any real export holds
+    # some) are passed over with a note; counted as refused, they made every run end in exit code 2.
+    not_images = [s for s in series if s.problem and s.problem.startswith(NOT_AN_IMAGE)]
+    if not_images:
+        kinds = sorted({s.problem[len(NOT_AN_IMAGE):].strip(" ()") for s in not_images})
+        print(f"autoseg: note: {len(not_images)} DICOM series that are no images passed over ({', '.join(kinds)})",
+              file=sys.stderr)
+    refused = [AutosegError(f"{s.describe()} refused: {s.problem}", s.files[0]).one_line() for s in series
+               if s.problem and s not in not_images]
     usable = [s for s in series if s.problem is None]
     if channel_patterns and len(channel_patterns) != num_channels:
         raise UsageError(f"--dicom-channels gives {len(channel_patterns)} pattern(s), the model expects {num_channels}")

@@ -39,10 +39,8 @@ class SegAlgorithm:
 
 
 def segment_names(plans) -> dict[int, str]:
-    """Label value -> class name of what a model writes (regions: the value each region writes)."""
-    if plans.has_regions:
-        names = [k for k in plans.labels if k not in ("background", "ignore")]
-        return dict(zip(plans.regions_class_order, names))
+    """Label value -> class name of what a model writes (region-based models are refused before: their
+    regions overlap, which one segment per written value cannot say)."""
     return {int(v): k for k, v in plans.labels.items() if k not in ("background", "ignore")}
 
 

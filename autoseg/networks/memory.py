@@ -237,8 +237,6 @@ def step_over_saved(build, input_channels: int, probe_patch: list[int], saved_by
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     floor = 0.5 if autocast else 1.0  # the saved bytes' own share (autocast keeps at least half of them)
-    if has_recomputed_regions and not autocast:
-        return floor  # their recomputation, counted on its own, is the rest of the step (see below)
     voxels = math.prod(probe_patch)
     # Activations of ``batch`` samples several times the weights' gradients, which the peak also holds;
     # fake tensors cost nothing per voxel, and 32 samples bound the graph.
@@ -247,19 +245,35 @@ def step_over_saved(build, input_channels: int, probe_patch: list[int], saved_by
     network = build_shapes_only(build, fake)
     network.train()
 
+    from autoseg.training.loss import DeepSupervisionLoss, DiceCELoss
+
+    training_loss = DeepSupervisionLoss(DiceCELoss())
     if has_recomputed_regions:
         # Their recomputation is counted on its own, and a fake backward through many checkpointed
         # blocks costs minutes: the share of what the forward saves (under autocast the scan's and the
-        # mLSTM's fp32 inputs keep 4 bytes), by one sample's fake forward.
+        # mLSTM's fp32 inputs keep 4 bytes), by one sample's fake forward, plus the loss's own peak on
+        # top of it (the forward's saved tensors are all alive while the loss runs).
         exclude = list(network.parameters())
 
         def saved(amp: bool) -> int:
             with fake, torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
                 return saved_bytes(network, torch.zeros((1, input_channels, *probe_patch)), exclude=exclude)
 
+        def loss_peak(amp: bool) -> int:
+            with fake:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                    out = network(torch.zeros((1, input_channels, *probe_patch)))
+                logits = [o.detach().requires_grad_() for o in (out if isinstance(out, (list, tuple)) else [out])]
+                live = _LiveBytes()
+                with live:
+                    training_loss(logits, torch.zeros((1, *probe_patch), dtype=torch.long)).backward()
+            return live.peak
+
         try:
             # Autocast's weight copies are saved too; they are counted with the parameters.
-            return max(floor, (saved(True) - AMP_WEIGHT_COPY_BYTES * parameter_count) / saved(False))
+            forward = saved(False)
+            return max(floor, (saved(True) - AMP_WEIGHT_COPY_BYTES * parameter_count) / forward if autocast
+                       else floor) + loss_peak(autocast) / forward
         except Exception:  # noqa: BLE001 - as below
             return _unmeasured_step_over_saved(autocast)
 
@@ -267,10 +281,12 @@ def step_over_saved(build, input_channels: int, probe_patch: list[int], saved_by
         live = _LiveBytes()
         with fake:
             x = torch.zeros((samples, input_channels, *probe_patch))
-            with live, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                out = network(x)
-                outputs = out if isinstance(out, (list, tuple)) else [out]
-                sum(o.float().sum() for o in outputs).backward()
+            with live:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                    out = network(x)
+                # Training's own loss, outside autocast as the loop runs it: with many classes its fp32
+                # softmax, log-softmax and one-hot outgrow the network's activations.
+                training_loss(out, torch.zeros((samples, *probe_patch), dtype=torch.long)).backward()
             for parameter in network.parameters():
                 parameter.grad = None
         return live.peak

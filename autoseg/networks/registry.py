@@ -58,6 +58,17 @@ class ArchitectureSpec:
             return "strides, kernel_sizes and features must have one entry per stage"
         if any(len(s) != dimensions for s in plan.strides + plan.kernel_sizes):
             return f"every stride and kernel size must have {dimensions} entries"
+        # What the networks take for granted: a first stage at full resolution (the loss would quietly shrink
+        # the target to a strided one's output, and prediction then fail on the shapes), odd kernels (padding
+        # k // 2 keeps the shape), positive widths.
+        if any(s != 1 for s in plan.strides[0]):
+            return f"the first stage's stride must be 1 on every axis (got {plan.strides[0]})"
+        if any(s not in (1, 2) for stride in plan.strides for s in stride):
+            return "strides must be 1 or 2"
+        if any(k < 1 or k % 2 == 0 for kernel in plan.kernel_sizes for k in kernel):
+            return "kernel sizes must be odd and positive"
+        if any(f < 1 for f in plan.features):
+            return "features must be positive"
         divisor = UNetTopology(plan.patch_size, plan.kernel_sizes, plan.strides, plan.features).divisor()
         bad = [p for p, d in zip(plan.patch_size, divisor) if p % d]
         if bad:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from monai.networks.blocks.dynunet_block import UnetUpBlock
 from monai.networks.nets import DynUNet
+from monai.networks.nets.dynunet import DynUNetSkipLayer
 from torch import nn
 
 from autoseg.planning.plans import ArchitecturePlan
@@ -56,6 +57,19 @@ class PlannedUNet(nn.Module):
             # Off by default (nnU-Net's bias there is nearly redundant); on for weights mapped from nnU-Net exactly.
             trans_bias=bool(plan.options.get("transposed_conv_bias", False)),
         )
+
+    def train(self, mode: bool = True):
+        # DynUNet's skip layers run their deep-supervision heads in every mode and keep the last outputs in
+        # ``heads``: in eval mode a 1x1 convolution per level for nothing, and with a hundred classes the
+        # kept outputs of the last batch of windows stay allocated (per fold of an ensemble). Unhooked here.
+        super().train(mode)
+        heads = self.net.heads if mode and self.deep_supervision else None
+        if heads is None and self.deep_supervision:
+            self.net.heads[:] = [torch.empty(0)] * len(self.net.heads)  # let the last training batch's go
+        for module in self.net.modules():
+            if isinstance(module, DynUNetSkipLayer):
+                module.heads = heads
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         out = self.net.output_block(self.net.skip_layers(x))

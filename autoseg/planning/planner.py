@@ -79,10 +79,14 @@ def plan_dataset(fingerprint: DatasetFingerprint, labels: dict, gpu_memory_gb: f
             voxels = float(np.sum(np.prod(case_shapes, axis=1)))
         return PlanningContext(gpu_memory_gb, in_channels, num_classes, voxels)
 
-    median_2d = [int(v) for v in np.median(per_case_shapes[:, 1:], axis=0)]
+    # Slices across the coarsest axis (nnU-Net's transpose_forward); a 2D image's is its placeholder axis 0.
+    slice_axis = int(np.argmax(target))
+    in_plane = [axis for axis in range(3) if axis != slice_axis]
+    median_2d = [int(v) for v in np.median(per_case_shapes[:, in_plane], axis=0)]
     configurations["2d"] = _plan_configuration(
-        "2d", 2, target[1:], median_2d, context(per_case_shapes, 2), names,
+        "2d", 2, [target[axis] for axis in in_plane], median_2d, context(per_case_shapes, 2), names,
         anisotropic_axis(target) if not fingerprint.is_2d else None)
+    configurations["2d"].slice_axis = slice_axis
     if not fingerprint.is_2d:
         median_3d = [int(v) for v in np.median(per_case_shapes, axis=0)]
         full = _plan_configuration("3d_fullres", 3, target, median_3d, context(per_case_shapes, 3), names,
@@ -281,4 +285,6 @@ def preprocessing_digest(plans: Plans, configuration: str) -> str:
         "dimensions": config.dimensions,
         "orders": [config.image_resampling_order, config.label_resampling_order, config.anisotropic_axis],
     }
+    if config.slicing_axis != 0:  # only then: stores sliced across axis 0 keep their identifiers
+        relevant["slice_axis"] = config.slicing_axis
     return hashlib.sha1(json.dumps(relevant, sort_keys=True).encode()).hexdigest()

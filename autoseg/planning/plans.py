@@ -63,7 +63,8 @@ class ConfigurationPlan:
     """A configuration: the resolution data is resampled to and the networks planned for it.
 
     ``spacing`` has one entry per network dimension (array order). A ``2d`` configuration
-    of a 3D dataset works on slices along axis 0, which is never resampled.
+    of a 3D dataset works on slices across ``slice_axis``, which is never resampled; its
+    ``spacing`` and ``median_shape`` are those of the other two axes, in array order.
     """
 
     name: str
@@ -79,6 +80,16 @@ class ConfigurationPlan:
     default_architecture: str
     data_identifier: str
     notes: list[str] = field(default_factory=list)
+    # 2D configurations: the array axis slices are taken across, the coarsest of the target spacing
+    # (nnU-Net's transpose_forward puts it first): a sagittal series stored with x thick is sliced
+    # across x, not into 5 mm-wide strips. The preprocessed arrays hold it first. None for 3D
+    # configurations; plans written before the field slice across axis 0.
+    slice_axis: int | None = None
+
+    @property
+    def slicing_axis(self) -> int:
+        """The array axis a 2D configuration slices across (0 where the plan predates ``slice_axis``)."""
+        return self.slice_axis or 0
 
 
 @dataclass
@@ -162,6 +173,9 @@ def _validate(plans: Plans, path: Path) -> None:
             raise PlanError(f"{cname}: dimensions must be 2 or 3 and spacing must have that many entries", path)
         if any(s <= 0 for s in config.spacing):
             raise PlanError(f"{cname}: spacing must be positive", path)
+        if config.slice_axis is not None and (config.dimensions != 2 or config.slice_axis not in (0, 1, 2)):
+            raise PlanError(f"{cname}: slice_axis must be 0, 1 or 2, and only a 2D configuration has one "
+                            f"(got {config.slice_axis})", path)
         if config.default_architecture not in config.architectures:
             raise PlanError(f"{cname}: default_architecture '{config.default_architecture}' is not planned", path)
         for aname, arch in config.architectures.items():

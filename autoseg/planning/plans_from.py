@@ -32,10 +32,14 @@ def plans_from_source(target: Plans, source: Plans, source_name: str) -> Plans:
             continue
         config = copy.deepcopy(config)
         # The median image of the target at the source's spacing (a record: planning used it, nothing downstream).
-        spacing = ([target.original_median_spacing[0]] + list(config.spacing) if config.dimensions == 2
-                   else list(config.spacing))
+        spacing = list(config.spacing)
+        if config.dimensions == 2:  # slices across the target's own coarsest axis, which keeps its spacing
+            own = target.configurations.get("2d")
+            config.slice_axis = own.slice_axis if own is not None else config.slice_axis
+            spacing.insert(config.slicing_axis, target.original_median_spacing[config.slicing_axis])
         shape = resampled_shape(target.original_median_shape, target.original_median_spacing, spacing)
-        config.median_shape = shape[-config.dimensions:]
+        config.median_shape = ([n for axis, n in enumerate(shape) if axis != config.slicing_axis]
+                               if config.dimensions == 2 else shape)
         for arch in config.architectures.values():
             arch.notes = arch.notes + [f"from {source_name}'s plans (--plans-from): the source's topology, patch "
                                        f"and batch; parameters and memory as planned there for "

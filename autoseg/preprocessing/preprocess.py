@@ -23,8 +23,9 @@ from autoseg.planning.spacing import resampled_shape, resampling_axis
 from autoseg.preprocessing.crop import bounding_box, crop, nonzero_mask
 from autoseg.preprocessing.normalize import normalize
 from autoseg.preprocessing.resample import resample_image, resample_labels
-from autoseg.preprocessing.store import (CASE_SCHEMA_VERSION, IGNORE_INDEX, CaseProperties, list_finished_cases,
-                                         load_properties, remove_case, save_case, source_stamps)
+from autoseg.preprocessing.store import (ANNOTATED, CASE_SCHEMA_VERSION, IGNORE_INDEX, CaseProperties,
+                                         list_finished_cases, load_properties, remove_case, save_case,
+                                         source_stamps)
 from autoseg.records import save_json
 
 MAX_LOCATIONS_PER_CLASS = 1000  # sampled voxels per class for foreground oversampling
@@ -37,14 +38,26 @@ class Preprocessed:
     crop_box: list[list[int]]
     shape_after_crop: list[int]
     target_spacing: list[float]  # 3 entries, array order
+    # The array axis now first in ``image`` and ``seg`` (a 2D configuration's slice axis; 0: none moved).
+    # ``np.moveaxis(image, 1, 1 + moved_axis)`` restores array order.
+    moved_axis: int = 0
 
 
 def target_spacing_3d(plans: Plans, configuration: str, case_spacing: list[float]) -> list[float]:
-    """The spacing a case is resampled to; a 2D configuration leaves axis 0 (the slice axis) alone."""
+    """The spacing a case is resampled to (array order); a 2D configuration leaves its slice axis alone."""
     config = plans.configuration(configuration)
     if config.dimensions == 2:
-        return [float(case_spacing[0])] + list(config.spacing)
+        target = list(config.spacing)
+        target.insert(config.slicing_axis, float(case_spacing[config.slicing_axis]))
+        return target
     return list(config.spacing)
+
+
+def stored_slice_axis(plans: Plans, configuration: str) -> int:
+    """The array axis that preprocessing moves to the front (after the channels): a 2D configuration's
+    slice axis, so that training and prediction take slices across axis 0; 0 (no move) for 3D."""
+    config = plans.configuration(configuration)
+    return config.slicing_axis if config.dimensions == 2 else 0
 
 
 def label_lookup(plans: Plans) -> dict[int, int]:
@@ -88,19 +101,31 @@ def preprocess_arrays(image: np.ndarray, label: np.ndarray | None, geometry: Geo
             table[value] = index
         seg = table[crop(label, box)]
         seg = resample_labels(seg, new_shape, config.label_resampling_order, axis)
-    return Preprocessed(image, seg, box, shape_after_crop, target)
+    moved = stored_slice_axis(plans, configuration)
+    if moved:
+        image = np.ascontiguousarray(np.moveaxis(image, 1 + moved, 1))
+        seg = None if seg is None else np.ascontiguousarray(np.moveaxis(seg, moved, 0))
+    return Preprocessed(image, seg, box, shape_after_crop, target, moved)
 
 
 def sample_class_locations(seg: np.ndarray, case_id: str) -> dict[str, list[list[int]]]:
+    """Up to ``MAX_LOCATIONS_PER_CLASS`` voxels of each foreground class, for foreground oversampling; where
+    part of the case is ignored (-1: sparse annotation), also of the annotated voxels (``ANNOTATED``,
+    background included), on which the patches that are not forced onto foreground are centred, as in
+    nnU-Net: a patch of nothing but ignored voxels has no loss and would waste its step."""
     rng = np.random.default_rng(zlib.crc32(case_id.encode()))
-    locations = {}
-    for index in np.unique(seg):
-        if index <= 0:
-            continue
-        flat = np.flatnonzero(seg == index)
+
+    def sampled(flat: np.ndarray) -> list[list[int]]:
         if flat.size > MAX_LOCATIONS_PER_CLASS:
             flat = np.sort(rng.choice(flat, MAX_LOCATIONS_PER_CLASS, replace=False))
-        locations[str(int(index))] = np.stack(np.unravel_index(flat, seg.shape), axis=1).tolist()
+        return np.stack(np.unravel_index(flat, seg.shape), axis=1).tolist()
+
+    locations = {}
+    for index in np.unique(seg):
+        if index > 0:
+            locations[str(int(index))] = sampled(np.flatnonzero(seg == index))
+    if (seg == IGNORE_INDEX).any():
+        locations[ANNOTATED] = sampled(np.flatnonzero(seg != IGNORE_INDEX))
     return locations
 
 

@@ -20,6 +20,7 @@ from autoseg.records import atomic_write_with, load_record, save_json
 
 CASE_SCHEMA_VERSION = 1
 IGNORE_INDEX = -1
+ANNOTATED = "annotated"  # the class_locations key of the annotated (not ignored) voxels
 
 
 @dataclass
@@ -33,9 +34,10 @@ class CaseProperties:
     original_spacing: list[float]  # array order, 3 entries
     crop_box: list[list[int]]  # in the original array, [[start, stop), ...] per axis
     shape_after_crop: list[int]
-    shape_after_resampling: list[int]
+    shape_after_resampling: list[int]  # of the stored arrays: a 2D configuration's slice axis first
     spacing_after_resampling: list[float]  # array order, 3 entries
-    # Per class index (as a string), up to N voxel coordinates (z, y, x) for foreground oversampling.
+    # Per class index (as a string), up to N voxel coordinates of the stored arrays for foreground oversampling;
+    # in a partly ignored case also ANNOTATED's: voxels that are not ignored.
     class_locations: dict[str, list[list[int]]] = field(default_factory=dict)
     # Each source file's [size, modification time in ns] when it was read: an edited or replaced raw
     # file makes the case stale even where the plan's digest is the same.

@@ -10,6 +10,7 @@ cropped, normalised and resampled exactly as ``plan-and-preprocess`` does for tr
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -31,14 +32,18 @@ def preprocess_unlabelled(plans: Plans, configuration: str, folders: list[Path],
         for case in list_input_cases(Path(folder), plans.num_input_channels):
             case_id = f"{index}_{case.case_id}"  # imagesTr and imagesTs may share names
             case_ids.append(case_id)
-            target = output / f"{case_id}.npy"
-            if target.exists():
+            target, source_record = output / f"{case_id}.npy", output / f"{case_id}.source.json"
+            # Kept while the same files are behind the name: another --images folder at this position, or an
+            # edited image, is preprocessed again (the name alone once reused the other folder's arrays).
+            sources = json.dumps([[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in case.files])
+            if target.exists() and source_record.is_file() and source_record.read_text() == sources:
                 continue
             image, geometry = read_input_case(case, plans.num_input_channels)
             array = preprocess_arrays(image, None, geometry, plans, configuration).image.astype(np.float32)
             buffer = io.BytesIO()
             np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
             atomic_write_bytes(target, buffer.getvalue())
+            atomic_write_bytes(source_record, sources.encode())
     if not case_ids:
         raise UsageError(f"no images to pre-train on in {', '.join(map(str, folders))}")
     return case_ids

@@ -21,7 +21,9 @@ Output: ``AUTOSEG_RESULTS/DatasetNNN_Name/pretrain/<configuration>__<architectur
 from __future__ import annotations
 
 import functools
+import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +59,7 @@ class PretrainingOptions:
     epochs: int = 1000
     iters_per_epoch: int = 250
     time_budget_minutes: float | None = None
+    started: float | None = None  # time.perf_counter() at which a time budget starts; None: pretrain's start
     extra_image_folders: list[Path] = field(default_factory=list)
     task: str = "inpainting"
     device: str = "auto"
@@ -73,8 +76,9 @@ class PretrainingOptions:
     def check(self) -> None:
         if self.epochs < 1 or self.iters_per_epoch < 1:
             raise UsageError("epochs and iterations per epoch must be at least 1")
-        if self.time_budget_minutes is not None and self.time_budget_minutes <= 0:
-            raise UsageError("--time-budget must be a positive number of minutes")
+        if self.time_budget_minutes is not None and not 0 < self.time_budget_minutes < math.inf:
+            raise UsageError(f"--time-budget must be a positive, finite number of minutes (got "
+                             f"{self.time_budget_minutes})")
         if self.task not in TASKS:
             raise UsageError(f"unknown pre-training task '{self.task}'; known: {', '.join(TASKS)}")
         for folder in self.extra_image_folders:
@@ -96,6 +100,7 @@ def head_names(plan, in_channels: int, dimensions: int) -> list[str]:
 
 def pretrain(roots: Roots, dataset_name: str, configuration: str, architecture: str | None = None,
              options: PretrainingOptions | None = None, callbacks: list[Any] | None = None) -> Path:
+    started = time.perf_counter()  # as in train, a time budget counts the preprocessing of the images too
     options = options or PretrainingOptions()
     options.check()
     plans = load_plans(roots.plans_file(dataset_name))
@@ -106,7 +111,10 @@ def pretrain(roots: Roots, dataset_name: str, configuration: str, architecture: 
                          f"encoder's bottleneck); {arch.name} pre-trains with --task inpainting")
     axes = rotation_axes(arch.patch_size) if options.task == SWIN_TASK else None
     raw = roots.raw_dataset(dataset_name)
-    folders = [raw / f for f in ("imagesTr", "imagesTs") if (raw / f).is_dir()] + list(options.extra_image_folders)
+    # The dataset's own folders where they hold anything (an empty imagesTs is common); --images folders as given.
+    folders = [raw / f for f in ("imagesTr", "imagesTs")
+               if (raw / f).is_dir() and any(not p.name.startswith(".") for p in (raw / f).iterdir())]
+    folders += list(options.extra_image_folders)
     if not folders:
         raise UsageError(f"no imagesTr/imagesTs under {raw} and no --images folder: nothing to pre-train on")
     output = pretraining_output(roots, dataset_name, configuration, arch.name)
@@ -160,7 +168,7 @@ def pretrain(roots: Roots, dataset_name: str, configuration: str, architecture: 
         if note:
             print(f"pretrain: --continue: {note}", flush=True)
         print(f"pretrain: continuing from epoch {state.epoch} of {schedule.total_epochs}", flush=True)
-    loop_callbacks: list[Any] = [TimeBudget(options.time_budget_minutes)] if (
+    loop_callbacks: list[Any] = [TimeBudget(options.time_budget_minutes, options.started or started)] if (
         options.time_budget_minutes and not resuming) else []
     # The parts first: they join the epoch's entry before the checkpoint and the log are written.
     loop_callbacks += [_LossParts(), CheckpointWriter(output, identity), ProgressWriter(output), _EpochLine()]

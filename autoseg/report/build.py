@@ -18,8 +18,7 @@ from typing import Iterator
 import numpy as np
 
 from autoseg.errors import DatasetError, UsageError
-from autoseg.evaluation.evaluate import segment_values, summarize_rows
-from autoseg.io.dicom_seg import is_seg_file, read_any_label
+from autoseg.evaluation.evaluate import read_label_pair, summarize_rows
 from autoseg.parallel import map_with_progress
 from autoseg.records import atomic_write_bytes, remove_stale_temporaries, save_json, temporary_folder_name
 from autoseg.report.channels import read_shown_image
@@ -45,9 +44,8 @@ def render_case(job: tuple[CaseSource, int | None, dict[str, list[int]], int | N
                 ) -> CaseEntry:
     """Read one case, choose its slices, draw it, write its PNG; runs in a worker process."""
     source, channel, classes, ignore, window_rule, folder, figure = job
-    reference, geometry = read_any_label(source.reference_file, segment_values(classes))
-    prediction, prediction_geometry = read_any_label(source.prediction_file, segment_values(classes),
-                                                     geometry if is_seg_file(source.prediction_file) else None)
+    reference, geometry, prediction, prediction_geometry = read_label_pair(source.reference_file,
+                                                                           source.prediction_file, classes)
     image, image_geometry, image_file, shown = read_shown_image(source.image_files, channel)
     for path, other in ((source.prediction_file, prediction_geometry), (image_file, image_geometry)):
         problems = other.matches(geometry)

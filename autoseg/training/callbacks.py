@@ -124,8 +124,9 @@ def _mean(values: list[float]) -> float:
 class EpochReport:
     def on_epoch_end(self, loop, entry: dict[str, Any]) -> None:
         if loop.rank == 0:
+            dice = [d if d is None else round(d, 4) for d in entry["pseudo_dice"]]  # None: class in no patch
             print(f"epoch {entry['epoch']}: train loss {entry['train_loss']:.4f}, val loss {entry['val_loss']:.4f}, "
-                  f"pseudo Dice {[round(d, 4) for d in entry['pseudo_dice']]}, EMA {entry['pseudo_dice_ema']:.4f}, "
+                  f"pseudo Dice {dice}, EMA {entry['pseudo_dice_ema']:.4f}, "
                   f"{entry['epoch_seconds']:.1f} s, lr {entry['lr']:.5f}", flush=True)
 
 
@@ -158,6 +159,7 @@ class CheckpointWriter:
                 "model": loop.network.state_dict(), "optimizer": loop.optimizer.state_dict(),
                 "grad_scaler": loop.scaler.state_dict() if loop.scaler.is_enabled() else {},
                 "scheduler": loop.schedule.state_dict(), "total_epochs": loop.schedule.total_epochs,
+                "val_iters": loop.val_iters,  # a time budget's choice, kept by --continue
                 **loop.state.state_dict(), "rng": states[0], "rng_per_rank": states, **self.identity}
 
     def on_epoch_end(self, loop, entry: dict[str, Any]) -> None:

@@ -12,6 +12,7 @@ worker and saved in checkpoints (for an exactly repeatable run with 0 workers).
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -25,20 +26,26 @@ from batchgenerators.transforms.spatial_transforms import MirrorTransform, Spati
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from autoseg.errors import AutosegError
-from autoseg.preprocessing.store import check_training_case, load_arrays, load_properties
+from autoseg.preprocessing.store import ANNOTATED, check_training_case, load_arrays, load_properties
 
 FOREGROUND_FRACTION = 0.33
+OPEN_CASES = 128  # memory-mapped cases kept open per process (see PatchSampler.arrays)
 CONTEXT = 1.2  # drawn patch / network patch, for augmentation
 
 
 def augmentation(patch_size: list[int], anisotropic_axis: int | None = None) -> Compose:
     """nnU-Net's augmentation. A 3D patch with a much coarser ``anisotropic_axis`` gets
     nnU-Net's "dummy 2D" spatial transform: each slice across that axis is rotated (any
-    angle) and scaled in-plane, nothing is interpolated along the coarse axis."""
+    angle) and scaled in-plane, nothing is interpolated along the coarse axis. Rotation: ±30
+    degrees in 3D, any angle in 2D, ±15 degrees for elongated 2D patches (sides over 1.5:1)."""
     dims = len(patch_size)
     in_plane_only = dims == 3 and anisotropic_axis is not None
     spatial_patch = [p for a, p in enumerate(patch_size) if not in_plane_only or a != anisotropic_axis]
     rotation = (-math.pi / 6, math.pi / 6) if len(spatial_patch) == 3 else (-math.pi, math.pi)
+    if dims == 2 and max(patch_size) / min(patch_size) > 1.5:
+        # nnU-Net's rule for elongated 2D patches: a 512x256 patch turned by 90 degrees would sample mostly
+        # the zero fill outside the drawn region, so ±15 degrees.
+        rotation = (-math.pi / 12, math.pi / 12)
     spatial = SpatialTransform(spatial_patch, patch_center_dist_from_border=None, do_elastic_deform=False,
                                do_rotation=True, angle_x=rotation, angle_y=rotation, angle_z=rotation, p_rot_per_axis=1,
                                do_scale=True, scale=(0.7, 1.4), border_mode_data="constant", border_cval_data=0,
@@ -82,8 +89,12 @@ class PatchSampler:
     """Draws batches ``(image (B, C, *patch), seg (B, *patch))`` from preprocessed cases."""
 
     def __init__(self, folder: Path, case_ids: list[str], patch_size: list[int], batch_size: int,
-                 augment: bool, anisotropic_axis: int | None = None, plans_digest: str | None = None):
+                 augment: bool, anisotropic_axis: int | None = None, plans_digest: str | None = None,
+                 place_in_batch: tuple[int, int] | None = None):
+        """``place_in_batch``: (index of this process's first sample, samples of all processes) under
+        torchrun, where the ranks' batches together are the step's batch and a third of that is forced."""
         self.folder, self.case_ids = Path(folder), list(case_ids)
+        self.first_sample, self.global_batch = place_in_batch or (0, batch_size)
         self.patch_size, self.batch_size, self.dims = list(patch_size), batch_size, len(patch_size)
         self.draw_size = [int(math.ceil(p * CONTEXT)) for p in patch_size] if augment else list(patch_size)
         if augment and self.dims == 3 and anisotropic_axis is not None:
@@ -97,20 +108,31 @@ class PatchSampler:
             # instead of copying them as reference counts are touched.
             properties.class_locations = {key: np.asarray(points, dtype=np.int32).reshape(-1, 3)
                                           for key, points in properties.class_locations.items()}
-        self._arrays: dict[str, tuple] = {}
+        self._arrays: OrderedDict[str, tuple] = OrderedDict()
 
     def arrays(self, case_id: str):
-        if case_id not in self._arrays:  # memory maps: opening is cheap, reading happens per patch
+        """The case's memory maps: opening is cheap, reading happens per patch. The most recently used
+        ``OPEN_CASES`` stay open: each holds two file descriptors, and a worker that kept every case of a
+        1200-case dataset open passed the usual limit of 1024 ("Too many open files")."""
+        if case_id in self._arrays:
+            self._arrays.move_to_end(case_id)
+        else:
             self._arrays[case_id] = load_arrays(self.folder, case_id)
+            while len(self._arrays) > OPEN_CASES:
+                self._arrays.popitem(last=False)
         return self._arrays[case_id]
 
     def _patch(self, case_id: str, force_foreground: bool) -> tuple[np.ndarray, np.ndarray]:
         image, seg = self.arrays(case_id)
-        present = [points for points in self.properties[case_id].class_locations.values() if len(points)]
+        locations = self.properties[case_id].class_locations
+        present = [points for key, points in locations.items() if key != ANNOTATED and len(points)]
         shape = list(seg.shape)
         centre = None
         if force_foreground and present:  # a random present class, then a random voxel of it
             points = present[np.random.randint(len(present))]
+            centre = points[np.random.randint(len(points))]
+        elif len(locations.get(ANNOTATED, ())):  # a sparsely annotated case: somewhere annotated (nnU-Net)
+            points = locations[ANNOTATED]
             centre = points[np.random.randint(len(points))]
         if self.dims == 2:  # a slice along axis 0, then a 2D patch in it
             z = centre[0] if centre is not None else np.random.randint(shape[0])
@@ -140,11 +162,11 @@ class PatchSampler:
         return window
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        foreground_from = self.batch_size - max(1, round(self.batch_size * FOREGROUND_FRACTION))
         images, segs = [], []
         for index in range(self.batch_size):
             case_id = self.case_ids[np.random.randint(len(self.case_ids))]
-            image, seg = self._patch(case_id, force_foreground=index >= foreground_from)
+            force = forced_foreground(self.first_sample + index, self.global_batch)
+            image, seg = self._patch(case_id, force_foreground=force)
             images.append(image)
             segs.append(seg)
         data = {"data": np.stack(images).astype(np.float32), "seg": np.stack(segs)[:, None].astype(np.float32)}
@@ -154,6 +176,15 @@ class PatchSampler:
             data["data"], data["seg"] = _centre_crop(data["data"], self.patch_size), _centre_crop(data["seg"], self.patch_size)
         return torch.from_numpy(np.ascontiguousarray(data["data"], np.float32)), \
             torch.from_numpy(np.rint(data["seg"][:, 0]).astype(np.int64))
+
+
+def forced_foreground(index: int, batch_size: int) -> bool:
+    """Whether sample ``index`` of a step's batch is centred on a foreground voxel: the last third of the
+    batch, as nnU-Net places them (7 -> 2, 2 -> 1); a batch of one (nnU-Net: never) a third of the time."""
+    forced = round(batch_size * FOREGROUND_FRACTION)
+    if forced == 0:
+        return bool(np.random.random() < FOREGROUND_FRACTION)
+    return index >= batch_size - forced
 
 
 def extract_window(array: np.ndarray, window: list[tuple[int, int]], fill) -> np.ndarray:

@@ -71,6 +71,14 @@ class FineTuningPhases:
                     # What enters the momentum buffer is scaled, not the step: see the module's docstring.
                     parameter.grad.mul_(factor)
 
+    def on_gradients(self, loop) -> None:
+        """Called by the loop before it clips: a frozen encoder's gradients go now, so that the norm the
+        clip scales by is that of what steps (large encoder gradients shrank the decoder's steps)."""
+        if self.encoder_frozen():
+            for parameter in loop.network.parameters():
+                if id(parameter) in self.frozen:
+                    parameter.grad = None
+
     def on_iteration_end(self, loop, iteration: int, loss: float, seconds: float) -> None:
         self.iteration = iteration + 1
 

@@ -15,6 +15,7 @@ checkpoints, ``training_log.jsonl``, ``progress.png`` and copies of ``plans.json
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import time
@@ -82,8 +83,10 @@ class TrainingOptions:
             raise UsageError("--batch-size must be at least 1")
         if self.num_workers is not None and self.num_workers < 0:
             raise UsageError("--num-workers must be at least 0")
-        if self.time_budget_minutes is not None and self.time_budget_minutes <= 0:
-            raise UsageError("--time-budget must be a positive number of minutes")
+        if self.time_budget_minutes is not None and not 0 < self.time_budget_minutes < math.inf:
+            # NaN compared false everywhere and ended the run after six iterations; inf overflowed.
+            raise UsageError(f"--time-budget must be a positive, finite number of minutes (got "
+                             f"{self.time_budget_minutes})")
         if self.warmup_epochs < 0 or self.freeze_encoder_epochs < 0:
             raise UsageError("--warmup-epochs and --freeze-encoder-epochs must be at least 0")
         if self.freeze_encoder_epochs and not self.pretrained:
@@ -163,12 +166,17 @@ def train_fold(roots: Roots, dataset_name: str, configuration: str, fold: int | 
         print(f"train: batch {batch_size} ({why}; the plan's is {arch.batch_size})", flush=True)
     # The samplers check every case's arrays: a broken case stops the run here, before anything is written.
     anisotropic_axis = config.anisotropic_axis if config.dimensions == 3 else None
-    # The batch split across ranks (7 on 2 ranks: 4 + 3).
-    per_rank_batch = max(1, batch_size // world + (1 if rank < batch_size % world else 0))
+    # The batch split across ranks (7 on 2 ranks: 4 + 3; at least one each), and where each rank's samples
+    # lie in it: foreground is forced by the place in the whole batch, so a batch of 2 on 2 ranks forces
+    # one sample (rank 1's), not every rank's only one.
+    rank_batches = [max(1, batch_size // world + (1 if r < batch_size % world else 0)) for r in range(world)]
+    per_rank_batch = rank_batches[rank]
+    place_in_batch = (sum(rank_batches[:rank]), sum(rank_batches))
     digest = preprocessing_digest(plans, configuration)  # the store must hold what plans.json now says
     train_sampler = PatchSampler(data_folder, train_ids, arch.patch_size, per_rank_batch, True, anisotropic_axis,
-                                 digest)
-    val_sampler = PatchSampler(data_folder, val_ids, arch.patch_size, per_rank_batch, False, plans_digest=digest)
+                                 digest, place_in_batch)
+    val_sampler = PatchSampler(data_folder, val_ids, arch.patch_size, per_rank_batch, False, plans_digest=digest,
+                               place_in_batch=place_in_batch)
     seed = options.seed if options.seed is not None else int.from_bytes(os.urandom(4), "little")
     seed_everything(seed + 1000 * rank)  # every rank its own patches
 
@@ -181,6 +189,7 @@ def train_fold(roots: Roots, dataset_name: str, configuration: str, fold: int | 
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     schedule = PolySchedule(options.initial_lr, 0.9, options.epochs, options.iters_per_epoch)
     state = TrainingState(seed=seed)
+    val_iters = options.val_iters
     identity = {"plan": {"dataset": dataset_name, "configuration": configuration, "architecture": arch.name,
                          "data_identifier": config.data_identifier, "patch_size": list(arch.patch_size),
                          "batch_size": batch_size, "num_classes": plans.num_segmentation_heads},
@@ -203,6 +212,12 @@ def train_fold(roots: Roots, dataset_name: str, configuration: str, fold: int | 
         if checkpoint.get("grad_scaler"):
             scaler.load_state_dict(checkpoint["grad_scaler"])
         schedule.load_state_dict(checkpoint["scheduler"])
+        # Validation batches per epoch as the run chose them (a time budget shortens them with its epochs);
+        # checkpoints older than the field hold none.
+        val_iters = int(checkpoint.get("val_iters", options.val_iters))
+        if val_iters != options.val_iters and rank == 0:
+            print(f"train: --continue: {val_iters} validation batches per epoch, as the run chose them "
+                  f"(not --val-iters {options.val_iters})", flush=True)
         state.load_state_dict(checkpoint)
         per_rank = checkpoint.get("rng_per_rank") or [checkpoint["rng"]]
         fresh_seed = state.seed + 1000 * rank + 7919 * state.epoch
@@ -238,10 +253,11 @@ def train_fold(roots: Roots, dataset_name: str, configuration: str, fold: int | 
     loop = TrainingLoop(
         network=network, model=model,
         loss=DeepSupervisionLoss(RegionDiceBCELoss(plans.regions) if plans.has_regions else DiceCELoss()),
-        train_batches=batch_iterator(train_sampler, workers, seed + 1000 * rank + 7919 * state.epoch,
+        # The run's own seed (a continued run's is the checkpoint's, not a fresh one drawn without --seed).
+        train_batches=batch_iterator(train_sampler, workers, state.seed + 1000 * rank + 7919 * state.epoch,
                                      pin_memory=device.type == "cuda"),
-        val_batches=batch_iterator(val_sampler, 0, seed), optimizer=optimizer, schedule=schedule,
-        num_classes=plans.num_segmentation_heads, val_iters=options.val_iters, device=device, amp_dtype=amp_dtype,
+        val_batches=batch_iterator(val_sampler, 0, state.seed), optimizer=optimizer, schedule=schedule,
+        num_classes=plans.num_segmentation_heads, val_iters=val_iters, device=device, amp_dtype=amp_dtype,
         scaler=scaler, callbacks=loop_callbacks + list(callbacks or []), state=state, rank=rank,
         progress=options.progress, regions=plans.regions if plans.has_regions else None,
         images_per_call=training_images_per_call(arch.patch_size, device) if world == 1 else None)

@@ -121,8 +121,10 @@ class TrainingLoop:
         bar.close()
         validation_start = time.perf_counter()
         val_loss, dice = self.validate()
-        mean_dice = float(np.mean(dice)) if dice else 0.0
         history = self.state.history
+        present = [d for d in dice if d is not None]
+        # No class in any patch: no news, so the previous EMA stands in (0 before the first).
+        mean_dice = float(np.mean(present)) if present else (history[-1]["pseudo_dice_ema"] if history else 0.0)
         ema = EMA_ALPHA * history[-1]["pseudo_dice_ema"] + (1 - EMA_ALPHA) * mean_dice if history else mean_dice
         entry = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": val_loss, "pseudo_dice": dice,
                  "pseudo_dice_mean": mean_dice, "pseudo_dice_ema": ema, "lr": first_lr, "iterations": iteration,
@@ -142,6 +144,7 @@ class TrainingLoop:
         loss = self.loss(outputs, target)  # in fp32: the loss casts the logits
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
+        self._call("on_gradients")  # before the clip (a frozen encoder's gradients leave: finetune.py)
         torch.nn.utils.clip_grad_norm_(self.network.parameters(), GRADIENT_CLIP)
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -183,7 +186,10 @@ class TrainingLoop:
                 counts[2, k] += (~p & t).sum()
         all_reduce_sum(counts)
         tp, fp, fn = counts.cpu().double()
-        dice = (2 * tp / (2 * tp + fp + fn).clamp_min(1)).tolist()
+        # A class in none of the validation patches (and predicted nowhere) has no Dice: None, left out of
+        # the mean (nnU-Net's nanmean), not 0, which with a budget's one or two batches per epoch made the
+        # mean, its EMA and so checkpoint_best.pt follow which classes the patches happened to hold.
+        dice = [None if total == 0 else float(2 * overlap / total) for overlap, total in zip(tp, 2 * tp + fp + fn)]
         return (float(np.mean(losses)) if losses else 0.0), dice
 
     def _call(self, method: str, *args) -> None:

@@ -38,7 +38,9 @@ class DiceCELoss(nn.Module):
         count = valid.sum().clamp_min(1)
         ce = (ce * valid).sum() / count
         probabilities = torch.softmax(logits.float(), 1) * valid.unsqueeze(1)
-        one_hot = F.one_hot(safe, logits.shape[1]).movedim(-1, 1).to(probabilities.dtype) * valid.unsqueeze(1)
+        # Scattered into one float tensor: F.one_hot makes an int64 (B, *spatial, K) first, 8 bytes per class
+        # and voxel, which with a hundred classes outgrows the network's own activations.
+        one_hot = torch.zeros_like(probabilities).scatter_(1, safe.unsqueeze(1), 1.0).mul_(valid.unsqueeze(1))
         axes = [0] + list(range(2, logits.ndim))
         intersection = (probabilities * one_hot).sum(axes)
         denominator = probabilities.sum(axes) + one_hot.sum(axes)

@@ -34,9 +34,14 @@ def validate_fold(roots: Roots, dataset_name: str, configuration: str, architect
     data_folder = roots.preprocessed_dataset(dataset_name) / plans.configuration(configuration).data_identifier
     out = model_dir / f"fold_{fold}" / "validation"
     (out / "summary.json").unlink(missing_ok=True)  # written last: its presence marks a finished validation
-    references = out / "references"
-    references.mkdir(parents=True, exist_ok=True)
     ending = ".nii.gz"
+    if out.is_dir():  # an earlier validation's files: of cases the split no longer holds, or of an older model
+        for stale in out.iterdir():
+            if stale.is_file() and (stale.name.endswith(ending) or stale.suffix == ".npz"):
+                stale.unlink()
+    references = out / "references"
+    shutil.rmtree(references, ignore_errors=True)  # left by a validation that was stopped
+    references.mkdir(parents=True)
     settings = PredictionSettings(save_probabilities=save_probabilities)
     for case_id in val_ids:
         properties = load_properties(data_folder, case_id)
