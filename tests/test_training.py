@@ -357,8 +357,8 @@ def test_a_run_continued_without_seed_draws_its_patches_from_the_runs_own_seed(t
     killed = Roots(roots.raw, roots.preprocessed, roots.results.parent / "no_seed")
     with pytest.raises(KeyboardInterrupt):
         train_fold(killed, name, "3d_fullres", "0", options=_options(seed=None), callbacks=[_Kill(after=1)])
-    saved = torch.load(killed.training_output(name, "3d_fullres", "unet", 0) / "checkpoint_latest.pt",
-                       weights_only=True)
+    latest = killed.training_output(name, "3d_fullres", "unet", 0) / "checkpoint_latest.pt"
+    saved = torch.load(latest, weights_only=True)
     seeds = []
     real = fold_module.batch_iterator
     monkeypatch.setattr(fold_module, "batch_iterator", lambda sampler, workers, seed, **kw: seeds.append(seed) or

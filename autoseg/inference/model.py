@@ -34,7 +34,7 @@ class TrainedModel:
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The network weights of a checkpoint; anything but plain tensors is refused, never executed."""
-    return _weights_of(load_checkpoint_content(path), Path(path))
+    return weights_of(load_checkpoint_content(path), Path(path))
 
 
 def load_checkpoint_content(path: str | Path):
@@ -49,7 +49,7 @@ def load_checkpoint_content(path: str | Path):
                               f"{str(exc).splitlines()[0][:200]})", path) from None
 
 
-def _weights_of(content, path: Path) -> dict[str, torch.Tensor]:
+def weights_of(content, path: Path) -> dict[str, torch.Tensor]:
     state = content.get("model") if isinstance(content, dict) and "model" in content else content
     if not isinstance(state, dict) or not state or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
@@ -134,7 +134,7 @@ def load_trained_model(model_dir: str | Path, folds: list[str], configuration: s
         content = load_checkpoint_content(checkpoint)
         check_fold_plan(content.get("plan") if isinstance(content, dict) else None, plans, configuration,
                         architecture, checkpoint)
-        load_network_weights(network, _weights_of(content, checkpoint), checkpoint)
+        load_network_weights(network, weights_of(content, checkpoint), checkpoint)
         del content
         networks.append(network.to(device).eval())
     return TrainedModel(plans, configuration, arch_plan.name, networks, list(folds))

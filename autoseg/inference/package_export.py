@@ -31,7 +31,7 @@ from autoseg import __version__
 from autoseg.errors import UsageError
 from autoseg.evaluation.evaluate import summarize_rows
 from autoseg.inference.ensemble import ensemble_folder, model_name
-from autoseg.inference.model import check_fold_plan, find_checkpoint, load_state_dict
+from autoseg.inference.model import check_fold_plan, find_checkpoint, load_checkpoint_content, weights_of
 from autoseg.inference.package import (MANIFEST, PACKAGE_SCHEMA_VERSION, ModelManifest, PackagedFile, PackagedModel,
                                        member_folder)
 from autoseg.inference.postprocessing import POSTPROCESSING_FILE
@@ -71,9 +71,11 @@ def export_package(roots: Roots, dataset_name: str, models: list[tuple[str, str]
             if not fold_dir.is_dir():
                 raise UsageError(f"fold {fold} of {model_dir.name} is not trained", fold_dir)
             path = find_checkpoint(fold_dir, CHECKPOINT_NAMES[checkpoint] if checkpoint else None)
-            settings = _training_settings(path)
+            content = load_checkpoint_content(path)  # once: the weights and the training settings come from it
+            settings = _training_settings(content)
             check_fold_plan(settings.get("plan"), plans, configuration, architecture, path)
-            members[f"{folder}/fold_{fold}/{path.name}"] = _weights_only(path)
+            members[f"{folder}/fold_{fold}/{path.name}"] = _weights_only(content, path)
+            del content
             chosen[fold], training[fold] = path.name, settings
         if onnx:
             from autoseg.inference.onnx import export_onnx_members
@@ -99,15 +101,14 @@ def export_package(roots: Roots, dataset_name: str, models: list[tuple[str, str]
     return manifest
 
 
-def _weights_only(checkpoint: Path) -> bytes:
+def _weights_only(content, checkpoint: Path) -> bytes:
     buffer = io.BytesIO()
-    torch.save({"model": load_state_dict(checkpoint)}, buffer)
+    torch.save({"model": weights_of(content, checkpoint)}, buffer)
     return buffer.getvalue()
 
 
-def _training_settings(checkpoint: Path) -> dict[str, Any]:
-    """What the fold was trained with, from its checkpoint (plan, schedule, epochs)."""
-    content = torch.load(checkpoint, map_location="cpu", weights_only=True)
+def _training_settings(content) -> dict[str, Any]:
+    """What the fold was trained with, from its checkpoint's content (plan, schedule, epochs)."""
     if not isinstance(content, dict):
         return {}
     settings = {key: content[key] for key in ("epoch", "scheduler", "plan", "seed") if key in content}

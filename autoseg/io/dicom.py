@@ -258,7 +258,7 @@ def dicom_cases(folder: Path, num_channels: int, channel_patterns: list[str] | N
         print(f"autoseg: note: {len(not_images)} DICOM series that are no images passed over ({', '.join(kinds)})",
               file=sys.stderr)
     refused = [AutosegError(f"{s.describe()} refused: {s.problem}", s.files[0]).one_line() for s in series
-               if s.problem and s not in not_images]
+               if s.problem and not s.problem.startswith(NOT_AN_IMAGE)]
     usable = [s for s in series if s.problem is None]
     if channel_patterns and len(channel_patterns) != num_channels:
         raise UsageError(f"--dicom-channels gives {len(channel_patterns)} pattern(s), the model expects {num_channels}")

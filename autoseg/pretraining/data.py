@@ -35,7 +35,7 @@ def preprocess_unlabelled(plans: Plans, configuration: str, folders: list[Path],
             target, source_record = output / f"{case_id}.npy", output / f"{case_id}.source.json"
             # Kept while the same files are behind the name: another --images folder at this position, or an
             # edited image, is preprocessed again (the name alone once reused the other folder's arrays).
-            sources = json.dumps([[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in case.files])
+            sources = json.dumps([[str(f.resolve()), s.st_size, s.st_mtime_ns] for f in case.files for s in [f.stat()]])
             if target.exists() and source_record.is_file() and source_record.read_text() == sources:
                 continue
             image, geometry = read_input_case(case, plans.num_input_channels)
