@@ -145,10 +145,20 @@ def measure(plans_file: str, configuration: str, name: str, device_name: str, ba
         loop, seconds = step_once(plan, plans, dims, device, amp_dtype, batch)
         result["peak_mb"] = _status_mb("VmHWM") - base
     else:
+        # Measured as the estimate counts it (device_check.py does the same): the caching allocator's
+        # reserved peak plus the CUDA context and libraries, after a warm-up step with cuDNN's autotuner on,
+        # as training runs (the first step loads cuDNN/cuBLAS handles and autotunes: not a step's speed).
+        from autoseg.training.distributed import select_device
+
+        device = select_device(device_name)
+        warm, _ = step_once(plan, plans, dims, device, amp_dtype, batch)
+        del warm
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
         loop, seconds = step_once(plan, plans, dims, device, amp_dtype, batch)
-        result["peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        free, total = torch.cuda.mem_get_info(device)
+        context = total - free - torch.cuda.memory_reserved(device)
+        result["peak_mb"] = (torch.cuda.max_memory_reserved(device) + context) / 2**20
     result["seconds"] = seconds
     result["params"] = sum(p.numel() for p in loop.network.parameters())
     from autoseg.networks.flops import forward_flops

@@ -301,8 +301,9 @@ def check_torchrun(device: str, tiny: bool) -> dict:
         summary = Path(work) / "res" / raw.name / "3d_fullres__unet" / "fold_0" / "validation" / "summary.json"
         if proc.returncode or not summary.is_file():
             return {"error": (proc.stderr.strip().splitlines() or ["no validation summary"])[-1][:300]}
+        # One rank never wraps the network in DistributedDataParallel: the gradient all-reduce is then unproven.
         return {"ranks": ranks, "backend": process_group_backend(device == "cuda"), "seconds": seconds,
-                "validation_summary": True}
+                "validation_summary": True, "ddp": ranks > 1}
 
 
 def check_mamba_scan(device: str) -> dict:
@@ -348,13 +349,14 @@ def check_prediction(device: str, tiny: bool, data: Path) -> dict:
     from autoseg.inference.predictor import PredictionSettings
     from autoseg.networks.registry import build_network
     from autoseg.planning.plans import load_plans
+    from autoseg.training.distributed import select_device
     from autoseg.training.splits import make_splits
 
     plans = load_plans(REPO / "plans" / "Dataset004_Hippocampus.json")
     plan = plans.architecture("3d_fullres", "unet")
     if tiny:
         tiny_plan(plan)
-    torch_device = torch.device(device)
+    torch_device = select_device(device)  # as `autoseg predict` does: on CUDA, cuDNN's autotuner on
     network = build_network(plan, plans.num_input_channels, plans.num_segmentation_heads, 3, True)
     model = TrainedModel(plans, "3d_fullres", "unet", [network.to(torch_device).eval()], ["0"])
     count = TINY_PREDICTION_CASES if tiny else HIPPOCAMPUS_VALIDATION_CASES
@@ -376,6 +378,15 @@ def check_prediction(device: str, tiny: bool, data: Path) -> dict:
                 image = sitk.GetImageFromArray(generator.normal(100, 30, shape).astype(np.float32))
                 sitk.WriteImage(image, str(inputs / f"case{index:03d}_0000.nii.gz"))
             source = f"{count} synthetic cases of Hippocampus size ({dataset.parent} is missing)"
+        # One case first, untimed: the process's first convolutions load cuDNN and autotune, which a
+        # folder of cases pays once and the timed run should not.
+        warm = Path(work) / "warm"
+        warm.mkdir()
+        first = sorted(inputs.iterdir())[0]
+        (warm / first.name).symlink_to(first.resolve())
+        predict_folder(model, warm, Path(work) / "warm_out", PredictionSettings(), torch_device, progress=False)
+        if torch_device.type == "cuda":
+            torch.cuda.synchronize()
         start = time.perf_counter()
         result = predict_folder(model, inputs, Path(work) / "out", PredictionSettings(), torch_device, progress=False)
         seconds = time.perf_counter() - start
@@ -412,7 +423,8 @@ def table(report: dict) -> str:
     else:
         row("vs nnU-Net", "unet", n.get("skipped") or "failed: " + n.get("error", "?")[:80])
     t = report["torchrun"]
-    row("torchrun", f"{t.get('ranks', '?')} rank(s), {t.get('backend', '?')}",
+    ddp = "DDP" if t.get("ddp") else "no DDP (1 rank)"
+    row("torchrun", f"{t.get('ranks', '?')} rank(s), {t.get('backend', '?')}, {ddp}"[:34],
         f"train+validation {t['seconds']:.1f} s" if "seconds" in t else "failed: " + t.get("error", "?")[:80])
     m = report["mamba_scan"]
     if "ratio" in m:

@@ -21,6 +21,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 timeout 300 python3 scripts/device_check.py --json "$out/device_check.json" --data .devdata \
   --architectures ${DEVICE_ARCHITECTURES:-unet resenc_unet xlstm_unet} > "$out/device_check.log" 2>&1
 sed -n '/^device:/,$p' "$out/device_check.log"
+# Stopped by the timeout before its table: the checks that finished are in the JSON (written as each ends).
+grep -q '^device:' "$out/device_check.log" || { echo "device_check did not finish; its finished checks:"; \
+  cat "$out/device_check.json" 2>/dev/null; tail -n 5 "$out/device_check.log"; }
 # nnUNet_compile=f: nnU-Net compiles its network on CUDA by default, a minute that pays off over its 1000
 # epochs but would double the wall-clock budget autoseg gets from a 5-epoch run (a flattering ratio).
 nnUNet_compile=f timeout 270 python3 scripts/bench_accuracy.py --data .devdata --trainer nnUNetTrainer_5epochs \

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,3 +127,16 @@ def pipeline(synthetic_raw, tmp_path_factory) -> Pipeline:
     p.codes["evaluate"] = main(["evaluate", str(p.dataset / "labelsTs"), str(p.predictions), "-d", "999", "-np", "1",
                                 "-o", str(p.evaluation), *p.flags])
     return p
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for torchrun's rendezvous: fixed ports collide with parallel jobs)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def peers_python() -> Path:
+    """The python of the peers' environment (nnU-Net v2, MONAI: ../shared/peers/setup.sh makes it), where the
+    tests that compare with nnU-Net's own code run it; ``PEERS_VENV`` names another, as for the benchmarks."""
+    return Path(os.environ.get("PEERS_VENV", "/tmp/peers-venv")) / "bin" / "python"

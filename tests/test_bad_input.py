@@ -454,3 +454,32 @@ def test_traceback_only_with_verbose_and_internal_errors_exit_1(pipeline, tmp_pa
     assert outcome.code == 1 and "Traceback" not in outcome.err
     assert outcome.err.strip() == ("autoseg: internal error: ZeroDivisionError: a bug in autoseg (run with --verbose "
                                    "for details and report it)")
+
+
+def test_predict_refuses_contradictory_options_before_writing_anything(pipeline, tmp_path, capsys):
+    base = ["predict", "-i", str(pipeline.dataset / "imagesTs"), "-o", str(tmp_path / "out"), *pipeline.flags]
+    for extra, message in [(["-d", "999", "--step", "0"], "--step must be in (0, 1]"),
+                           (["-d", "999", "--step", "1.5"], "--step must be in (0, 1]"),
+                           (["-d", "999", "--windows-per-batch", "0"], "--windows-per-batch must be at least 1"),
+                           ([], "give the model: -m PACKAGE, or -d DATASET"),
+                           (["-m", str(tmp_path / "model.zip"), "-d", "999"], "-m names the model: leave out -d"),
+                           (["-d", "999", "--engine", "onnxruntime"], "--engine onnxruntime runs a package's ONNX")]:
+        assert main([*base, *extra]) == 2, extra
+        assert message in capsys.readouterr().err, extra
+    assert not (tmp_path / "out").exists()
+
+
+def test_predict_keeps_existing_outputs_unless_told_to_overwrite(pipeline, tmp_path, capsys):
+    # An output from elsewhere (all background) stands where this model's prediction would go.
+    predicted = sorted(pipeline.predictions.glob("*.nii.gz"))[0]
+    stale = tmp_path / "out" / predicted.name
+    stale.parent.mkdir()
+    image = sitk.ReadImage(str(predicted))
+    sitk.WriteImage(image * 0, str(stale))
+    command = ["predict", "-i", str(pipeline.dataset / "imagesTs"), "-o", str(stale.parent), "-d", "999",
+               "-c", "3d_fullres", "-f", "0", "--disable-tta", *pipeline.flags]
+    assert main(command) == 0
+    assert not sitk.GetArrayFromImage(sitk.ReadImage(str(stale))).any(), "an existing output was replaced"
+    assert main([*command, "--overwrite"]) == 0
+    expected = sitk.GetArrayFromImage(sitk.ReadImage(str(predicted)))
+    assert expected.any() and np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(stale))), expected)

@@ -39,12 +39,18 @@ def test_hippocampus_plan_and_preprocess_from_the_command_line(tmp_path, capsys)
     assert len(list(folder.glob("*_seg.npy"))) == 200
 
 
-def test_unknown_dataset_and_bad_usage_exit_2_with_one_line(tmp_path, capsys):
+def test_unknown_dataset_and_bad_usage_exit_2_with_one_line(tmp_path, capsys, monkeypatch):
     assert main(["check", "-d", "17", f"--raw={tmp_path}", f"--preprocessed={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert "no dataset with id 17" in err and "Traceback" not in err
     result = subprocess.run([sys.executable, "-m", "autoseg", "plan-and-preprocess"], capture_output=True, text=True)
     assert result.returncode == 2 and "required" in result.stderr
+    for command in (["train", "17", "3d_fullres", "0"], ["pretrain", "-d", "17", "-c", "3d_fullres"]):
+        assert main([*command, "--fp32", "--cpu-bf16", f"--raw={tmp_path}"]) == 2
+        assert "--fp32 and --cpu-bf16 contradict each other" in capsys.readouterr().err, command
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun's: every rank would write the same validation folder
+    assert main(["train", "17", "3d_fullres", "0", "--validation-only", f"--raw={tmp_path}"]) == 2
+    assert "--validation-only runs in one process" in capsys.readouterr().err
 
 
 def test_summary_lists_every_planned_architecture_with_flops(synthetic_raw, tmp_path, capsys):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 
 from autoseg.cli import main
 from autoseg.inference.folder import InputCase, select_part
+from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,15 +57,9 @@ def test_parts_write_the_bytes_of_one_run_and_a_requeued_part_writes_nothing(pip
     assert "0 written, 3 already there" in capsys.readouterr().out
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_torchrun_nodes_on_localhost_train_two_iterations_together(pipeline, tmp_path):
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     train = ["-m", "autoseg", "train", "999", "3d_fullres", "0", "--epochs", "1", "--iters-per-epoch", "2",
              "--val-iters", "1", "--num-workers", "0", "--no-validation", "--seed", "1",

@@ -36,15 +36,19 @@ def _snapshot(pre: Path) -> dict[str, bytes]:
 
 def test_killed_preprocessing_resumes_to_identical_files(synthetic_raw, tmp_path):
     reference = tmp_path / "reference"
+    start = time.perf_counter()
     assert _run(synthetic_raw.parent, reference).wait(timeout=300) == 0
+    whole_run = time.perf_counter() - start
     expected = _snapshot(reference)
     rng = random.Random(7)
     for attempt in range(2):
         interrupted = tmp_path / f"killed{attempt}"
         process = _run(synthetic_raw.parent, interrupted)
-        time.sleep(rng.uniform(2.5, 5.0))  # start-up takes ~2 s; kill somewhere in fingerprint/plan/preprocess
+        # Somewhere in fingerprint, plan or preprocess: a fraction of the uninterrupted run's own time, so a
+        # loaded machine (slower start-up) moves the kill with it instead of into the start-up.
+        time.sleep(rng.uniform(0.35, 0.75) * whole_run)
         os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        assert process.wait() == -signal.SIGKILL, "the kill came after the run had ended; move it earlier"
         left = [p for p in interrupted.rglob("*") if p.is_file()]
         assert not any(p.name.startswith(TEMPORARY_PREFIX) and p.stat().st_size == 0 for p in left)
         rerun = _run(synthetic_raw.parent, interrupted)

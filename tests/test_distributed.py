@@ -205,3 +205,23 @@ def test_a_cuda_device_turns_on_cudnn_autotuning_and_the_cpu_leaves_it(monkeypat
     assert predict_device("cuda:1") == torch.device("cuda", 1) == predict_device(torch.device("cuda", 1))
     with pytest.raises(UsageError, match="cuda:2: 2 CUDA device"):
         predict_device("cuda:2")
+
+
+def test_under_torchrun_each_rank_takes_its_own_gpu_and_a_cpu_run_touches_none(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert distributed.select_device("cuda") == torch.device("cuda", 1) == distributed.select_device("cuda:1")
+    with pytest.raises(UsageError, match="each process uses its own GPU"):  # both ranks would claim GPU 0
+        distributed.select_device("cuda:0")
+    # torchrun with --device cpu on a GPU machine: a gloo-only group, and no set_device (a CUDA context).
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    made, devices = [], []
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: made.append(backend))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: devices.append(index))
+    distributed.init_distributed("cpu")
+    distributed.init_distributed("auto")
+    assert made == ["gloo", distributed.process_group_backend(cuda=True)] and devices == [1]

@@ -6,15 +6,16 @@ from autoseg.records import dumps
 from tests.conftest import write_nifti
 
 
-def test_intensity_statistics_equal_numpy():
-    values = np.random.default_rng(3).normal(40, 7, 5000).astype(np.float32)
-    stats = IntensityStats.of(values)
-    assert stats.mean == pytest.approx(values.astype(np.float64).mean())
-    assert stats.std == pytest.approx(values.astype(np.float64).std())
-    assert stats.median == pytest.approx(np.median(values))
-    assert stats.percentile_00_5 == pytest.approx(np.percentile(values.astype(np.float64), 0.5))
-    assert stats.percentile_99_5 == pytest.approx(np.percentile(values.astype(np.float64), 99.5))
-    assert (stats.min, stats.max, stats.num_samples) == (values.min(), values.max(), 5000)
+def test_intensity_statistics_of_one_to_two_hundred():
+    # Hand values for 1..200 (linear-interpolated percentiles, as nnU-Net's fingerprint takes them):
+    # the 0.5th percentile sits 0.995 of the way from 1 to 2, the 99.5th 0.005 of the way from 199 to 200,
+    # and the population std of 1..n is sqrt((n^2 - 1) / 12).
+    stats = IntensityStats.of(np.arange(1, 201, dtype=np.float32))
+    assert stats.percentile_00_5 == pytest.approx(1.995) and stats.percentile_99_5 == pytest.approx(199.005)
+    assert stats.mean == pytest.approx(100.5) and stats.median == pytest.approx(100.5)
+    assert stats.std == pytest.approx((39999 / 12) ** 0.5)
+    assert (stats.min, stats.max, stats.num_samples) == (1.0, 200.0, 200)
+    assert IntensityStats.of(np.array([], np.float32)).num_samples == 0
 
 
 def test_known_case_is_measured_exactly(tmp_path):

@@ -116,6 +116,26 @@ def test_a_nifti_with_a_time_axis_of_one_point_reads_as_its_3d_image(tmp_path):
     array, _ = read_image(tmp_path / "v.nii.gz")
     assert array.shape == (2, 5, 6, 4)
     assert np.array_equal(array[1], vector[..., 0, 1].transpose(2, 1, 0))
+    # A label map written over a vector image's header is a plain scalar map: ITK reads one component back.
+    _, geometry = read_image(tmp_path / "v.nii.gz")
+    write_label(np.ones((5, 6, 4), np.uint8), tmp_path / "v_label.nii.gz", geometry, reference_file=tmp_path / "v.nii.gz")
+    assert int(nib.load(str(tmp_path / "v_label.nii.gz")).header["intent_code"]) == 0
+    assert sitk.ReadImage(str(tmp_path / "v_label.nii.gz")).GetNumberOfComponentsPerPixel() == 1
+
+
+def test_nifti2_is_refused_by_name_extra_bytes_after_the_voxels_pass_and_a_cut_file_is_refused(tmp_path):
+    data = np.random.default_rng(8).normal(size=(6, 5, 4)).astype(np.float32)
+    nib.save(nib.Nifti2Image(data, np.diag([0.5, 0.7, 2.0, 1.0])), str(tmp_path / "two.nii.gz"))
+    with pytest.raises(ImageReadError, match=r"two\.nii\.gz: is NIfTI-2, which SimpleITK's reader"):
+        read_image(tmp_path / "two.nii.gz")  # ITK alone says only "Unable to determine ImageIO reader"
+    nib.save(nib.Nifti1Image(data, np.diag([0.5, 0.7, 2.0, 1.0])), str(tmp_path / "one.nii.gz"))
+    array, geometry = read_image(tmp_path / "one.nii.gz")
+    raw = gzip.decompress((tmp_path / "one.nii.gz").read_bytes())
+    (tmp_path / "padded.nii.gz").write_bytes(gzip.compress(raw + bytes(16)))  # readers ignore trailing bytes
+    assert np.array_equal(read_image(tmp_path / "padded.nii.gz")[0], array)
+    (tmp_path / "cut.nii.gz").write_bytes(gzip.compress(raw[:-40]))  # a whole gzip stream, 10 voxels short
+    with pytest.raises(ImageReadError, match=r"cut\.nii\.gz: is truncated or corrupt"):
+        read_image(tmp_path / "cut.nii.gz")
 
 
 @pytest.mark.parametrize("ending", [".mhd", ".nhdr"])
@@ -194,6 +214,9 @@ def test_a_3d_tiff_takes_its_spacing_from_nnunets_sidecar_json_and_a_label_map_w
     assert np.array_equal(labels, volume) and label_geometry.array_spacing == [3.0, 0.5, 0.7]
     (tmp_path / "cell.json").write_text(json.dumps({"spacing": [3.0, 0.5]}))
     with pytest.raises(ImageReadError, match=r"cell\.json: 'spacing' must be a list of 3 numbers"):
+        read_header(tmp_path / "cell_0000.tif")
+    (tmp_path / "cell.json").unlink()  # ITK alone would make up z = 1 mm: refused, naming the file it needs
+    with pytest.raises(ImageReadError, match=r"cell_0000\.tif: is a 3D TIFF without its spacing file cell\.json"):
         read_header(tmp_path / "cell_0000.tif")
 
 

@@ -85,6 +85,13 @@ def test_cuda_plan_above_free_memory_is_refused(monkeypatch, tiny_plans):
                                            torch.bfloat16)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * GB, 141 * GB))
     memory_guard.check_training_memory(plans, plans_file, "3d_fullres", plan, 2, torch.device("cuda"), torch.bfloat16)
+    # Under DDP each rank also holds gradient buckets, 4 bytes a parameter: 2.2 GiB more for 600 M of them,
+    # past the 2.5 GiB available (2 free, the context given back).
+    plan.num_parameters = 600_000_000
+    memory_guard.check_training_memory(plans, plans_file, "3d_fullres", plan, 2, torch.device("cuda"), torch.bfloat16)
+    with pytest.raises(PlanError, match=r"needs about 2\.\d GB"):
+        memory_guard.check_training_memory(plans, plans_file, "3d_fullres", plan, 2, torch.device("cuda"),
+                                           torch.bfloat16, ranks=2)
 
 
 def test_train_refuses_a_plan_above_host_memory_in_one_line(monkeypatch, tiny_plans, capsys):

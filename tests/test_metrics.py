@@ -91,6 +91,29 @@ def test_evaluate_folder_regions_ignore_and_files(tmp_path):
         evaluate_folder(ref_dir, pred_dir, labels, ".nii.gz", num_processes=1, progress=False)
 
 
+def test_summary_over_cases_means_and_stds_by_hand(tmp_path):
+    # Class 1 right in both cases; class 2 right in case a, missed in case b (Dice 1 and 0, HD95 0 and
+    # undefined). Hand values: class 2's Dice mean 0.5, std 0.5 (over cases, ddof 0); its HD95 mean is
+    # over the one case where it is defined; the foreground mean is the mean of the class means.
+    reference = np.zeros((6, 10, 10), np.uint8)
+    reference[1:4, 1:4, 1:4] = 1
+    reference[1:4, 5:9, 5:9] = 2
+    missed = reference.copy()
+    missed[missed == 2] = 0
+    for case, prediction in [("a", reference), ("b", missed)]:
+        write_nifti(tmp_path / "ref" / f"{case}.nii.gz", reference)
+        write_nifti(tmp_path / "pred" / f"{case}.nii.gz", prediction)
+    labels = {"background": 0, "one": 1, "two": 2}
+    summary = evaluate_folder(tmp_path / "ref", tmp_path / "pred", labels, ".nii.gz", 1.0, num_processes=1,
+                              progress=False)
+    two = summary.per_class["two"]
+    assert (two.mean["dice"], two.std["dice"]) == (pytest.approx(0.5), pytest.approx(0.5))
+    assert (two.mean["iou"], two.mean["nsd"]) == (pytest.approx(0.5), pytest.approx(0.5))
+    assert two.mean["hd95"] == 0.0 and two.n_undefined_hd95 == 1
+    assert (summary.per_class["one"].mean["dice"], summary.per_class["one"].std["dice"]) == (1.0, 0.0)
+    assert summary.mean_foreground["dice"] == pytest.approx(0.75)
+
+
 def test_evaluate_command_prints_a_table(synthetic_raw, tmp_path, capsys):
     code = main(["evaluate", str(synthetic_raw / "labelsTr"), str(synthetic_raw / "labelsTr"), "-d", "999",
                  f"--raw={synthetic_raw.parent}", "-o", str(tmp_path), "-np", "1"])

@@ -11,7 +11,7 @@ from autoseg.planning.plans import load_plans, save_plans
 from autoseg.planning.spacing import fullres_spacing
 from autoseg.networks.registry import ARCHITECTURES
 from autoseg.records import dumps
-from tests.conftest import edit_json, shared_dataset
+from tests.conftest import edit_json, peers_python, shared_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,12 +26,20 @@ def test_planner_reproduces_the_committed_plans(name):
 
 
 def test_hippocampus_plan_matches_nnunet_in_substance():
+    """nnU-Net v2's nnUNetPlans.json for Dataset004_Hippocampus (nnUNetv2_plan_and_preprocess in the peers'
+    environment, nnunetv2 2.8.1, 2026-12-05): 3d_fullres spacing 1 mm, patch 40x56x40, batch 7; 2d patch 56x40, batch 281;
+    both with strides 1, 2, 2, 2, kernels 3, features 32-256, ZScoreNormalization, no 3d_lowres."""
     plans = load_plans(REPO / "plans" / "Dataset004_Hippocampus.json")
-    full = plans.configurations["3d_fullres"]
-    unet = full.architectures["unet"]
-    assert full.spacing == [1.0, 1.0, 1.0]
-    assert unet.patch_size == [40, 56, 40] and len(unet.strides) == 4
-    assert unet.features == [32, 64, 128, 256] and unet.batch_size == 7
+    full, flat = plans.configurations["3d_fullres"], plans.configurations["2d"]
+    assert full.spacing == [1.0, 1.0, 1.0] and flat.spacing == [1.0, 1.0]
+    for configuration, patch, stride in ((full, [40, 56, 40], [2, 2, 2]), (flat, [56, 40], [2, 2])):
+        unet = configuration.architectures["unet"]
+        assert unet.patch_size == patch and unet.strides == [[1] * len(patch)] + [stride] * 3
+        assert unet.kernel_sizes == [[3] * len(patch)] * 4 and unet.features == [32, 64, 128, 256]
+    assert full.architectures["unet"].batch_size == 7
+    # nnU-Net's batch comes from its VRAM formula; ours from the measured memory model, capped as nnU-Net caps
+    # it (5 % of the dataset's voxels): within a few images of nnU-Net's 281.
+    assert abs(flat.architectures["unet"].batch_size - 281) <= 3
     assert plans.normalization[0].scheme == "zscore" and "3d_lowres" not in plans.configurations
 
 
@@ -163,7 +171,7 @@ def test_swin_feature_size_is_chosen_by_the_budget():
 
 
 # nnU-Net's own planner, run on autoseg's committed Hippocampus fingerprint in the peers' environment
-# (/work/shared/peers/setup.sh makes it; AUTOSEG_PEERS_PYTHON points elsewhere). It reads the raw
+# (/work/shared/peers/setup.sh makes it; PEERS_VENV points elsewhere). It reads the raw
 # dataset.json and one image, and plans from the fingerprint handed to it: an independent second
 # planner on the same facts, not a reference autoseg wrote itself.
 NNUNET_PLAN = '''
@@ -191,10 +199,10 @@ def _nnunets_plans(tmp_path: Path, fingerprint: dict) -> dict:
     import os
     import subprocess
 
-    python = Path(os.environ.get("AUTOSEG_PEERS_PYTHON", "/tmp/peers-venv/bin/python"))
+    python = peers_python()
     if not python.exists():
         pytest.skip(f"{python} is missing: nnU-Net's planner runs in the peers' environment "
-                    "(/work/shared/peers/setup.sh makes it; AUTOSEG_PEERS_PYTHON points elsewhere)")
+                    "(/work/shared/peers/setup.sh makes it; PEERS_VENV points elsewhere)")
     raw = shared_dataset("Dataset004_Hippocampus")
     roots = {name: tmp_path / name for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
     for folder in roots.values():
@@ -273,12 +281,11 @@ def test_unet_topology_is_nnunets_get_pool_and_conv_props():
     waits), and an axis too small to pool, being the finest, stopped the others early (a 16x14 bottleneck
     in-plane where nnU-Net goes on to 8x7). The one planned difference: at most MAX_STAGES stages."""
     import json
-    import os
     import subprocess
 
     from autoseg.networks.topology import MAX_STAGES, unet_topology
 
-    python = Path(os.environ.get("AUTOSEG_PEERS_PYTHON", "/tmp/peers-venv/bin/python"))
+    python = peers_python()
     if not python.exists():
         pytest.skip(f"{python} is missing: nnU-Net runs in the peers' environment (/work/shared/peers/setup.sh)")
     cases = [[list(spacing), list(patch)]

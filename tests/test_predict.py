@@ -6,7 +6,7 @@ import torch
 
 from autoseg.cli import main
 from autoseg.dataset.spec import load_dataset_spec
-from autoseg.errors import CheckpointError
+from autoseg.errors import CheckpointError, UsageError
 from autoseg.fingerprint import compute_fingerprint
 from autoseg.inference.folder import predict_folder
 from autoseg.inference.model import TrainedModel, load_state_dict, load_trained_model
@@ -189,7 +189,7 @@ def test_a_case_that_runs_out_of_memory_twice_is_skipped_and_named_and_the_rest_
     assert np.array_equal(read_label(tmp_path / "out" / "synth_005.nii.gz")[0], truth)
 
 
-def test_plain_names_ending_in_four_digits_are_cases_of_a_one_channel_model(tmp_path):
+def test_plain_names_ending_in_four_digits_are_cases_of_a_one_channel_model(tmp_path, capsys):
     from autoseg.inference.folder import list_input_cases
 
     for name in ("liver_0001.nii.gz", "liver_0002.nii.gz", "plain.nii.gz", "c_0000.nii.gz", "two_0000.nrrd",
@@ -202,6 +202,10 @@ def test_plain_names_ending_in_four_digits_are_cases_of_a_one_channel_model(tmp_
     two_channels = {case.case_id: [f.name for f in case.files] for case in list_input_cases(tmp_path, 2)}
     assert two_channels["two"] == ["two_0000.nrrd", "two_0001.nrrd"] and two_channels["liver"] == [
         "liver_0001.nii.gz", "liver_0002.nii.gz"]  # refused when read: no _0000
+    assert "1 file(s) without a channel suffix (_0000 ...) passed over" in capsys.readouterr().err  # plain.nii.gz
+    (tmp_path / "c.nii.gz").write_bytes(b"")  # beside c_0000.nii.gz: the same case and channel twice
+    with pytest.raises(UsageError, match="two files for channel 0 of case c: c.nii.gz and c_0000.nii.gz"):
+        list_input_cases(tmp_path, 1)
 
 
 def test_a_plain_name_ending_in_four_digits_is_read_and_predicted(synthetic_raw, plans, tmp_path):

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from autoseg.cli import main
 from autoseg.dataset.check import read_case
@@ -8,7 +9,7 @@ from autoseg.fingerprint import compute_fingerprint
 from autoseg.planning.planner import plan_dataset
 from autoseg.preprocessing.crop import uncrop
 from autoseg.preprocessing.preprocess import class_values, preprocess_arrays
-from autoseg.preprocessing.resample import resample_labels, resample_probabilities
+from autoseg.preprocessing.resample import resample_image, resample_labels, resample_probabilities
 from autoseg.preprocessing.store import list_finished_cases, load_arrays, load_properties
 
 
@@ -37,6 +38,26 @@ def test_label_resampling_breaks_ties_towards_the_higher_label_as_nnunet():
     labels = np.array([0, 0, 0, 1, 0, -1, -1, -1], np.int16).reshape(1, 1, 8)
     out = resample_labels(labels, [1, 1, 4], order=1)
     assert out.ravel().tolist() == [0, 1, 0, -1]
+
+
+def test_resampling_equals_nnunets_skimage_calls():
+    from skimage.transform import resize
+
+    # nnU-Net resamples images with skimage's resize(order=3, mode="edge", anti_aliasing=False; clip=True,
+    # its default, keeps the input's range) and each label's mask with order 1, thresholded at 0.5 in
+    # ascending label order. With two labels our argmax over the interpolated masks is that rule (the two
+    # masks sum to 1), up to float32 rounding where a voxel lies midway.
+    rng = np.random.default_rng(4)
+    image = ndimage.gaussian_filter(rng.normal(0, 1, (10, 20, 15)), 1.5).astype(np.float32)
+    for shape in ([7, 31, 22], [13, 11, 15]):
+        expected = resize(image.astype(np.float64), shape, order=3, mode="edge", anti_aliasing=False)
+        ours = resample_image(image[None], shape)[0]
+        assert np.abs(ours - expected).max() < 1e-4 * np.abs(expected).max(), shape
+        labels = (ndimage.gaussian_filter(rng.random((10, 20, 15)), 2.0) > 0.5).astype(np.uint8)
+        interpolated = resize(labels.astype(np.float64), shape, order=1, mode="edge", anti_aliasing=False)
+        differ = resample_labels(labels, shape, order=1) != (interpolated >= 0.5)
+        assert np.all(np.abs(interpolated[differ] - 0.5) < 1e-5), shape
+    assert resample_image(image[None], [7, 31, 22]).min() >= image.min()  # the spline's overshoot is clipped
 
 
 def test_preprocess_then_invert_gives_back_the_original_geometry_and_labels(planned):
@@ -93,6 +114,25 @@ def test_nnunets_channel_names_choose_its_normalisations():
     dark = np.array([[[[10.0, 51.0]]], [[[0.0, 3.0]]]], np.float32)
     out = normalize(dark, [ChannelNormalization("R", "rgb255"), ChannelNormalization("mask", "none")])
     assert out[0].ravel().tolist() == pytest.approx([10 / 255, 0.2]) and out[1].ravel().tolist() == [0.0, 3.0]
+
+
+def test_each_normalisation_scheme_on_hand_computed_values():
+    from autoseg.planning.plans import ChannelNormalization
+    from autoseg.preprocessing.normalize import normalize
+
+    def one(values, norm, mask=None):
+        image = np.array(values, np.float32).reshape(1, 1, 1, -1)
+        return normalize(image, [norm], None if mask is None else np.array(mask).reshape(1, 1, -1)).ravel().tolist()
+
+    # CT: clipped to the dataset's foreground percentiles, then the dataset's (not the image's) mean and std.
+    ct = ChannelNormalization("CT", "ct", clip_low=-100.0, clip_high=200.0, mean=50.0, std=10.0)
+    assert one([-500, 0, 300], ct) == pytest.approx([-15.0, -5.0, 15.0])
+    assert one([1, 3], ChannelNormalization("MRI", "zscore")) == pytest.approx([-1.0, 1.0])  # mean 2, std 1
+    # Statistics of the masked voxels only ([2, 4]: mean 3, std 1); outside the mask 0, the normalised background.
+    masked = one([0, 2, 4, 100], ChannelNormalization("MRI", "zscore_mask"), mask=[False, True, True, False])
+    assert masked == pytest.approx([0.0, -1.0, 1.0, 0.0])
+    assert one([2, 4, 6], ChannelNormalization("x", "rescale01")) == pytest.approx([0.0, 0.5, 1.0])
+    assert one([7, 7], ChannelNormalization("MRI", "zscore")) == [0.0, 0.0]  # constant image: no division by 0
 
 
 def test_a_store_follows_the_raw_dataset_and_training_refuses_one_of_another_plan(synthetic_raw, tmp_path, capsys):

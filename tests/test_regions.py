@@ -41,6 +41,19 @@ def test_region_masks_nest_and_the_loss_rewards_the_right_answer():
     assert float(loss(wrong_there, ignored)) == pytest.approx(float(loss(right, ignored)), abs=1e-6)
 
 
+def test_region_loss_equals_monais_dice_plus_bce():
+    from monai.losses import DiceLoss
+
+    # nnU-Net's region loss: BCE with logits plus batch soft Dice of every region (sigmoid, smooth 1e-5).
+    regions = [[1, 2], [2]]
+    target = _target()
+    logits = torch.randn((2, 2, 6, 6, 6), generator=torch.Generator().manual_seed(0)) * 2
+    masks = region_masks(target, regions)
+    dice = DiceLoss(sigmoid=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5)(logits, masks)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, masks)
+    assert float(RegionDiceBCELoss(regions)(logits, target)) == pytest.approx(float(dice + bce), rel=1e-5)
+
+
 def test_region_probabilities_write_labels_in_regions_class_order():
     class Plans:  # the two attributes the conversion reads
         has_regions = True

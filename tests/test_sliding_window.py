@@ -23,6 +23,43 @@ def test_windows_cover_the_axis_evenly_at_most_a_step_apart(size, patch, step):
     assert gaps.size == 0 or gaps.max() - gaps.min() <= 1  # evenly spread, up to rounding
 
 
+@pytest.mark.parametrize("size, patch, step, expected", [
+    (100, 40, 0.5, [0, 20, 40, 60]),
+    # 236 voxels to travel at most 21.12 apart: ceil(236 / 21.12) + 1 = 13 windows, 19.67 apart, rounded
+    (300, 64, 0.33, [0, 20, 39, 59, 79, 98, 118, 138, 157, 177, 197, 216, 236]),
+    (41, 40, 0.5, [0, 1]), (40, 40, 0.5, [0]), (10, 2, 0.33, [0, 1, 2, 3, 4, 5, 6, 7, 8]),
+])
+def test_window_starts_are_nnunets(size, patch, step, expected):
+    # nnU-Net's compute_steps_for_sliding_window: ceil((size - patch) / (patch * step)) + 1 windows,
+    # spread evenly and rounded (worked by hand above). The last case is where autoseg departs on purpose:
+    # windows at least a voxel apart (nnU-Net's 14 windows there would visit most voxels twice).
+    assert window_starts(size, patch, step) == expected
+
+
+def test_overlapping_windows_are_blended_by_a_gaussian_of_sigma_an_eighth_of_the_patch():
+    # A network whose answer depends on where a voxel sits in its window: class 1's logit rises along x.
+    # Windows of 40 at x = 0 and 20 overlap on [20, 40); there each window's answer is weighted by a
+    # Gaussian centred on its window (sigma 40 / 8 = 5), written out here from nnU-Net's definition.
+    def ramp_network(x):
+        position = torch.arange(x.shape[-1], dtype=torch.float32)
+        return torch.stack([torch.zeros_like(x[:, 0]), ((position - 20) / 4).expand_as(x[:, 0])], dim=1)
+
+    probabilities = predict_probabilities([ramp_network], torch.zeros(1, 4, 60), [4, 40], mirror=False)
+
+    def weight(j):  # the window's centre is (40 - 1) / 2 (the far tails, floored, are not visited here)
+        return np.exp(-((j - 19.5) ** 2) / (2 * 5.0 ** 2))
+
+    def answer(j):
+        return 1 / (1 + np.exp(-(j - 20) / 4))
+
+    for x in [5, 22, 25, 30, 37, 45]:
+        inside = [x - start for start in (0, 20) if 0 <= x - start < 40]
+        expected = sum(weight(j) * answer(j) for j in inside) / sum(weight(j) for j in inside)
+        assert float(probabilities[1, 2, x]) == pytest.approx(expected, abs=1e-5), x
+    # Unweighted averaging would give about 0.40 at x = 25; the Gaussian trusts the window centred near it.
+    assert float(probabilities[1, 2, 25]) > 0.7
+
+
 def test_a_2d_network_through_a_volume_sees_each_slice_once():
     calls = []
 

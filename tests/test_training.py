@@ -21,7 +21,7 @@ from autoseg.training.loop import TrainingLoop
 from autoseg.training.loss import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights
 from autoseg.training.schedule import PolySchedule
 from autoseg.training.splits import load_or_create_splits, make_splits
-from tests.conftest import preprocess_tiny_synthetic
+from tests.conftest import free_port, preprocess_tiny_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -103,6 +103,26 @@ def test_loss_rewards_the_right_answer_and_ignores_ignored_voxels():
     assert loss(changed, ignored) == pytest.approx(float(loss(perfect, ignored)), abs=1e-6)
     assert deep_supervision_weights(3) == pytest.approx([2 / 3, 1 / 3, 0.0])
     assert deep_supervision_weights(4) == pytest.approx([4 / 7, 2 / 7, 1 / 7, 0.0])
+
+
+def test_dice_ce_equals_monais_and_a_hand_computed_pair_of_voxels():
+    from monai.losses import DiceCELoss as MonaiDiceCE
+
+    # nnU-Net's loss: cross-entropy plus batch soft Dice of the foreground classes (smooth 1e-5), which is
+    # MONAI's DiceCELoss with these settings (MONAI's Dice term is 1 - Dice, ours too).
+    monai_loss = MonaiDiceCE(to_onehot_y=True, softmax=True, include_background=False, batch=True,
+                             smooth_nr=1e-5, smooth_dr=1e-5)
+    generator = torch.Generator().manual_seed(0)
+    for shape in [(2, 3, 6, 7, 5), (3, 4, 9, 8)]:
+        logits = torch.randn(shape, generator=generator) * 3
+        target = torch.randint(0, shape[1], (shape[0], *shape[2:]), generator=generator)
+        assert float(DiceCELoss()(logits, target)) == pytest.approx(float(monai_loss(logits, target[:, None])),
+                                                                    rel=1e-5)
+    # Two voxels, two classes, logits 0: every probability 1/2. CE = ln 2; foreground Dice =
+    # (2 * 0.5 + 1e-5) / (1.0 + 1 + 1e-5), so the loss is ln 2 + 1 - that.
+    logits, target = torch.zeros(1, 2, 2), torch.tensor([[0, 1]])
+    expected = np.log(2) + 1 - (1 + 1e-5) / (2 + 1e-5)
+    assert float(DiceCELoss()(logits, target)) == pytest.approx(expected, rel=1e-6)
 
 
 def test_deep_supervision_downsamples_the_target_and_keeps_ignore():
@@ -198,11 +218,20 @@ def test_the_sampler_keeps_a_bounded_number_of_cases_open(tiny, monkeypatch):
     _, folder = _folder(roots, name)
     monkeypatch.setattr(data, "OPEN_CASES", 1)
     sampler = PatchSampler(folder, ["synth_000", "synth_001"], [8, 32, 32], 2, augment=False)
-    before = len(os.listdir("/proc/self/fd"))
+    def open_in_store():  # descriptors on the store's files only: other tests' or threads' files do not count
+        targets = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                targets.append(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:  # closed between the listing and the look
+                pass
+        return sorted(t for t in targets if t.startswith(str(folder.resolve())))
+
+    assert open_in_store() == []
     first = np.array(sampler.arrays("synth_000")[1][:2])
-    one_open = len(os.listdir("/proc/self/fd"))
+    assert open_in_store() and all("synth_000" in target for target in open_in_store())
     sampler.arrays("synth_001")
-    assert len(os.listdir("/proc/self/fd")) == one_open > before  # synth_000's maps closed as synth_001's opened
+    assert open_in_store() and all("synth_001" in target for target in open_in_store())  # synth_000's closed
     assert list(sampler._arrays) == ["synth_001"]
     assert np.array_equal(np.array(sampler.arrays("synth_000")[1][:2]), first)  # opened again when needed
 
@@ -548,12 +577,24 @@ def test_time_budget_run_ends_within_five_percent_of_the_budget(tiny, tmp_path):
 
 def test_bf16_training_on_the_cpu_lowers_the_loss_as_fp32_does(tiny, tmp_path):
     roots, name = tiny
-    losses = {}
+    losses, convolution_dtypes = {}, {}
     for label, bf16 in (("fp32", False), ("bf16", True)):
-        out = train_fold(Roots(roots.raw, roots.preprocessed, tmp_path / label), name, "3d_fullres", "0",
-                         options=_options(epochs=4, iters_per_epoch=6, cpu_bf16=bf16, amp=bf16))
+        seen = set()  # what the convolutions computed in: proof that the option reached the step
+
+        def record(module, inputs, output, seen=seen):
+            if isinstance(module, torch.nn.Conv3d):
+                seen.add(output.dtype)
+
+        hook = torch.nn.modules.module.register_module_forward_hook(record)
+        try:
+            out = train_fold(Roots(roots.raw, roots.preprocessed, tmp_path / label), name, "3d_fullres", "0",
+                             options=_options(epochs=4, iters_per_epoch=6, cpu_bf16=bf16, amp=bf16))
+        finally:
+            hook.remove()
+        convolution_dtypes[label] = seen
         history = torch.load(out / "checkpoint_final.pt", weights_only=True)["history"]
         losses[label] = [entry["train_loss"] for entry in history]
+    assert convolution_dtypes["fp32"] == {torch.float32} and torch.bfloat16 in convolution_dtypes["bf16"]
     for label, curve in losses.items():
         assert curve[-1] < 0.9 * curve[0], f"{label} did not learn: {curve}"
     assert abs(losses["bf16"][-1] - losses["fp32"][-1]) < 0.25 * losses["fp32"][0], losses
@@ -595,7 +636,7 @@ def test_ddp_with_gloo_on_two_cpu_processes_sees_different_batches_and_writes_on
     script.write_text(_DDP_SCRIPT)
     record = tmp_path / "batches"
     result = _torchrun([str(script), str(roots.raw), str(roots.preprocessed), str(tmp_path / "res"), name,
-                        str(record)], tmp_path, 29731)
+                        str(record)], tmp_path, free_port())
     assert result.stdout.count("epoch 0: train loss") == 1, "only rank 0 reports"
     rank0, rank1 = (Path(f"{record}.{r}").read_text().splitlines() for r in (0, 1))
     assert len(rank0) == len(rank1) == 2
@@ -613,7 +654,7 @@ def test_torchrun_runs_the_train_command(tiny, tmp_path):
     result = _torchrun(["-m", "autoseg", "train", name, "3d_fullres", "0", "--epochs", "1", "--iters-per-epoch", "1",
                         "--val-iters", "1", "--num-workers", "0", "--no-validation", "--seed", "1",
                         f"--raw={roots.raw}", f"--preprocessed={roots.preprocessed}",
-                        f"--results={tmp_path / 'res'}"], tmp_path, 29732)
+                        f"--results={tmp_path / 'res'}"], tmp_path, free_port())
     assert result.stdout.count("train: done") == 1
 
 

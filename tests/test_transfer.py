@@ -19,10 +19,10 @@ from autoseg.training import TrainingOptions, train_fold
 from autoseg.training.finetune import FineTuningPhases
 from autoseg.training.schedule import PolySchedule
 from autoseg.training.transfer import encoder_names, transfer_weights
-from tests.conftest import preprocess_tiny_synthetic
+from tests.conftest import peers_python, preprocess_tiny_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
-PEERS_PYTHON = Path(os.environ.get("AUTOSEG_PEERS_VENV", "/tmp/peers-venv")) / "bin" / "python"
+PEERS_PYTHON = peers_python()
 
 
 @pytest.fixture(scope="module")

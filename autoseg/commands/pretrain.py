@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from autoseg.cli import add_common
+from autoseg.errors import UsageError
 
 
 def register(subparsers) -> None:
@@ -42,6 +43,8 @@ def run(args) -> int:
     from autoseg.paths import Roots
     from autoseg.pretraining.run import PretrainingOptions, pretrain
 
+    if args.fp32 and args.cpu_bf16:
+        raise UsageError("--fp32 and --cpu-bf16 contradict each other: give one of them")
     roots = Roots.resolve(args.raw, args.preprocessed, args.results)
     options = PretrainingOptions(epochs=args.epochs, iters_per_epoch=args.iters_per_epoch,
                                  time_budget_minutes=args.time_budget, extra_image_folders=list(args.images),

@@ -7,8 +7,10 @@ device; the planned batch is split across them, only rank 0 writes).
 from __future__ import annotations
 
 import argparse
+import os
 
 from autoseg.cli import add_common
+from autoseg.errors import UsageError
 
 
 def register(subparsers) -> None:
@@ -64,6 +66,10 @@ def run(args) -> int:
     from autoseg.training import TrainingOptions, train_fold
     from autoseg.training.splits import DEFAULT_GROUP_PATTERN
 
+    if args.fp32 and args.cpu_bf16:
+        raise UsageError("--fp32 and --cpu-bf16 contradict each other: give one of them")
+    if args.validation_only and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # ranks would write one folder
+        raise UsageError("--validation-only runs in one process: start it without torchrun")
     roots = Roots.resolve(args.raw, args.preprocessed, args.results)
     name = roots.find_dataset(args.dataset)
     if args.validation_only:
@@ -84,10 +90,6 @@ def run(args) -> int:
                               pretrained=args.pretrained, allow_partial=args.allow_partial,
                               warmup_epochs=args.warmup_epochs, freeze_encoder_epochs=args.freeze_encoder_epochs)
     output = train_fold(roots, name, args.configuration, args.fold, args.architecture, options)
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if int(os.environ.get("RANK", "0")) == 0:  # train_fold has ended the process group: torchrun's variable says
         print(f"train: done -> {output}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
     return 0

@@ -59,6 +59,7 @@ def list_input_cases(folder: Path, num_channels: int) -> list[InputCase]:
         raise UsageError("input folder does not exist", folder)
     grouped: dict[str, dict[int, Path]] = {}
     endings: dict[str, str] = {}
+    unmatched: list[str] = []
     for path in sorted(folder.iterdir()):
         ending = _ending(path.name)
         if ending is None or path.name.startswith("."):
@@ -67,9 +68,18 @@ def list_input_cases(folder: Path, num_channels: int) -> list[InputCase]:
         match = _CHANNEL.match(stem)
         case, channel = (match["case"], int(match["channel"])) if match else (stem, 0)
         if not match and num_channels != 1:
+            unmatched.append(path.name)
             continue
-        grouped.setdefault(case, {})[channel] = path
+        previous = grouped.setdefault(case, {}).get(channel)
+        if previous is not None:  # a.nii.gz beside a.nrrd: which one the user meant is not ours to guess
+            raise UsageError(f"two files for channel {channel} of case {case}: {previous.name} and {path.name}; "
+                             "keep one", folder)
+        grouped[case][channel] = path
         endings[case] = ending
+    if unmatched:
+        print(f"predict: {len(unmatched)} file(s) without a channel suffix (_0000 ...) passed over, the model "
+              f"takes {num_channels} channels: {', '.join(unmatched[:5])}{' ...' if len(unmatched) > 5 else ''}",
+              file=sys.stderr)
     if not grouped:
         raise UsageError(f"no image files ({', '.join(SUPPORTED_ENDINGS)}) in the input folder", folder)
     cases = []
@@ -164,7 +174,10 @@ def predict_folder(model: TrainedModel | list[TrainedModel], input_dir: Path, ou
     write_seg = seg_writer(model) if output_format != "nifti" else None
     todo = []
     for case in cases:
-        if all(f.exists() for f in output_files(case.case_id, case.ending, output_dir, output_format)) and not overwrite:
+        expected = output_files(case.case_id, case.ending, output_dir, output_format)
+        if settings.save_probabilities:  # asked for now, perhaps not by the run that wrote the label map
+            expected.append(output_dir / f"{case.case_id}.npz")
+        if all(f.exists() for f in expected) and not overwrite:
             result.skipped_existing.append(case.case_id)
         else:
             todo.append(case)

@@ -122,7 +122,10 @@ def read_header(path: str | Path) -> tuple[Geometry, int]:
     full_direction = np.array(reader.GetDirection()).reshape(reader.GetDimension(), reader.GetDimension())
     direction = full_direction[:dimension, :dimension]
     sidecar = tiff_spacing_file(path) if dimension == 3 else None
-    if sidecar is not None and sidecar.is_file():  # nnU-Net's Tiff3DIO: TIFF holds no usable spacing
+    if sidecar is not None:  # nnU-Net's Tiff3DIO: a TIFF holds no usable spacing (ITK would say z = 1 mm)
+        if not sidecar.is_file():
+            raise ImageReadError(f"is a 3D TIFF without its spacing file {sidecar.name} (as nnU-Net's Tiff3DIO "
+                                 'reads it: {"spacing": [z, y, x]} in mm)', path)
         spacing, origin, direction = _sidecar_spacing(sidecar), [0.0] * 3, np.eye(3)
     if not all(np.isfinite(spacing)) or min(spacing) <= 0:
         raise ImageReadError(f"spacing {spacing} must be positive and finite", path)
@@ -148,8 +151,8 @@ def read_image(path: str | Path, dtype=np.float32) -> tuple[np.ndarray, Geometry
             raise ImageReadError(f"pixels cannot be read ({_sitk_reason(exc)})", path) from None
         # A copy, not a view: a view's buffer dies with ``image`` when this function returns.
         array = sitk.GetArrayFromImage(image)
-        if components == 1 and array.ndim == len(geometry.shape):
-            array = array[None]
+        if components == 1:  # by count, not by ndim: a 2D file ITK calls 3D with one slice has an extra axis
+            array = array.reshape(1, *geometry.array_shape)
         else:  # vector pixels (RGB PNG): components are the last axis
             array = np.moveaxis(array, -1, 0)
     array = array.reshape((array.shape[0], *geometry.array_shape))
@@ -197,9 +200,11 @@ def write_label(array: np.ndarray, path: str | Path, geometry: Geometry, referen
     image.SetSpacing(geometry.spacing)
     image.SetOrigin(geometry.origin)
     image.SetDirection(geometry.direction)
-    _write_sitk_atomic(image, path)
-    if geometry.dimension == 3 and tiff_spacing_file(path) is not None:  # as nnU-Net's Tiff3DIO writes it
+    if geometry.dimension == 3 and tiff_spacing_file(path) is not None:
+        # As nnU-Net's Tiff3DIO writes it (CASE.json beside CASE.tif), and first: a run killed between the
+        # two writes leaves no TIFF, so the case is not taken for done without its spacing.
         save_json({"spacing": geometry.array_spacing}, path.parent / f"{path.name.rsplit('.', 1)[0]}.json")
+    _write_sitk_atomic(image, path)
 
 
 def write_image(array: np.ndarray, path: str | Path, geometry: Geometry) -> None:
@@ -266,6 +271,8 @@ def _write_nifti_like(array_zyx: np.ndarray, path: Path, reference: Path) -> Non
     image.set_sform(ref.get_sform(), code=int(ref.header["sform_code"]))
     image.header["scl_slope"], image.header["scl_inter"] = 1, 0
     image.header["cal_min"], image.header["cal_max"] = 0, 0  # the image's display window would show labels black
+    # A vector or other intent of the image is not the label map's: ITK would read it back as a vector image.
+    image.header.set_intent("none", (), name="")
     raw = image.to_bytes()
     if path.name.lower().endswith(".gz"):
         raw = gzip.compress(raw, compresslevel=1, mtime=0)
@@ -286,6 +293,9 @@ def _read_nifti_pixels(path: Path, spatial_dims: int) -> np.ndarray:
         data = np.asanyarray(nib.load(str(path)).dataobj)
     except (OSError, EOFError, ValueError, nib.filebasedimages.ImageFileError) as exc:
         raise ImageReadError(f"pixels cannot be read ({exc})", path) from None
+    if data.dtype.names:  # RGB24/RGBA32: one structured value per voxel, no number to compute with
+        raise ImageReadError("holds colour voxels (NIfTI RGB); give each colour as a channel of its own "
+                             "(CASE_0000, CASE_0001, ...)", path)
     data = data.reshape(*data.shape[:spatial_dims], -1)
     return data.transpose(spatial_dims, *reversed(range(spatial_dims)))
 
@@ -345,6 +355,9 @@ def _check_nifti_spacing(path: Path) -> None:
     if header is None:
         return  # not NIfTI-1: ITK's reader will say what it is
     endian, raw = header
+    if len(raw) == 540:  # NIfTI-2, which ITK's reader does not take
+        raise ImageReadError("is NIfTI-2, which SimpleITK's reader (autoseg's, as nnU-Net's) does not read; "
+                             "save it as NIfTI-1 (nibabel: nib.Nifti1Image)", path)
     dims = struct.unpack(endian + "8h", raw[40:56])
     pixdim = list(struct.unpack(endian + "8f", raw[76:108]))[1 : 1 + max(1, min(3, dims[0]))]
     if not all(np.isfinite(pixdim)) or min(pixdim) <= 0:
@@ -353,19 +366,18 @@ def _check_nifti_spacing(path: Path) -> None:
 
 
 def _nifti_header(path: Path) -> tuple[str, bytes] | None:
-    """(byte order, the 348-byte NIfTI-1 header) of a .nii or .nii.gz file, or None if it is not one."""
+    """(byte order, the header: 348 bytes of NIfTI-1 or 540 of NIfTI-2) of a .nii or .nii.gz file, or None."""
     import gzip
 
     try:
         with (gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")) as handle:
-            raw = handle.read(348)
+            raw = handle.read(540)
     except (OSError, EOFError):
         return None
-    if len(raw) < 348:
-        return None
     for endian in "<>":
-        if struct.unpack(endian + "i", raw[:4])[0] == 348:
-            return endian, raw
+        size = struct.unpack(endian + "i", raw[:4])[0] if len(raw) >= 4 else 0
+        if size in (348, 540) and len(raw) >= size:
+            return endian, raw[:size]
     return None
 
 
@@ -381,7 +393,7 @@ def intensity_problem(image: np.ndarray) -> str | None:
 def _check_gzip_complete(path: Path) -> None:
     """Refuse a truncated ``.nii.gz``: SimpleITK would silently fill the missing voxels with zeros.
 
-    The gzip trailer stores the uncompressed size (mod 2^32); a complete file's equals the
+    The gzip trailer stores the uncompressed size (mod 2^32); a complete file holds at least the
     NIfTI header's vox_offset plus the voxel bytes. Checking it costs two small reads.
     """
     import gzip
@@ -397,14 +409,20 @@ def _check_gzip_complete(path: Path) -> None:
     if len(header) < 348:
         raise ImageReadError("is truncated (shorter than a NIfTI header)", path)
     endian = "<" if struct.unpack("<i", header[:4])[0] == 348 else ">"
+    if struct.unpack(endian + "i", header[:4])[0] != 348:
+        return  # not NIfTI-1 (read_header has refused NIfTI-2): ITK's reader says what the file is
     dims = struct.unpack(endian + "8h", header[40:56])
     bitpix = struct.unpack(endian + "h", header[72:74])[0]
     vox_offset = struct.unpack(endian + "f", header[108:112])[0]
-    voxels = int(np.prod([max(1, d) for d in dims[1 : 1 + max(1, min(7, dims[0]))]], dtype=np.int64))
+    if not np.isfinite(vox_offset) or vox_offset < 0 or bitpix <= 0 or not 1 <= dims[0] <= 7:
+        raise ImageReadError(f"has an invalid NIfTI header (dim[0] {dims[0]}, bitpix {bitpix}, "
+                             f"vox_offset {vox_offset})", path)
+    voxels = int(np.prod([max(1, d) for d in dims[1 : 1 + dims[0]]], dtype=np.int64))
     expected = int(vox_offset) + voxels * bitpix // 8
-    # The trailer covers only the last gzip member; a file of several members (bgzip, block compressors)
-    # is valid and is measured whole instead, which costs a full decompression, only in that case.
-    if stored != expected % 2**32 and _decompressed_bytes(path) != expected:
+    # The trailer covers only the last gzip member, and a cut file's last four bytes are no trailer at all:
+    # any other size is measured whole, which costs a full decompression, only in those cases (several
+    # members, as bgzip writes; bytes after the voxels, which readers ignore and are allowed; a cut file).
+    if stored != expected % 2**32 and _decompressed_bytes(path) < expected:
         raise ImageReadError("is truncated or corrupt: the compressed stream does not hold all voxels "
                              "the header announces", path)
 

@@ -32,15 +32,21 @@ def _zoom(array: np.ndarray, new_shape: list[int], order: int, aniso_axis: int |
 def _zoom_exact(array: np.ndarray, factors: list[float], order: int) -> np.ndarray:
     if all(f == 1.0 for f in factors):
         return array
-    mode = "nearest" if order > 0 else "nearest"
-    return ndimage.zoom(array, factors, order=order, mode=mode, grid_mode=True, prefilter=order > 1)
+    return ndimage.zoom(array, factors, order=order, mode="nearest", grid_mode=True, prefilter=order > 1)
 
 
 def resample_image(image: np.ndarray, new_shape: list[int], order: int = 3, aniso_axis: int | None = None) -> np.ndarray:
-    """``(C, *spatial)`` float image to ``(C, *new_shape)``."""
+    """``(C, *spatial)`` float image to ``(C, *new_shape)``, each channel kept within its own range.
+
+    The cubic spline overshoots at sharp edges (air against bone: values below the scanner's minimum);
+    like nnU-Net's skimage ``resize`` (``clip=True``), the result is clipped to the input's range."""
     if list(image.shape[1:]) == list(new_shape):
         return image.astype(np.float32, copy=False)
-    return np.stack([_zoom(channel.astype(np.float32, copy=False), new_shape, order, aniso_axis) for channel in image])
+    channels = []
+    for channel in image:
+        channel = channel.astype(np.float32, copy=False)
+        channels.append(np.clip(_zoom(channel, new_shape, order, aniso_axis), channel.min(), channel.max()))
+    return np.stack(channels)
 
 
 def resample_labels(labels: np.ndarray, new_shape: list[int], order: int = 1, aniso_axis: int | None = None) -> np.ndarray:

@@ -28,13 +28,16 @@ def process_group_backend(cuda: bool) -> str:
     return f"cpu:gloo,cuda:{CUDA_BACKEND}" if cuda else "gloo"
 
 
-def init_distributed() -> tuple[int, int]:
-    """(rank, world size); initialises the process group when started by torchrun."""
+def init_distributed(device: str | torch.device = "auto") -> tuple[int, int]:
+    """(rank, world size); initialises the process group when started by torchrun.
+
+    ``device`` is the one training will ask for: with ``cpu`` the group is gloo only and no GPU is
+    touched (``set_device`` would start a CUDA context, about 0.5 GB, on a GPU the run never uses)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     # Under torchrun (which sets TORCHELASTIC_RUN_ID) a group is made even for one process, so that
     # `torchrun --nproc_per_node=1` on a one-GPU machine runs the collectives through NCCL too.
     if (world > 1 or "TORCHELASTIC_RUN_ID" in os.environ) and not dist.is_initialized():
-        cuda = torch.cuda.is_available()
+        cuda = torch.cuda.is_available() and str(device).partition(":")[0] in ("auto", "cuda")
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(process_group_backend(cuda))
@@ -59,8 +62,12 @@ def select_device(name: str | torch.device) -> torch.device:
         # Patches and windows keep one shape for the whole run, so cuDNN's autotuner pays its trials once
         # (nnU-Net's run_training sets the same).
         torch.backends.cudnn.benchmark = True
-    if name == "cuda" and dist.is_initialized():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if kind == "cuda" and dist.is_initialized():
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if index and int(index) != local_rank:  # every rank would claim the same GPU (NCCL refuses duplicates)
+            raise UsageError(f"device '{name}' under torchrun: each process uses its own GPU (LOCAL_RANK "
+                             f"{local_rank}); ask for 'cuda'")
+        return torch.device("cuda", local_rank)
     return torch.device(name)
 
 

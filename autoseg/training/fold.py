@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from autoseg.errors import UsageError
 from autoseg.inference.model import load_network_weights
@@ -137,7 +138,8 @@ def train_fold(roots: Roots, dataset_name: str, configuration: str, fold: int | 
     options = options or TrainingOptions()
     options.check()
     fold = str(fold)
-    rank, world = init_distributed()
+    owns_group = not dist.is_initialized()  # a group the caller made is the caller's to end
+    rank, world = init_distributed(options.device)
     plans_file = roots.plans_file(dataset_name)
     plans = load_plans(plans_file)
     config = plans.configuration(configuration)
@@ -185,7 +187,7 @@ def train_fold(roots: Roots, dataset_name: str, configuration: str, fold: int | 
     optimizer = torch.optim.SGD(network.parameters(), lr=options.initial_lr, momentum=0.99, nesterov=True,
                                 weight_decay=3e-5)
     amp_dtype = autocast_dtype(device, options)
-    check_training_memory(plans, plans_file, configuration, arch, per_rank_batch, device, amp_dtype)
+    check_training_memory(plans, plans_file, configuration, arch, per_rank_batch, device, amp_dtype, world)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     schedule = PolySchedule(options.initial_lr, 0.9, options.epochs, options.iters_per_epoch)
     state = TrainingState(seed=seed)
@@ -268,6 +270,10 @@ def train_fold(roots: Roots, dataset_name: str, configuration: str, fold: int | 
         if close:
             close()  # stops the worker processes
     barrier()
+    if owns_group and dist.is_initialized():
+        # The group's work ends with training: rank 0's end-of-fold validation needs no collective, and the
+        # other ranks would otherwise sit in NCCL's teardown (which waits for every rank) until it ends.
+        dist.destroy_process_group()
     if rank == 0 and options.validate_at_end and fold != "all":
         # ---- HOOK: final validation of the fold with the predictor (sliding window on the original images) ----
         from autoseg.training.validation import validate_fold

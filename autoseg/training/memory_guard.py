@@ -118,8 +118,10 @@ def step_bytes(plan: ArchitecturePlan, in_channels: int, num_classes: int, dimen
 
 
 def check_training_memory(plans, plans_file: Path, configuration: str, plan: ArchitecturePlan, batch_size: int,
-                          device: torch.device, amp_dtype: torch.dtype | None) -> None:
-    """Prepare the allocator and raise ``PlanError`` when one step of ``plan`` needs more than is available."""
+                          device: torch.device, amp_dtype: torch.dtype | None, ranks: int = 1) -> None:
+    """Prepare the allocator and raise ``PlanError`` when one step of ``plan`` needs more than is available.
+
+    ``ranks`` > 1: DistributedDataParallel's gradient buckets, a float32 copy of the gradients, come on top."""
     if device.type == "cpu" and plan.name in FIXED_THRESHOLD_ARCHITECTURES:
         return_freed_memory_to_system()
     available = available_bytes(device)
@@ -128,6 +130,8 @@ def check_training_memory(plans, plans_file: Path, configuration: str, plan: Arc
     config = plans.configuration(configuration)
     needed = step_bytes(plan, plans.num_input_channels, plans.num_segmentation_heads, config.dimensions,
                         batch_size, device.type, amp_dtype is not None)
+    if ranks > 1:
+        needed += 4 * plan.num_parameters
     if needed <= available:
         return
     precision = "fp32" if amp_dtype is None else str(amp_dtype).removeprefix("torch.")
