@@ -62,6 +62,14 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", action="store_true", help="show tracebacks of errors")
 
 
+def refuse_contradicting_precision(args: argparse.Namespace) -> None:
+    """``--fp32`` with ``--cpu-bf16`` (train, pretrain): neither may silently win over the other."""
+    from autoseg.errors import UsageError
+
+    if args.fp32 and args.cpu_bf16:
+        raise UsageError("--fp32 and --cpu-bf16 contradict each other: give one of them")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -483,3 +483,15 @@ def test_predict_keeps_existing_outputs_unless_told_to_overwrite(pipeline, tmp_p
     assert main([*command, "--overwrite"]) == 0
     expected = sitk.GetArrayFromImage(sitk.ReadImage(str(predicted)))
     assert expected.any() and np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(stale))), expected)
+
+
+def test_asking_for_probabilities_predicts_again_the_cases_that_have_none(pipeline, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(pipeline.predictions, out)  # label maps from a run without --save-probabilities
+    labels = sorted(p.name for p in out.glob("*.nii.gz"))
+    command = ["predict", "-i", str(pipeline.dataset / "imagesTs"), "-o", str(out), "-d", "999", "-c", "3d_fullres",
+               "-f", "0", "--disable-tta", *pipeline.flags]
+    capsys.readouterr()
+    assert main([*command, "--save-probabilities"]) == 0
+    assert f"{len(labels)} written, 0 already there" in capsys.readouterr().out
+    assert sorted(p.name for p in out.glob("*.npz")) == [name.replace(".nii.gz", ".npz") for name in labels]

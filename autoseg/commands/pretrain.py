@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from autoseg.cli import add_common
-from autoseg.errors import UsageError
+from autoseg.cli import add_common, refuse_contradicting_precision
 
 
 def register(subparsers) -> None:
@@ -43,8 +42,7 @@ def run(args) -> int:
     from autoseg.paths import Roots
     from autoseg.pretraining.run import PretrainingOptions, pretrain
 
-    if args.fp32 and args.cpu_bf16:
-        raise UsageError("--fp32 and --cpu-bf16 contradict each other: give one of them")
+    refuse_contradicting_precision(args)
     roots = Roots.resolve(args.raw, args.preprocessed, args.results)
     options = PretrainingOptions(epochs=args.epochs, iters_per_epoch=args.iters_per_epoch,
                                  time_budget_minutes=args.time_budget, extra_image_folders=list(args.images),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from autoseg.cli import add_common
+from autoseg.cli import add_common, refuse_contradicting_precision
 from autoseg.errors import UsageError
 
 
@@ -66,8 +66,7 @@ def run(args) -> int:
     from autoseg.training import TrainingOptions, train_fold
     from autoseg.training.splits import DEFAULT_GROUP_PATTERN
 
-    if args.fp32 and args.cpu_bf16:
-        raise UsageError("--fp32 and --cpu-bf16 contradict each other: give one of them")
+    refuse_contradicting_precision(args)
     if args.validation_only and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # ranks would write one folder
         raise UsageError("--validation-only runs in one process: start it without torchrun")
     roots = Roots.resolve(args.raw, args.preprocessed, args.results)

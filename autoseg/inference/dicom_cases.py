@@ -35,9 +35,12 @@ def list_dicom_input(input_dir: Path, num_channels: int, channel_patterns: list[
     return [InputCase(c.case_id, c.channels[0].files, ".nii.gz", dicom=c) for c in cases], refused
 
 
-def output_files(case_id: str, ending: str, output_dir: Path, output_format: str) -> list[Path]:
+def output_files(case_id: str, ending: str, output_dir: Path, output_format: str,
+                 probabilities: bool = False) -> list[Path]:
+    """Every file a finished case has: a run that finds them all skips the case."""
     files = [] if output_format == "dicom-seg" else [output_dir / f"{case_id}{label_file_ending(ending)}"]
-    return files + ([] if output_format == "nifti" else [output_dir / f"{case_id}.dcm"])
+    files += [] if output_format == "nifti" else [output_dir / f"{case_id}.dcm"]
+    return files + ([output_dir / f"{case_id}.npz"] if probabilities else [])
 
 
 def seg_writer(model):

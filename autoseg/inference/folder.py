@@ -174,9 +174,8 @@ def predict_folder(model: TrainedModel | list[TrainedModel], input_dir: Path, ou
     write_seg = seg_writer(model) if output_format != "nifti" else None
     todo = []
     for case in cases:
-        expected = output_files(case.case_id, case.ending, output_dir, output_format)
-        if settings.save_probabilities:  # asked for now, perhaps not by the run that wrote the label map
-            expected.append(output_dir / f"{case.case_id}.npz")
+        # With --save-probabilities the .npz counts too: the run that wrote the label map may not have asked.
+        expected = output_files(case.case_id, case.ending, output_dir, output_format, settings.save_probabilities)
         if all(f.exists() for f in expected) and not overwrite:
             result.skipped_existing.append(case.case_id)
         else:

@@ -45,7 +45,8 @@ def resample_image(image: np.ndarray, new_shape: list[int], order: int = 3, anis
     channels = []
     for channel in image:
         channel = channel.astype(np.float32, copy=False)
-        channels.append(np.clip(_zoom(channel, new_shape, order, aniso_axis), channel.min(), channel.max()))
+        resampled = _zoom(channel, new_shape, order, aniso_axis)  # a new array: the shape differs
+        channels.append(np.clip(resampled, channel.min(), channel.max(), out=resampled))  # no second volume
     return np.stack(channels)
 
 
