@@ -51,6 +51,10 @@ class ArchitectureSpec:
     # Tensor-name prefixes of the encoder: what --freeze-encoder-epochs freezes and what the
     # --pretrained threshold counts (autoseg.training.transfer).
     encoder_prefixes: tuple[str, ...] = ()
+    # The dimensions (2, 3) whose networks predict on the CPU in channels-last memory (networks/memory_format.py):
+    # where ``scripts/bench_memory_format.py`` measured it faster. Swin UNETR and xLSTM-UNet gained nothing
+    # (their attention and mLSTM layers reshape to sequences), ResEnc's 2D calls were slower.
+    cpu_channels_last: tuple[int, ...] = ()
 
     def check_plan(self, plan: ArchitecturePlan, dimensions: int) -> str | None:
         """A reason the plan cannot be built, or None."""
@@ -84,11 +88,11 @@ _UMAMBA_OPTIONS = {"blocks_per_stage": UMAMBA_BLOCKS_PER_STAGE, "d_state": 16, "
 
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "unet": ArchitectureSpec("unet", "CNN U-Net (nnU-Net's dynamic U-Net, MONAI DynUNet)", build_unet,
-                             encoder_prefixes=_UNET_ENCODER),
+                             encoder_prefixes=_UNET_ENCODER, cpu_channels_last=(2, 3)),
     "resenc_unet": ArchitectureSpec("resenc_unet", "Residual-encoder U-Net (nnU-Net ResEnc, 1,3,4,6,6,... blocks)",
                                     build_resenc_unet,
                                     default_options={"blocks_per_stage": RESENC_BLOCKS_PER_STAGE},
-                                    encoder_prefixes=_RESENC_ENCODER),
+                                    encoder_prefixes=_RESENC_ENCODER, cpu_channels_last=(3,)),
     "swin_unetr": ArchitectureSpec("swin_unetr", "Swin UNETR (MONAI), patch multiple of 32, no deep supervision",
                                    build_swin_unetr, topology=swin_topology,
                                    default_options={"feature_size": DEFAULT_FEATURE_SIZE},
@@ -98,7 +102,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
                                    encoder_prefixes=_SWIN_ENCODER),
     "umamba_bot": ArchitectureSpec("umamba_bot", "U-Mamba Bot: residual U-Net, Mamba layer at the bottleneck",
                                    build_umamba_bot, default_options=_UMAMBA_OPTIONS,
-                                   encoder_prefixes=_RESENC_ENCODER),
+                                   encoder_prefixes=_RESENC_ENCODER, cpu_channels_last=(2, 3)),
     "umamba_enc": ArchitectureSpec("umamba_enc", "U-Mamba Enc: residual U-Net, Mamba layer after every encoder stage",
                                    build_umamba_enc, default_options=_UMAMBA_OPTIONS,
                                    encoder_prefixes=_RESENC_ENCODER),
