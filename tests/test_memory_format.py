@@ -123,3 +123,39 @@ def test_trained_models_are_channels_last_on_the_cpu_only_where_the_registry_say
     assert not isinstance(load_trained_model(model_dir, ["0"], "3d_fullres", "unet",
                                              torch.device("cpu")).networks[0], ChannelsLast)
     assert json.loads((model_dir / "plans.json").read_text())  # untouched
+
+
+def test_a_channels_last_training_step_updates_the_weights_as_the_default_layout_does():
+    """Two SGD steps of training's own loop (deep-supervision Dice+CE, gradient clip, momentum), float32: the
+    channels-last network ends where the one in PyTorch's layout with its own instance norm does."""
+    from autoseg.training.loop import TrainingLoop
+    from autoseg.training.loss import DeepSupervisionLoss, DiceCELoss
+    from autoseg.training.schedule import PolySchedule
+
+    torch.manual_seed(0)
+    plan = _plan("unet", 3)
+    reference = build_network(plan, 2, 3, 3, deep_supervision=True)
+    network = build_network(plan, 2, 3, 3, deep_supervision=True)
+    network.load_state_dict(reference.state_dict())
+    initial = {key: value.clone() for key, value in reference.state_dict().items()}
+    wrapped = ChannelsLast(network, 3)  # converts ``network`` in place, as train_fold does
+    generator = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(2, 2, *plan.patch_size, generator=generator),
+                torch.randint(0, 3, (2, *plan.patch_size), generator=generator)) for _ in range(2)]
+    ends = []
+    for net, model in ((reference, reference), (network, wrapped)):
+        loop = TrainingLoop(network=net, model=model, loss=DeepSupervisionLoss(DiceCELoss()),
+                            train_batches=iter(()), val_batches=iter(()),
+                            optimizer=torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.99, nesterov=True),
+                            schedule=PolySchedule(0.01, 0.9, 1, 2), num_classes=3, progress=False,
+                            images_per_call=1)
+        losses = [loop.train_step(image, target) for image, target in batches]
+        ends.append((losses, net.state_dict()))
+    (losses_a, weights_a), (losses_b, weights_b) = ends
+    assert losses_a == pytest.approx(losses_b, rel=1e-5)
+    assert list(weights_a) == list(weights_b)
+    assert sum(not torch.equal(weights_a[key], initial[key]) for key in initial) > len(initial) // 2  # it trained
+    for key in weights_a:
+        torch.testing.assert_close(weights_b[key], weights_a[key], atol=1e-5, rtol=1e-4, msg=key)
+    assert any(weights_b[key].dim() == 5 and weights_b[key].is_contiguous(memory_format=torch.channels_last_3d)
+               and not weights_b[key].is_contiguous() for key in weights_b)

@@ -30,8 +30,9 @@ import torch.distributed as dist
 from autoseg.errors import UsageError
 from autoseg.inference.model import load_network_weights
 from autoseg.networks.call_size import training_images_per_call
+from autoseg.networks.memory_format import ChannelsLast
 from autoseg.networks.precision import cpu_has_native_bf16, cuda_autocast_dtype
-from autoseg.networks.registry import build_network
+from autoseg.networks.registry import ARCHITECTURES, build_network
 from autoseg.paths import Roots
 from autoseg.planning.planner import preprocessing_digest
 from autoseg.planning.plans import load_plans, save_plans
@@ -184,6 +185,13 @@ def train_fold(roots: Roots, dataset_name: str, configuration: str, fold: int | 
 
     network = build_network(arch, plans.num_input_channels, plans.num_segmentation_heads, config.dimensions, True)
     network.to(device)
+    # 3D networks train in channels-last memory on the CPU (networks/memory_format.py; the wrapper converts
+    # the network in place, before the optimiser takes its parameters): an ACDC 3d_fullres U-Net step took
+    # 0.73x the time, U-Mamba Bot's 0.76x, ResEnc's 0.95x, Hippocampus's U-Net 0.97x; 2D steps gained nothing
+    # (ACDC 2d: 1.05x). Not under torchrun: DDP's gradient buckets are laid out for the default layout.
+    channels_last = (world == 1 and device.type == "cpu" and config.dimensions == 3
+                     and 3 in ARCHITECTURES[arch.name].cpu_channels_last)
+    forward_model = ChannelsLast(network, 3) if channels_last else network
     optimizer = torch.optim.SGD(network.parameters(), lr=options.initial_lr, momentum=0.99, nesterov=True,
                                 weight_decay=3e-5)
     amp_dtype = autocast_dtype(device, options)
@@ -237,7 +245,7 @@ def train_fold(roots: Roots, dataset_name: str, configuration: str, fold: int | 
             transfer.save(output)  # transfer.json / transfer.txt: the table beside the fold
     barrier()
 
-    model = network
+    model = forward_model
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             network, device_ids=[device.index] if device.type == "cuda" else None)
