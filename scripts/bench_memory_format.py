@@ -43,12 +43,12 @@ def main() -> None:
 
     from autoseg.inference.predictor import windows_per_batch
     from autoseg.networks.call_size import training_images_per_call
-    from autoseg.training.fold import training_batch_size
-    from bench_call_size import CPU, step_loop
     from autoseg.networks.memory_format import ChannelsLast
     from autoseg.networks.precision import cpu_has_native_bf16
     from autoseg.networks.registry import build_network
     from autoseg.planning.plans import load_plans
+    from autoseg.training.fold import training_batch_size
+    from bench_call_size import CPU, step_loop
 
     amp = None if args.fp32 or not cpu_has_native_bf16() else torch.bfloat16
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {amp or 'float32'}")
@@ -100,6 +100,7 @@ def _predict(model, image, amp):
 
     with torch.inference_mode(), torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
         return torch.softmax(model(image).float(), 1)
+
 
 if __name__ == "__main__":
     main()
