@@ -134,31 +134,31 @@ def main() -> None:
     parser.add_argument("--fp32", action="store_true", help="autoseg predicts in float32 (default: bf16 where native)")
     parser.add_argument("--work", type=Path, help="working folder to keep (and reuse the trained model from)")
     args = parser.parse_args()
-    NAME, dataset_id, default_cases, default_iters = DATASETS[args.dataset]
+    name, dataset_id, default_cases, default_iters = DATASETS[args.dataset]
     args.cases, args.iters = args.cases or default_cases, args.iters or default_iters
-    source = SHARED / "data" / NAME
+    source = SHARED / "data" / name
     if not source.is_dir():
         sys.exit(f"skipped: {source} is missing")
     work = args.work.resolve() if args.work else Path(tempfile.mkdtemp(prefix="bench_predict_"))
     (work / "raw").mkdir(parents=True, exist_ok=True)
-    if not (work / "raw" / NAME).exists():
-        (work / "raw" / NAME).symlink_to(source)
+    if not (work / "raw" / name).exists():
+        (work / "raw" / name).symlink_to(source)
     for old in ("inputs", "references", "out_autoseg", "out_nnunet", "nn_res"):
         shutil.rmtree(work / old, ignore_errors=True)
     flags = [f"--raw={work / 'raw'}", f"--preprocessed={work / 'pre'}", f"--results={work / 'res'}"]
     autoseg = [sys.executable, "-m", "autoseg"]
     env = child_env()
     print(f"load average at the start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
-    fold = work / "res" / NAME / "3d_fullres__unet" / "fold_0"
+    fold = work / "res" / name / "3d_fullres__unet" / "fold_0"
     if not (fold / "checkpoint_final.pt").is_file():
-        run([*autoseg, "plan-and-preprocess", "-d", NAME, "-c", "3d_fullres", "-a", "unet", *flags], env)
+        run([*autoseg, "plan-and-preprocess", "-d", name, "-c", "3d_fullres", "-a", "unet", *flags], env)
         epochs = max(1, args.iters // 25)
-        seconds = run([*autoseg, "train", NAME, "3d_fullres", "0", "--epochs", str(epochs), "--iters-per-epoch",
+        seconds = run([*autoseg, "train", name, "3d_fullres", "0", "--epochs", str(epochs), "--iters-per-epoch",
                        str(min(25, args.iters)), "--val-iters", "1", "--no-validation", "--cpu-bf16", "--seed", "0",
                        "--device", "cpu", *flags], env)
         print(f"autoseg trained fold 0 for {epochs * min(25, args.iters)} iterations in {seconds:.0f} s", flush=True)
 
-    val = json.loads((work / "pre" / NAME / "splits.json").read_text())[0]["val"][: args.cases]
+    val = json.loads((work / "pre" / name / "splits.json").read_text())[0]["val"][: args.cases]
     inputs, references = work / "inputs", work / "references"
     inputs.mkdir()
     references.mkdir()
@@ -166,7 +166,7 @@ def main() -> None:
         shutil.copy(source / "imagesTr" / f"{case}_0000.nii.gz", inputs)
         shutil.copy(source / "labelsTr" / f"{case}.nii.gz", references)
     labels = json.loads((source / "dataset.json").read_text())["labels"]
-    ours = run([*autoseg, "predict", "-i", str(inputs), "-o", str(work / "out_autoseg"), "-d", NAME,
+    ours = run([*autoseg, "predict", "-i", str(inputs), "-o", str(work / "out_autoseg"), "-d", name,
                 "-c", "3d_fullres", "-a", "unet", "-f", "0", "--device", "cpu", "--no-postprocessing",
                 *(["--fp32"] if args.fp32 else []), *flags], env)
     our_dice, our_classes = mean_dice(references, work / "out_autoseg", labels)
@@ -193,8 +193,8 @@ def main() -> None:
     nn_env = dict(os.environ, nnUNet_raw=str(work / "raw"), nnUNet_preprocessed=str(work / "nn_pre"),
                   nnUNet_results=str(work / "nn_res"), PATH=f"{venv / 'bin'}:{os.environ['PATH']}")
     run(["nnUNetv2_plan_and_preprocess", "-d", dataset_id, "-c", "3d_fullres", "-np", "2", "--no_pp"], nn_env)
-    nn_plans = work / "nn_pre" / NAME / "nnUNetPlans.json"
-    nn_model = work / "nn_res" / NAME / NNUNET_MODEL
+    nn_plans = work / "nn_pre" / name / "nnUNetPlans.json"
+    nn_model = work / "nn_res" / name / NNUNET_MODEL
     (nn_model / "fold_0").mkdir(parents=True)
     shutil.copy(nn_plans, nn_model / "plans.json")
     shutil.copy(source / "dataset.json", nn_model / "dataset.json")

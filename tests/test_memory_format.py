@@ -3,6 +3,9 @@ instance norm and the networks in their default layout, in float32 where both mu
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +14,8 @@ from torch import nn
 from autoseg.inference.model import load_trained_model
 from autoseg.networks.memory_format import ChannelsLast, ChannelsLastInstanceNorm, channels_last_format
 from autoseg.networks.registry import ARCHITECTURES, build_network
-from autoseg.planning.plans import ArchitecturePlan
+from autoseg.planning.plans import load_plans
+from test_networks import small_plan  # the tiny plans every architecture's contract is tested on
 
 torch.set_num_threads(1)
 
@@ -54,23 +58,13 @@ def test_instance_norm_of_a_single_voxel_fails_as_torchs_does():
         norm(torch.randn(1, 4, 1, 1, 1).contiguous(memory_format=torch.channels_last_3d))
 
 
-def _plan(name: str, dims: int) -> ArchitecturePlan:
-    spec = ARCHITECTURES[name]
-    patch = [16, 32, 32] if dims == 3 else [64, 64]
-    topology = spec.topology(patch, [1.0] * dims)
-    features = [min(8 * 2 ** i, 64) for i in range(topology.num_stages)]
-    options = {**spec.default_options, **({"blocks_per_stage": [1, 2, 2, 2]} if name == "resenc_unet" else {}),
-               **({"blocks_per_stage": [1], "d_state": 8} if name == "umamba_bot" else {})}
-    return ArchitecturePlan(name, topology.patch_size, 2, topology.kernel_sizes, topology.strides, features, options)
-
-
 CHANNELS_LAST_CASES = [(name, dims) for name, spec in sorted(ARCHITECTURES.items()) for dims in spec.cpu_channels_last]
 
 
 @pytest.mark.parametrize("name,dims", CHANNELS_LAST_CASES)
 def test_channels_last_network_predicts_what_the_default_layout_does(name, dims):
     torch.manual_seed(0)
-    plan = _plan(name, dims)
+    plan = small_plan(name, dims)
     network = build_network(plan, 2, 3, dims, deep_supervision=True)
     for module in network.modules():  # trained-looking norms: not every weight 1 and bias 0
         if isinstance(module, (nn.InstanceNorm2d, nn.InstanceNorm3d)):
@@ -100,11 +94,7 @@ def test_channels_last_network_predicts_what_the_default_layout_does(name, dims)
 
 def test_trained_models_are_channels_last_on_the_cpu_only_where_the_registry_says(tmp_path, monkeypatch):
     """load_trained_model wraps a U-Net for the CPU; an architecture without the flag stays as built."""
-    import json
-
-    from autoseg.planning.plans import load_plans
-
-    plans_path = __import__("pathlib").Path(__file__).resolve().parents[1] / "plans" / "Dataset004_Hippocampus.json"
+    plans_path = Path(__file__).resolve().parents[1] / "plans" / "Dataset004_Hippocampus.json"
     plans = load_plans(plans_path)
     model_dir = tmp_path / "3d_fullres__unet"
     (model_dir / "fold_0").mkdir(parents=True)
@@ -118,11 +108,10 @@ def test_trained_models_are_channels_last_on_the_cpu_only_where_the_registry_say
     with torch.inference_mode():
         torch.testing.assert_close(model.networks[0](x), network.eval()(x), atol=2e-4, rtol=1e-4)
 
-    monkeypatch.setitem(ARCHITECTURES, "unet", __import__("dataclasses").replace(ARCHITECTURES["unet"],
-                                                                                  cpu_channels_last=()))
+    monkeypatch.setitem(ARCHITECTURES, "unet", dataclasses.replace(ARCHITECTURES["unet"], cpu_channels_last=()))
     assert not isinstance(load_trained_model(model_dir, ["0"], "3d_fullres", "unet",
                                              torch.device("cpu")).networks[0], ChannelsLast)
-    assert json.loads((model_dir / "plans.json").read_text())  # untouched
+    assert (model_dir / "plans.json").read_text() == plans_path.read_text()  # untouched
 
 
 def test_a_channels_last_training_step_updates_the_weights_as_the_default_layout_does():
@@ -133,7 +122,7 @@ def test_a_channels_last_training_step_updates_the_weights_as_the_default_layout
     from autoseg.training.schedule import PolySchedule
 
     torch.manual_seed(0)
-    plan = _plan("unet", 3)
+    plan = small_plan("unet", 3)
     reference = build_network(plan, 2, 3, 3, deep_supervision=True)
     network = build_network(plan, 2, 3, 3, deep_supervision=True)
     network.load_state_dict(reference.state_dict())

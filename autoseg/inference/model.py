@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from autoseg.errors import CheckpointError, PlanError
-from autoseg.networks.memory_format import ChannelsLast
-from autoseg.networks.registry import ARCHITECTURES, build_network
+from autoseg.networks.memory_format import ChannelsLast, runs_channels_last
+from autoseg.networks.registry import build_network
 from autoseg.planning.plans import Plans, load_plans
 
 FINAL_CHECKPOINT = "checkpoint_final.pt"
@@ -137,7 +137,7 @@ def load_trained_model(model_dir: str | Path, folds: list[str], configuration: s
                         architecture, checkpoint)
         load_network_weights(network, weights_of(content, checkpoint), checkpoint)
         del content
-        if device.type == "cpu" and config.dimensions in ARCHITECTURES[arch_plan.name].cpu_channels_last:
+        if runs_channels_last(arch_plan.name, config.dimensions, device):
             network = ChannelsLast(network, config.dimensions)
         networks.append(network.to(device).eval())
     return TrainedModel(plans, configuration, arch_plan.name, networks, list(folds))

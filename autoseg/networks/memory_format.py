@@ -26,6 +26,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from autoseg.networks.registry import ARCHITECTURES
+
+
+def runs_channels_last(architecture: str, dimensions: int, device: torch.device, training: bool = False) -> bool:
+    """Whether the network runs channels-last: on the CPU, where the registry's ``cpu_channels_last`` says
+    (prediction, measured per architecture); training only for 3D, whose steps were the ones to gain."""
+    return (device.type == "cpu" and dimensions in ARCHITECTURES[architecture].cpu_channels_last
+            and (not training or dimensions == 3))
+
 
 def channels_last_format(dimensions: int) -> torch.memory_format:
     return torch.channels_last_3d if dimensions == 3 else torch.channels_last

@@ -53,7 +53,8 @@ class ArchitectureSpec:
     encoder_prefixes: tuple[str, ...] = ()
     # The dimensions (2, 3) whose networks predict on the CPU in channels-last memory (networks/memory_format.py):
     # where ``scripts/bench_memory_format.py`` measured it faster. Swin UNETR and xLSTM-UNet gained nothing
-    # (their attention and mLSTM layers reshape to sequences), ResEnc's 2D calls were slower.
+    # (their attention and mLSTM layers reshape to sequences), ResEnc's 2D calls were slower. Training follows
+    # it for 3D only (``memory_format.runs_channels_last``: ``--training`` found 2D steps slower).
     cpu_channels_last: tuple[int, ...] = ()
 
     def check_plan(self, plan: ArchitecturePlan, dimensions: int) -> str | None:

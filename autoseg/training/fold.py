@@ -30,9 +30,9 @@ import torch.distributed as dist
 from autoseg.errors import UsageError
 from autoseg.inference.model import load_network_weights
 from autoseg.networks.call_size import training_images_per_call
-from autoseg.networks.memory_format import ChannelsLast
+from autoseg.networks.memory_format import ChannelsLast, runs_channels_last
 from autoseg.networks.precision import cpu_has_native_bf16, cuda_autocast_dtype
-from autoseg.networks.registry import ARCHITECTURES, build_network
+from autoseg.networks.registry import build_network
 from autoseg.paths import Roots
 from autoseg.planning.planner import preprocessing_digest
 from autoseg.planning.plans import load_plans, save_plans
@@ -186,12 +186,12 @@ def train_fold(roots: Roots, dataset_name: str, configuration: str, fold: int | 
     network = build_network(arch, plans.num_input_channels, plans.num_segmentation_heads, config.dimensions, True)
     network.to(device)
     # 3D networks train in channels-last memory on the CPU (networks/memory_format.py; the wrapper converts
-    # the network in place, before the optimiser takes its parameters): an ACDC 3d_fullres U-Net step took
-    # 0.73x the time, U-Mamba Bot's 0.76x, ResEnc's 0.95x, Hippocampus's U-Net 0.97x; 2D steps gained nothing
-    # (ACDC 2d: 1.05x). Not under torchrun: DDP's gradient buckets are laid out for the default layout.
-    channels_last = (world == 1 and device.type == "cpu" and config.dimensions == 3
-                     and 3 in ARCHITECTURES[arch.name].cpu_channels_last)
-    forward_model = ChannelsLast(network, 3) if channels_last else network
+    # the network in place, before the optimiser takes its parameters): ``scripts/bench_memory_format.py
+    # --training`` timed an ACDC 3d_fullres U-Net step at 0.86x (a first A/B: 0.73x; U-Mamba Bot 0.76x, ResEnc
+    # 0.95x), Hippocampus's 0.95x, and ACDC 2d's at 1.06x, so 2D stays. Not under torchrun: DDP's gradient
+    # buckets are laid out for the default layout.
+    channels_last = world == 1 and runs_channels_last(arch.name, config.dimensions, device, training=True)
+    forward_model = ChannelsLast(network, config.dimensions) if channels_last else network
     optimizer = torch.optim.SGD(network.parameters(), lr=options.initial_lr, momentum=0.99, nesterov=True,
                                 weight_decay=3e-5)
     amp_dtype = autocast_dtype(device, options)
