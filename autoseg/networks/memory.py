@@ -21,9 +21,9 @@ fake CPU tensors (``FakeTensorMode``, autocast included, nothing allocated) and 
 of live storage: ``step_over_saved``, the peak over the saved bytes, multiplies them.
 
 The estimate is asked for a device type and a precision: on CUDA the caching allocator's
-overhead and the context are added; on the CPU neither (the training process returns freed
-blocks to the system, see ``autoseg.training.memory_guard``), and the step runs in fp32
-unless bf16 autocast is on.
+overhead and the context are added; on the CPU neither (``autoseg.training.memory_guard``
+adds glibc's heap, which depends on the allocator settings training chooses), and the step runs
+in fp32 unless bf16 autocast is on.
 """
 
 from __future__ import annotations
