@@ -1,3 +1,3 @@
-from autoseg.cli import main
+from autoseg.cli import console_main
 
-raise SystemExit(main())
+raise SystemExit(console_main())

@@ -70,6 +70,14 @@ def refuse_contradicting_precision(args: argparse.Namespace) -> None:
         raise UsageError("--fp32 and --cpu-bf16 contradict each other: give one of them")
 
 
+def console_main() -> int:
+    """The ``autoseg`` command (and ``python -m autoseg``): glibc's huge pages first, see ``autoseg.allocator``."""
+    from autoseg.allocator import relaunch_with_huge_pages
+
+    relaunch_with_huge_pages()
+    return main()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -180,9 +180,14 @@ def run_child(plans_file: str, configuration: str, name: str, device: str, batch
     """``measure`` in a fresh process, so that one measurement's peak cannot hide another's.
 
     Raises ``subprocess.TimeoutExpired`` past ``timeout`` seconds (the child is killed)."""
+    try:
+        from scripts.child_env import child_env
+    except ImportError:  # run as a script: scripts/ itself is on the path
+        from child_env import child_env
+
     spec = json.dumps([plans_file, configuration, name, device, batch, patch, precision])
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", spec], capture_output=True,
-                          text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": os.path.abspath(REPO)}, timeout=timeout)
+                          text=True, cwd=REPO, env=child_env(), timeout=timeout)
     if proc.returncode:
         raise RuntimeError((proc.stderr.strip().splitlines() or ["?"])[-1])
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -14,6 +14,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def child_env(**extra: str) -> dict[str, str]:
-    """``os.environ`` with ``extra`` and the repository first on PYTHONPATH."""
+    """``os.environ`` with ``extra`` and the repository first on PYTHONPATH, and glibc's huge pages where
+    the ``autoseg`` command would set them (``autoseg.allocator``), so that a child started as ``python -c``
+    allocates as the command does."""
+    from autoseg.allocator import wants_relaunch, with_huge_pages
+
     python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, **extra, "PYTHONPATH": python_path}
+    environ = {**os.environ, **extra, "PYTHONPATH": python_path}
+    return with_huge_pages(environ) if wants_relaunch(environ) else environ
