@@ -6,8 +6,8 @@ gets fresh pages every time (it is mapped on allocation and unmapped on free). g
 ask for transparent huge pages instead (``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``: ``madvise``
 on its mappings and heap), one fault per 2 MB, with blocks still returned on free. Measured on
 a 2-core Xeon (THP ``madvise``) by ``scripts/bench_huge_pages.py``, a bf16 U-Net training step
-(median of 8): Hippocampus 3d_fullres batch 7 1.79 -> 1.62 s (0.91x), ACDC 3d_fullres batch 2
-13.4 -> 12.7 s (0.94x), peak resident memory within 2 %. Turning mmap off altogether
+(median of 8): Hippocampus 3d_fullres batch 7 3.68 -> 2.71 s (0.74x), ACDC 3d_fullres batch 2
+15.4 -> 12.9 s (0.84x), peak resident memory within 2 %. Turning mmap off altogether
 (``MALLOC_MMAP_MAX_=0``) was as fast in a one-off but held 34 % more memory on ACDC.
 
 The tunable is read when the process starts, so the console command re-executes itself (same

@@ -3,10 +3,11 @@
     python scripts/bench_huge_pages.py [--repeats 2] [--steps 4] [--plans Dataset004_Hippocampus Dataset027_ACDC]
 
 For each committed plan's 3d_fullres U-Net at training's CPU batch (Hippocampus: the plan's 7, as
-``bench_train.py`` runs it; ACDC: 2), a child process builds the network and optimiser as training
-does (channels-last where ``train_fold`` uses it, bf16 autocast where the CPU has native bf16 units),
-runs two warm-up steps and times ``--steps`` more on fixed random batches; the same child runs with
-``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (what the ``autoseg`` command sets) and without it,
+``bench_train.py`` runs it; ACDC: 2), a child process runs training's CPU step (``bench_call_size.step_loop``:
+the batch in training's calls of images, channels-last where ``train_fold`` uses it, bf16 autocast
+where the CPU has native bf16 units, SGD at learning rate 0), two warm-up steps and times ``--steps``
+more on fixed random batches; the same child runs with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (what
+the ``autoseg`` command sets) and without it,
 alternating, ``--repeats`` times. Printed per plan: the median seconds per step of each side, the
 process's peak resident memory (ru_maxrss, so imports included on both sides) and the time ratio
 with / without. Run it alone on an idle machine.
@@ -37,29 +38,24 @@ def child(plans_name: str, batch: int, steps: int) -> dict:
 
     import torch
 
+    from autoseg.networks.call_size import training_images_per_call
     from autoseg.networks.memory_format import ChannelsLast, runs_channels_last
     from autoseg.networks.registry import build_network
     from autoseg.planning.plans import load_plans
     from autoseg.training.fold import TrainingOptions, autocast_dtype
-    from autoseg.training.loop import TrainingLoop
-    from autoseg.training.loss import DeepSupervisionLoss, DiceCELoss
-    from autoseg.training.schedule import PolySchedule
+    from bench_call_size import CPU, step_loop
 
-    device = torch.device("cpu")
     plans = load_plans(REPO / "plans" / f"{plans_name}.json")
     plan = plans.architecture("3d_fullres", "unet")
-    network = build_network(plan, plans.num_input_channels, plans.num_segmentation_heads, 3, True)
-    model = ChannelsLast(network, 3) if runs_channels_last("unet", 3, device, training=True) else network
-    optimizer = torch.optim.SGD(network.parameters(), lr=1e-2, momentum=0.99, nesterov=True)
-    loop = TrainingLoop(network=network, model=model, loss=DeepSupervisionLoss(DiceCELoss()), train_batches=iter(()),
-                        val_batches=iter(()), optimizer=optimizer, schedule=PolySchedule(1e-2, 0.9, 1, 1),
-                        num_classes=plans.num_segmentation_heads, device=device,
-                        amp_dtype=autocast_dtype(device, TrainingOptions()), progress=False)
+    network = build_network(plan, plans.num_input_channels, plans.num_segmentation_heads, 3, True).train()
+    loop = step_loop(network, plans.num_segmentation_heads, autocast_dtype(CPU, TrainingOptions()),
+                     training_images_per_call(plan.patch_size, CPU))
+    if runs_channels_last("unet", 3, CPU, training=True):
+        loop.model = ChannelsLast(network, 3)
     generator = torch.Generator().manual_seed(0)
     batches = [(torch.randn(batch, plans.num_input_channels, *plan.patch_size, generator=generator),
                 torch.randint(0, plans.num_segmentation_heads, (batch, *plan.patch_size), generator=generator))
                for _ in range(2)]
-    network.train()
     for index in range(2):
         loop.train_step(*batches[index])
     seconds = []
