@@ -17,6 +17,14 @@ from autoseg.dataset.synthetic import make_synthetic_dataset
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+def pytest_configure(config):
+    # The planner's measurement cache starts empty for every run of the suite, as on a fresh machine, and the
+    # suite leaves the user's own cache alone; subprocesses inherit it, so planning the same set twice is warm.
+    import tempfile
+
+    os.environ["AUTOSEG_CACHE_DIR"] = tempfile.mkdtemp(prefix="autoseg-test-cache-")
+
+
 def shared_dataset(name: str) -> Path:
     """A real dataset of ../shared/data; skipped where it is absent, a failure under CI=true (CI always has it)."""
     path = SHARED_DATA / name

@@ -26,6 +26,8 @@ cli.main = probe
 raise SystemExit(cli.console_main())
 """
 
+REPO = Path(__file__).resolve().parents[1]
+
 needs_thp = pytest.mark.skipif(not sys.platform.startswith("linux") or not transparent_huge_pages_available(),
                                reason="needs Linux with transparent huge pages not 'never'")
 
@@ -34,6 +36,7 @@ def run_probe(tmp_path: Path, **env: str) -> tuple[str, int, int, int]:
     script = tmp_path / "probe.py"
     script.write_text(PROBE)
     environ = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "AUTOSEG_HUGE_PAGES")}
+    environ["PYTHONPATH"] = str(REPO)  # this checkout's autoseg, whatever an earlier install points to
     process = subprocess.Popen([sys.executable, str(script)], env={**environ, **env}, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     out, err = process.communicate(timeout=120)

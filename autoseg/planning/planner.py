@@ -17,6 +17,7 @@ registry:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -28,6 +29,7 @@ from autoseg.errors import PlanError
 from autoseg.fingerprint import DatasetFingerprint
 from autoseg.networks.memory import MemoryEstimate, measure
 from autoseg.networks.registry import ARCHITECTURES, ArchitectureSpec
+from autoseg.planning.measurement_cache import remembered
 from autoseg.planning.normalization import plan_normalization
 from autoseg.planning.plans import PLANS_SCHEMA_VERSION, ArchitecturePlan, ConfigurationPlan, Plans
 from autoseg.planning.spacing import anisotropic_axis, fullres_spacing, resampled_shape
@@ -206,8 +208,13 @@ def _plan_with_choice(spec: ArchitectureSpec, choice: dict, dims: int, spacing: 
             # A fixed probe per topology (twice the stride product) keeps the result independent
             # of which patch happened to be measured first.
             probe = [2 * d for d in topology.divisor()]
-            _ESTIMATES[key] = measure(lambda: spec.build(plan, ctx.in_channels, ctx.num_classes, dims, True),
-                                      ctx.in_channels, probe)
+            estimate = measure(lambda: spec.build(plan, ctx.in_channels, ctx.num_classes, dims, True),
+                               ctx.in_channels, probe)
+            # Its fake training step is most of planning's time, and a number: kept between runs.
+            measured = estimate.step_over_saved
+            estimate.step_over_saved = functools.cache(lambda autocast: remembered(
+                f"step_over_saved {key} probe {probe} autocast {autocast}", lambda: measured(autocast)))
+            _ESTIMATES[key] = estimate
         return _ESTIMATES[key]
 
     topology = spec.topology(patch, spacing, **choice)

@@ -1,0 +1,89 @@
+"""Measurements of the memory model kept between runs, so that planning a dataset again takes seconds.
+
+The planner's memory model runs each candidate network's training step on fake tensors
+(``networks.memory.step_over_saved``): about a second per topology and four for Swin UNETR, which
+made up four fifths of planning's minute on the synthetic demo set (2 cores). The result is a number
+that depends only on what builds and runs that step: the architecture and its build arguments, the
+probe patch, autocast, and the code and library versions that run them. So it is stored under a key
+of the first ones in a JSON file whose entries are all dropped when the code changes (a digest of
+the network and loss sources, and the versions of torch and MONAI).
+
+Where: ``$AUTOSEG_CACHE_DIR``, else ``$XDG_CACHE_HOME/autoseg``, else ``~/.cache/autoseg``;
+``AUTOSEG_CACHE_DIR=off`` turns it off. A cache that cannot be read is ignored and one that cannot be
+written is skipped: a plan never depends on the cache being there, only its time does.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+CACHE_ENV = "AUTOSEG_CACHE_DIR"
+FILE_NAME = "memory_measurements.json"
+_PACKAGE = Path(__file__).resolve().parents[1]
+# Every source file that shapes a measured step: the networks, the memory model and the loss it runs.
+_SOURCES = (_PACKAGE / "networks", _PACKAGE / "training" / "loss.py")
+
+
+def cache_file() -> Path | None:
+    configured = os.environ.get(CACHE_ENV)
+    if configured is not None:
+        return None if configured.strip().lower() in ("", "off", "0", "no") else Path(configured) / FILE_NAME
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "autoseg" / FILE_NAME
+
+
+@functools.cache
+def code_version() -> str:
+    """Digest of the sources and library versions a measurement ran on; a change drops every entry."""
+    import monai
+    import torch
+
+    digest = hashlib.sha1(f"torch {torch.__version__} monai {monai.__version__}".encode())
+    for source in _SOURCES:
+        for path in sorted(source.rglob("*.py")) if source.is_dir() else [source]:
+            digest.update(path.relative_to(_PACKAGE).as_posix().encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _read(path: Path) -> dict[str, float]:
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(stored, dict) or stored.get("code_version") != code_version():
+        return {}
+    entries = stored.get("entries")
+    return {k: float(v) for k, v in entries.items() if isinstance(v, (int, float))} if isinstance(entries, dict) else {}
+
+
+def _write(path: Path, entries: dict[str, float]) -> None:
+    """Written to a temporary name and renamed: a reader sees the old file or the new one, never half of one."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(handle, "w") as out:
+            json.dump({"code_version": code_version(), "entries": entries}, out, indent=0, sort_keys=True)
+        os.replace(temporary, path)
+    except OSError:
+        pass  # a read-only home or a full disk: planning goes on, measuring again next time
+
+
+def remembered(key: str, compute: Callable[[], float]) -> float:
+    """The stored number under ``key``, else ``compute()``, stored for next time."""
+    path = cache_file()
+    if path is None:
+        return compute()
+    entries = _read(path)
+    if key in entries:
+        return entries[key]
+    value = float(compute())
+    # Read again just before writing: another planner may have added entries meanwhile.
+    _write(path, {**_read(path), key: value})
+    return value
