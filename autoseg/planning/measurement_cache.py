@@ -21,7 +21,11 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Sequence
+
+from torch import nn
+
+from autoseg.networks.memory import MemoryEstimate, measure
 
 CACHE_ENV = "AUTOSEG_CACHE_DIR"
 FILE_NAME = "memory_measurements.json"
@@ -87,3 +91,21 @@ def remembered(key: str, compute: Callable[[], float]) -> float:
     # Read again just before writing: another planner may have added entries meanwhile.
     _write(path, {**_read(path), key: value})
     return value
+
+
+def network_identity(name: str, dimensions: int, in_channels: int, num_classes: int, options: dict[str, Any],
+                     strides: Sequence[Sequence[int]], kernel_sizes: Sequence[Sequence[int]],
+                     features: Sequence[int]) -> tuple:
+    """Everything an architecture's build depends on (the patch is not: it only has to divide by the strides)."""
+    return (name, dimensions, in_channels, num_classes, repr(dict(options)), tuple(map(tuple, strides)),
+            tuple(map(tuple, kernel_sizes)), tuple(features))
+
+
+def remembered_estimate(build: Callable[[], nn.Module], in_channels: int, probe: list[int],
+                        identity: tuple) -> MemoryEstimate:
+    """``networks.memory.measure``, its fake training step (most of its time) remembered under ``identity``."""
+    estimate = measure(build, in_channels, probe)
+    measured = estimate.step_over_saved
+    estimate.step_over_saved = functools.cache(lambda autocast: remembered(
+        f"step_over_saved {identity} probe {list(probe)} autocast {autocast}", lambda: measured(autocast)))
+    return estimate

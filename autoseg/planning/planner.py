@@ -17,7 +17,6 @@ registry:
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import math
@@ -27,9 +26,9 @@ import numpy as np
 
 from autoseg.errors import PlanError
 from autoseg.fingerprint import DatasetFingerprint
-from autoseg.networks.memory import MemoryEstimate, measure
+from autoseg.networks.memory import MemoryEstimate
 from autoseg.networks.registry import ARCHITECTURES, ArchitectureSpec
-from autoseg.planning.measurement_cache import remembered
+from autoseg.planning.measurement_cache import network_identity, remembered_estimate
 from autoseg.planning.normalization import plan_normalization
 from autoseg.planning.plans import PLANS_SCHEMA_VERSION, ArchitecturePlan, ConfigurationPlan, Plans
 from autoseg.planning.spacing import anisotropic_axis, fullres_spacing, resampled_shape
@@ -171,11 +170,20 @@ def plan_architecture(spec: ArchitectureSpec, dims: int, spacing: list[float], m
     and the most preferred one is kept unless another allows a patch more than twice as
     large: a narrower network that sees the organ whole beats a wider one that sees a part."""
     planned, refusals = [], []  # (choice, plan) pairs; reasons of the choices that do not fit
-    for choice in spec.option_choices:
+    choices = list(spec.option_choices)
+    for index, choice in enumerate(choices):
         try:
             planned.append((choice, _plan_with_choice(spec, choice, dims, spacing, median_shape, ctx)))
         except ValueError as exc:
             refusals.append(f"{_describe(choice)}: {exc}" if choice else str(exc))
+        later = choices[index + 1:]
+        if len(planned) == 1 and later and _no_choice_can_outgrow(planned[0][1], spec, later, dims, spacing,
+                                                                  median_shape):
+            # Planning the others (a fake training step each) could not change the choice.
+            chosen_choice, chosen = planned[0]
+            chosen.notes.append(f"{_describe(chosen_choice)} chosen (its patch is at least half the largest any "
+                                f"choice could take; {', '.join(map(_describe, later))} not planned)")
+            return chosen
     if not planned:
         raise ValueError("; ".join(refusals))
     largest = max(math.prod(plan.patch_size) for _, plan in planned)
@@ -186,6 +194,15 @@ def plan_architecture(spec: ArchitectureSpec, dims: int, spacing: list[float], m
         chosen.notes.append(f"{_describe(chosen_choice)} chosen (the most preferred whose patch is at least half "
                             f"the largest); others: {'; '.join(others)}")
     return chosen
+
+
+def _no_choice_can_outgrow(plan: ArchitecturePlan, spec: ArchitectureSpec, choices: list[dict], dims: int,
+                           spacing: list[float], median_shape: list[int]) -> bool:
+    """Whether ``plan``'s patch is at least half of any patch ``choices`` could be planned at: each starts from
+    the initial patch's topology and only shrinks, so that patch bounds it."""
+    initial = _initial_patch(dims, spacing, median_shape)
+    bound = max(math.prod(spec.topology(initial, spacing, **choice).patch_size) for choice in choices)
+    return 2 * math.prod(plan.patch_size) >= bound
 
 
 def _describe(choice: dict) -> str:
@@ -201,20 +218,16 @@ def _plan_with_choice(spec: ArchitectureSpec, choice: dict, dims: int, spacing: 
     def estimate(topology) -> MemoryEstimate:
         # Saved activations grow exactly linearly with the voxels of a patch for a fixed
         # topology (see networks/memory.py), so one measurement serves every patch of it.
-        key = (spec.name, dims, ctx.in_channels, ctx.num_classes, repr(options),
-               tuple(map(tuple, topology.strides)), tuple(map(tuple, topology.kernel_sizes)), tuple(topology.features))
+        key = network_identity(spec.name, dims, ctx.in_channels, ctx.num_classes, options, topology.strides,
+                               topology.kernel_sizes, topology.features)
         if key not in _ESTIMATES:
             plan = _arch_plan(spec, topology, 1, options)
             # A fixed probe per topology (twice the stride product) keeps the result independent
             # of which patch happened to be measured first.
             probe = [2 * d for d in topology.divisor()]
-            estimate = measure(lambda: spec.build(plan, ctx.in_channels, ctx.num_classes, dims, True),
-                               ctx.in_channels, probe)
             # Its fake training step is most of planning's time, and a number: kept between runs.
-            measured = estimate.step_over_saved
-            estimate.step_over_saved = functools.cache(lambda autocast: remembered(
-                f"step_over_saved {key} probe {probe} autocast {autocast}", lambda: measured(autocast)))
-            _ESTIMATES[key] = estimate
+            _ESTIMATES[key] = remembered_estimate(
+                lambda: spec.build(plan, ctx.in_channels, ctx.num_classes, dims, True), ctx.in_channels, probe, key)
         return _ESTIMATES[key]
 
     topology = spec.topology(patch, spacing, **choice)

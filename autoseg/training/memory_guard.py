@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 
 from autoseg.errors import PlanError
-from autoseg.networks.memory import CONTEXT_BYTES, measure
+from autoseg.networks.memory import CONTEXT_BYTES
 from autoseg.networks.registry import build_network
 from autoseg.networks.topology import UNetTopology
+from autoseg.planning.measurement_cache import network_identity, remembered_estimate
 from autoseg.planning.plans import ArchitecturePlan
 
 M_MMAP_THRESHOLD = -3  # mallopt parameter (glibc malloc.h)
@@ -121,8 +122,10 @@ def step_bytes(plan: ArchitecturePlan, in_channels: int, num_classes: int, dimen
     """The memory model's peak for one training step of ``plan`` at ``batch_size``, on the meta device."""
     divisor = UNetTopology(plan.patch_size, plan.kernel_sizes, plan.strides, plan.features).divisor()
     # The planner's probe (twice the stride product), so the estimate is the one the plan was sized with.
-    estimate = measure(lambda: build_network(plan, in_channels, num_classes, dimensions, True), in_channels,
-                       [2 * d for d in divisor])
+    identity = network_identity(plan.name, dimensions, in_channels, num_classes, plan.options, plan.strides,
+                                plan.kernel_sizes, plan.features)
+    estimate = remembered_estimate(lambda: build_network(plan, in_channels, num_classes, dimensions, True),
+                                   in_channels, [2 * d for d in divisor], identity)
     needed = estimate.training_bytes(batch_size, math.prod(plan.patch_size), amp=autocast, device_type=device_type)
     if device_type == "cpu":
         needed *= CPU_HEAP_OVERHEAD[plan.name in FIXED_THRESHOLD_ARCHITECTURES]
