@@ -19,7 +19,7 @@ NAME = "Dataset004_Hippocampus"
 
 
 def plan_hippocampus() -> str:
-    planner._ESTIMATES.clear()  # a new process: only the disk remembers
+    planner._ESTIMATES.clear()  # a new process: only the disk remembers (fake_steps restores it after the test)
     fingerprint = load_fingerprint(REPO / "dataset_fingerprints" / f"{NAME}.json")
     committed = load_plans(REPO / "plans" / f"{NAME}.json")
     return dumps(planner.plan_dataset(fingerprint, committed.labels, committed.gpu_memory_gb,
@@ -31,6 +31,8 @@ def fake_steps(monkeypatch):
     """Counts the fake training steps the memory model runs."""
     calls = []
     real = memory.step_over_saved
+    # The process's own estimates are what the rest of the suite plans with: put back as they were.
+    kept = dict(planner._ESTIMATES)
 
     def counted(*args):
         calls.append(args[-1])
@@ -39,6 +41,7 @@ def fake_steps(monkeypatch):
     monkeypatch.setattr(memory, "step_over_saved", counted)
     yield calls
     planner._ESTIMATES.clear()
+    planner._ESTIMATES.update(kept)
 
 
 def test_a_second_planning_measures_nothing_and_plans_the_same(tmp_path, monkeypatch, fake_steps):
