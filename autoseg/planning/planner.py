@@ -182,7 +182,8 @@ def plan_architecture(spec: ArchitectureSpec, dims: int, spacing: list[float], m
             # Planning the others (a fake training step each) could not change the choice.
             chosen_choice, chosen = planned[0]
             chosen.notes.append(f"{_describe(chosen_choice)} chosen (its patch is at least half the largest any "
-                                f"choice could take; {', '.join(map(_describe, later))} not planned)")
+                                f"choice could take; {', '.join(map(_describe, later))} not planned)"
+                                + (f"; refused: {'; '.join(refusals)}" if refusals else ""))
             return chosen
     if not planned:
         raise ValueError("; ".join(refusals))
