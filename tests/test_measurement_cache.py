@@ -12,7 +12,7 @@ import autoseg.planning.measurement_cache as measurement_cache
 import autoseg.planning.planner as planner
 from autoseg.fingerprint import load_fingerprint
 from autoseg.planning.plans import load_plans
-from autoseg.records import dumps
+from autoseg.records import TEMPORARY_PREFIX, dumps
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "Dataset004_Hippocampus"
@@ -101,7 +101,7 @@ def test_a_corrupt_cache_is_measured_over_and_an_unwritable_one_is_skipped(tmp_p
     measured = len(fake_steps)
     assert measured >= 4
     assert len(json.loads((tmp_path / "memory_measurements.json").read_text())["entries"]) == measured
-    assert not list(tmp_path.glob(".*.tmp"))  # written under a temporary name, renamed
+    assert not list(tmp_path.glob(f"{TEMPORARY_PREFIX}*"))  # written under a temporary name, renamed
 
     blocked = tmp_path / "a file, not a folder"
     blocked.write_text("")

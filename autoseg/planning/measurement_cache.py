@@ -19,13 +19,13 @@ import functools
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from torch import nn
 
 from autoseg.networks.memory import MemoryEstimate, measure
+from autoseg.records import atomic_write_bytes
 
 CACHE_ENV = "AUTOSEG_CACHE_DIR"
 FILE_NAME = "memory_measurements.json"
@@ -68,13 +68,9 @@ def _read(path: Path) -> dict[str, float]:
 
 
 def _write(path: Path, entries: dict[str, float]) -> None:
-    """Written to a temporary name and renamed: a reader sees the old file or the new one, never half of one."""
+    data = json.dumps({"code_version": code_version(), "entries": entries}, indent=0, sort_keys=True).encode()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(handle, "w") as out:
-            json.dump({"code_version": code_version(), "entries": entries}, out, indent=0, sort_keys=True)
-        os.replace(temporary, path)
+        atomic_write_bytes(path, data)  # a reader sees the old file or the new one, never half of one
     except OSError:
         pass  # a read-only home or a full disk: planning goes on, measuring again next time
 
