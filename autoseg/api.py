@@ -89,7 +89,7 @@ class Segmenter:
         array, geometry, kind, reference = self._read(image, spacing, origin, direction)
         prediction = predict_case(self._model(), array, geometry, self.settings, self.device)
         labels = apply_postprocessing(prediction.labels, self.postprocessing)
-        return _as_input_kind(labels, geometry, kind, reference)
+        return _as_input_kind(labels, geometry, kind, reference, max(self.label_values))
 
     def predict_probabilities(self, image: Any, spacing: Sequence[float] | None = None,
                               origin: Sequence[float] | None = None,
@@ -200,12 +200,14 @@ def _read_sitk(image) -> tuple[np.ndarray, Geometry]:
     return np.ascontiguousarray(array, dtype=np.float32).reshape((array.shape[0], *geometry.array_shape)), geometry
 
 
-def _as_input_kind(labels: np.ndarray, geometry: Geometry, kind: str, reference: Any):
-    """The label map as the input's kind, with the dtype `autoseg predict` writes (uint8, or int16 above 255)."""
+def _as_input_kind(labels: np.ndarray, geometry: Geometry, kind: str, reference: Any, largest_label: int):
+    """The label map as the input's kind, with the dtype `autoseg predict` writes (``io.images.label_dtype``)."""
     import SimpleITK as sitk
 
+    from autoseg.io.images import label_dtype
+
     labels = labels.reshape(geometry.shape)
-    labels = labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.int16)
+    labels = labels.astype(label_dtype(max(int(labels.max(initial=0)), largest_label)))
     if kind == "numpy":
         return labels
     if kind == "nibabel":
@@ -216,7 +218,7 @@ def _as_input_kind(labels: np.ndarray, geometry: Geometry, kind: str, reference:
         with tempfile.TemporaryDirectory(prefix="autoseg-api-") as folder:
             source, target = Path(folder) / "image.nii", Path(folder) / "labels.nii"
             reference.to_filename(str(source))
-            write_label(labels, target, geometry, reference_file=source)
+            write_label(labels, target, geometry, reference_file=source, largest_label=largest_label)
             result = nib.load(str(target))
             return nib.Nifti1Image(np.asarray(result.dataobj), result.affine, result.header)
     image = sitk.GetImageFromArray(labels)

@@ -200,6 +200,25 @@ def test_labels_above_255_survive_png_and_a_label_map_does_not_keep_the_images_d
     assert (float(header["cal_min"]), float(header["cal_max"])) == (0.0, 0.0)
 
 
+def test_the_label_maps_of_one_model_share_a_dtype_whatever_each_case_holds(tmp_path):
+    # nnU-Net writes uint8 maps; a model with a label above 255 needs uint16 for every case, also one predicted
+    # all background, so that a folder of predictions loads as one dtype. The dtype is read back by nibabel.
+    image = nib.Nifti1Image(np.zeros((6, 5, 4), np.float32), np.eye(4))
+    nib.save(image, str(tmp_path / "ct.nii.gz"))
+    _, geometry = read_image(tmp_path / "ct.nii.gz")
+    background, some = np.zeros((4, 5, 6), np.int16), np.full((4, 5, 6), 2, np.int16)
+    written = {}
+    for name, labels, largest in [("empty_big", background, 300), ("two_big", some, 300),
+                                  ("empty_small", background, 2), ("above_largest", some * 150, 2),
+                                  ("unknown", some, None)]:
+        write_label(labels, tmp_path / f"{name}.nii.gz", geometry, tmp_path / "ct.nii.gz", largest_label=largest)
+        loaded = nib.load(str(tmp_path / f"{name}.nii.gz"))
+        assert np.array_equal(np.asarray(loaded.dataobj).transpose(2, 1, 0), labels), name
+        written[name] = loaded.get_data_dtype()
+    assert written == {"empty_big": np.uint16, "two_big": np.uint16, "empty_small": np.uint8,
+                       "above_largest": np.uint16, "unknown": np.uint8}
+
+
 def test_a_3d_tiff_takes_its_spacing_from_nnunets_sidecar_json_and_a_label_map_writes_one(tmp_path):
     import json
 

@@ -201,7 +201,8 @@ def predict_folder(model: TrainedModel | list[TrainedModel], input_dir: Path, ou
                                       prediction.label_values, prediction.regions)
             labels = apply_postprocessing(prediction.labels, postprocessing)
             if output_format != "dicom-seg":
-                write_label(labels, target, geometry, reference_file=case.files[0])
+                write_label(labels, target, geometry, reference_file=case.files[0],
+                            largest_label=max(prediction.label_values))
             if write_seg is not None:
                 write_seg(labels, case, output_dir / f"{case.case_id}.dcm")
             result.written.append(case.case_id)

@@ -179,19 +179,27 @@ def read_label(path: str | Path) -> tuple[np.ndarray, Geometry]:
     return array.astype(np.int16, copy=False), geometry
 
 
-def write_label(array: np.ndarray, path: str | Path, geometry: Geometry, reference_file: str | Path | None = None) -> None:
+def label_dtype(largest_label: int) -> type:
+    """The dtype label maps are written with: uint8 where every label fits (as nnU-Net writes them), else
+    uint16 (labels lie in 0..32767, see ``read_label``, and PNG, unlike int16, can store it)."""
+    return np.uint8 if largest_label < 256 else np.uint16
+
+
+def write_label(array: np.ndarray, path: str | Path, geometry: Geometry, reference_file: str | Path | None = None,
+                largest_label: int | None = None) -> None:
     """Write a ``(Z, Y, X)`` label map with ``geometry``, atomically.
 
     When ``reference_file`` is a NIfTI file the output reuses its header (qform, sform,
-    codes, units) so that the label map lies exactly where the input did.
+    codes, units) so that the label map lies exactly where the input did. ``largest_label`` (the
+    largest value the model can write) sets the dtype, so that every case of a folder has the same
+    one; without it, the array's own largest value does.
     """
     path = Path(path)
     array = np.asarray(array)
     array = array.reshape(geometry.shape) if geometry.dimension == 2 else array
     if list(array.shape) != list(geometry.shape):
         raise ValueError(f"label array shape {array.shape} does not match geometry {geometry.shape}")
-    # Labels lie in 0..32767 (read_label): uint16 holds them all, and PNG, unlike int16, can store it.
-    out_dtype = np.uint8 if array.max(initial=0) < 256 else np.uint16
+    out_dtype = label_dtype(max(int(array.max(initial=0)), largest_label or 0))
     name = path.name.lower()
     if reference_file is not None and name.endswith((".nii", ".nii.gz")) and str(reference_file).lower().endswith((".nii", ".nii.gz")):
         _write_nifti_like(array.astype(out_dtype), path, Path(reference_file))

@@ -52,9 +52,11 @@ def validate_fold(roots: Roots, dataset_name: str, configuration: str, architect
         if save_probabilities:
             save_probability_file(out / f"{case_id}.npz", prediction.probabilities, prediction.label_values,
                                   prediction.regions)
-        write_label(prediction.labels, out / f"{case_id}{ending}", properties.original_geometry, reference_file)
+        largest = max(prediction.label_values)
+        write_label(prediction.labels, out / f"{case_id}{ending}", properties.original_geometry, reference_file,
+                    largest_label=largest)
         label, geometry = read_label(properties.source_label)
-        write_label(label, references / f"{case_id}{ending}", geometry, reference_file)
+        write_label(label, references / f"{case_id}{ending}", geometry, reference_file, largest_label=largest)
     spec = load_dataset_spec(roots.preprocessed_dataset(dataset_name), with_cases=False)
     summary = evaluate_folder(references, out, spec.labels, ending, num_processes=1, output_dir=out, progress=False)
     print(f"validation of fold {fold} ({len(val_ids)} cases):\n{format_table(summary)}", flush=True)
