@@ -17,12 +17,21 @@ from autoseg.dataset.synthetic import make_synthetic_dataset
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+_SUITE_CACHE: list[str] = []  # the measurement cache this run of the suite made, removed at its end
+
+
 def pytest_configure(config):
     # The planner's measurement cache starts empty for every run of the suite, as on a fresh machine, and the
     # suite leaves the user's own cache alone; subprocesses inherit it, so planning the same set twice is warm.
     import tempfile
 
-    os.environ["AUTOSEG_CACHE_DIR"] = tempfile.mkdtemp(prefix="autoseg-test-cache-")
+    _SUITE_CACHE.append(tempfile.mkdtemp(prefix="autoseg-test-cache-"))
+    os.environ["AUTOSEG_CACHE_DIR"] = _SUITE_CACHE[-1]
+
+
+def pytest_unconfigure(config):
+    for folder in _SUITE_CACHE:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def shared_dataset(name: str) -> Path:
