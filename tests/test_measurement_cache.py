@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,25 @@ def test_a_corrupt_cache_is_measured_over_and_an_unwritable_one_is_skipped(tmp_p
     assert measurement_cache.cache_file() is None
     assert plan_hippocampus() == first
     assert len(fake_steps) == 3 * measured
+
+
+def _remember_many(first: int) -> None:
+    for index in range(first, first + 40):
+        measurement_cache.remembered(f"key {index}", lambda: float(index))
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs fork")
+def test_planners_writing_at_once_keep_every_entry(tmp_path, monkeypatch):
+    # The planner's workers (-np) each add their measurements to one file: 4 writers of 40 entries each,
+    # interleaved, must leave all 160 (each reads, adds and replaces the file).
+    monkeypatch.setenv("AUTOSEG_CACHE_DIR", str(tmp_path))
+    measurement_cache.code_version()  # computed once here, not by every writer
+    writers = [multiprocessing.get_context("fork").Process(target=_remember_many, args=(40 * w,)) for w in range(4)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(60)
+    assert [writer.exitcode for writer in writers] == [0] * 4
+    entries = json.loads((tmp_path / "memory_measurements.json").read_text())["entries"]
+    assert entries == {f"key {index}": float(index) for index in range(160)}
+    assert not list(tmp_path.glob(f"{TEMPORARY_PREFIX}*"))

@@ -15,12 +15,13 @@ written is skipped: a plan never depends on the cache being there, only its time
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from torch import nn
 
@@ -84,9 +85,31 @@ def remembered(key: str, compute: Callable[[], float]) -> float:
     if key in entries:
         return entries[key]
     value = float(compute())
-    # Read again just before writing: another planner may have added entries meanwhile.
-    _write(path, {**_read(path), key: value})
+    # Read again just before writing, under a lock: the planner's worker processes (-np) and other planners
+    # add entries meanwhile, and a read-add-write of each without the lock drops the other's entries.
+    with _exclusive(path):
+        _write(path, {**_read(path), key: value})
     return value
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """Holds an advisory lock on ``path``'s lock file where the platform has one (``fcntl``); without
+    one (Windows, a file system that refuses locks) entries can be lost, never the file."""
+    try:
+        import fcntl
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_name(path.name + ".lock"), "a")
+    except (ImportError, OSError):
+        yield
+        return
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
 
 
 def network_identity(name: str, dimensions: int, in_channels: int, num_classes: int, options: dict[str, Any],
