@@ -30,7 +30,7 @@ def write_references(raw: Path) -> None:
     fingerprint = compute_fingerprint(raw, num_processes=2, progress=False)
     save_fingerprint(fingerprint, REPO / "dataset_fingerprints" / f"{raw.name}.json")
     spec = load_dataset_spec(raw, with_cases=False)
-    plans = plan_dataset(fingerprint, spec.labels, regions_class_order=spec.regions_class_order)
+    plans = plan_dataset(fingerprint, spec.labels, regions_class_order=spec.regions_class_order, num_processes=2)
     save_plans(plans, REPO / "plans" / f"{raw.name}.json")
     print(f"wrote references for {raw.name}")
 

@@ -16,12 +16,14 @@ from tests.conftest import edit_json, peers_python, shared_dataset
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["Dataset004_Hippocampus", "Dataset027_ACDC", "Dataset999_Synthetic"])
-def test_planner_reproduces_the_committed_plans(name):
-    """The committed fingerprint, planned again, gives the committed plans byte for byte."""
+@pytest.mark.parametrize("name, num_processes", [("Dataset004_Hippocampus", 2), ("Dataset027_ACDC", 2),
+                                                  ("Dataset999_Synthetic", 1)])
+def test_planner_reproduces_the_committed_plans(name, num_processes):
+    """The committed fingerprint, planned again, gives the committed plans byte for byte, whether the
+    architectures are planned one after another or side by side in worker processes (-np 2)."""
     fingerprint = load_fingerprint(REPO / "dataset_fingerprints" / f"{name}.json")
     committed = load_plans(REPO / "plans" / f"{name}.json")
-    plans = plan_dataset(fingerprint, committed.labels, committed.gpu_memory_gb)
+    plans = plan_dataset(fingerprint, committed.labels, committed.gpu_memory_gb, num_processes=num_processes)
     assert dumps(plans) == (REPO / "plans" / f"{name}.json").read_text()
 
 

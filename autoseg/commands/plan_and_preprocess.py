@@ -70,7 +70,7 @@ def plan_and_preprocess_one(roots: Roots, name: str, args) -> None:
         say(f"{name}: keeping {plans_file}")
     else:
         plans = plan_dataset(fingerprint, spec.labels, args.gpu_memory_gb, args.architectures,
-                             spec.regions_class_order)
+                             spec.regions_class_order, args.num_processes)
         if source_plans is not None:
             from autoseg.planning.plans_from import plans_from_source
 

@@ -13,6 +13,10 @@ registry:
    to the median shape;
 4. batch size: as many as fit, at least 2, at most what covers 5% of the dataset's
    voxels per step (nnU-Net's rule against overfitting small datasets).
+
+The architectures of a configuration are planned side by side in ``num_processes`` worker
+processes (``-np``): each one's memory measurements are Python-bound fake training steps
+that one core runs at a time, so two cores plan a configuration in about half the time.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from autoseg.errors import PlanError
 from autoseg.fingerprint import DatasetFingerprint
 from autoseg.networks.memory import MemoryEstimate
 from autoseg.networks.registry import ARCHITECTURES, ArchitectureSpec
+from autoseg.parallel import map_with_progress
 from autoseg.planning.measurement_cache import network_identity, remembered_estimate
 from autoseg.planning.normalization import plan_normalization
 from autoseg.planning.plans import PLANS_SCHEMA_VERSION, ArchitecturePlan, ConfigurationPlan, Plans
@@ -51,10 +56,12 @@ class PlanningContext:
     in_channels: int
     num_classes: int
     dataset_voxels: float  # sum over cases of voxels at this configuration's spacing
+    num_processes: int = 1  # worker processes planning the architectures side by side
 
 
 def plan_dataset(fingerprint: DatasetFingerprint, labels: dict, gpu_memory_gb: float = 8.0,
-                 architectures: list[str] | None = None, regions_class_order: list[int] | None = None) -> Plans:
+                 architectures: list[str] | None = None, regions_class_order: list[int] | None = None,
+                 num_processes: int = 1) -> Plans:
     names = architectures or [n for n, spec in ARCHITECTURES.items() if spec.available()]
     spacings = np.array([c.spacing for c in fingerprint.cases], dtype=float)
     shapes = np.array([c.shape_after_crop for c in fingerprint.cases], dtype=float)
@@ -78,25 +85,28 @@ def plan_dataset(fingerprint: DatasetFingerprint, labels: dict, gpu_memory_gb: f
         voxels = float(np.sum(np.prod(case_shapes[:, -dims:], axis=1)))
         if dims == 2:  # a 2D step samples slices: the dataset is all slices of all cases
             voxels = float(np.sum(np.prod(case_shapes, axis=1)))
-        return PlanningContext(gpu_memory_gb, in_channels, num_classes, voxels)
+        return PlanningContext(gpu_memory_gb, in_channels, num_classes, voxels, num_processes)
 
     # Slices across the coarsest axis (nnU-Net's transpose_forward); a 2D image's is its placeholder axis 0.
     slice_axis = int(np.argmax(target))
     in_plane = [axis for axis in range(3) if axis != slice_axis]
     median_2d = [int(v) for v in np.median(per_case_shapes[:, in_plane], axis=0)]
-    configurations["2d"] = _plan_configuration(
-        "2d", 2, [target[axis] for axis in in_plane], median_2d, context(per_case_shapes, 2), names,
-        anisotropic_axis(target) if not fingerprint.is_2d else None)
-    configurations["2d"].slice_axis = slice_axis
+    requests = [ConfigurationRequest("2d", 2, [target[axis] for axis in in_plane], median_2d,
+                                     context(per_case_shapes, 2), names,
+                                     anisotropic_axis(target) if not fingerprint.is_2d else None)]
     if not fingerprint.is_2d:
         median_3d = [int(v) for v in np.median(per_case_shapes, axis=0)]
-        full = _plan_configuration("3d_fullres", 3, target, median_3d, context(per_case_shapes, 3), names,
-                                   anisotropic_axis(target))
-        configurations["3d_fullres"] = full
+        requests.append(ConfigurationRequest("3d_fullres", 3, target, median_3d, context(per_case_shapes, 3), names,
+                                             anisotropic_axis(target)))
+    # One pool for both: the workers take the next architecture of either, so one slow one idles no core.
+    configurations.update((plan.name, plan) for plan in _plan_configurations(requests))
+    configurations["2d"].slice_axis = slice_axis
+    if not fingerprint.is_2d:
+        full = configurations["3d_fullres"]
         coverage = np.prod(full.architectures[full.default_architecture].patch_size) / np.prod(median_3d)
         if coverage < LOWRES_COVERAGE:
             configurations["3d_lowres"] = _plan_lowres(target, spacings, shapes, names, gpu_memory_gb,
-                                                       in_channels, num_classes)
+                                                       in_channels, num_classes, num_processes)
         else:
             notes.append(f"no 3d_lowres: the 3d_fullres patch covers {coverage:.0%} of the median image "
                          f"(planned only below {LOWRES_COVERAGE:.0%})")
@@ -122,7 +132,8 @@ def plan_dataset(fingerprint: DatasetFingerprint, labels: dict, gpu_memory_gb: f
     return plans
 
 
-def _plan_lowres(target, spacings, shapes, names, gpu_memory_gb, in_channels, num_classes) -> ConfigurationPlan:
+def _plan_lowres(target, spacings, shapes, names, gpu_memory_gb, in_channels, num_classes,
+                 num_processes) -> ConfigurationPlan:
     """Coarsen the spacing in 3% steps until the planned patch covers a quarter of the median image."""
     lowres = list(target)
     for _ in range(200):
@@ -131,35 +142,72 @@ def _plan_lowres(target, spacings, shapes, names, gpu_memory_gb, in_channels, nu
         lowres = [s * LOWRES_STEP if s < 2 * finest else s for s in lowres]
         case_shapes = np.array([resampled_shape(list(sh), list(sp), lowres) for sh, sp in zip(shapes, spacings)])
         median = [int(v) for v in np.median(case_shapes, axis=0)]
-        ctx = PlanningContext(gpu_memory_gb, in_channels, num_classes, float(np.sum(np.prod(case_shapes, axis=1))))
+        ctx = PlanningContext(gpu_memory_gb, in_channels, num_classes, float(np.sum(np.prod(case_shapes, axis=1))),
+                              num_processes)
         # Search with the CNN U-Net alone (or the first architecture asked for, without it), then plan every
         # architecture at the spacing found.
         searcher = ["unet"] if "unet" in names else names[:1]
-        search = _plan_configuration("3d_lowres", 3, lowres, median, ctx, searcher, anisotropic_axis(lowres))
+        search, = _plan_configurations([ConfigurationRequest("3d_lowres", 3, lowres, median, ctx, searcher,
+                                                             anisotropic_axis(lowres))])
         patch = search.architectures[search.default_architecture].patch_size
         if np.prod(patch) / np.prod(median) >= LOWRES_COVERAGE:
             break
-    return _plan_configuration("3d_lowres", 3, lowres, median, ctx, names, anisotropic_axis(lowres))
+    return _plan_configurations([ConfigurationRequest("3d_lowres", 3, lowres, median, ctx, names,
+                                                      anisotropic_axis(lowres))])[0]
 
 
-def _plan_configuration(name: str, dims: int, spacing: list[float], median_shape: list[int], ctx: PlanningContext,
-                        architectures: list[str], aniso_axis: int | None) -> ConfigurationPlan:
+@dataclass
+class ConfigurationRequest:
+    """A configuration to plan: its grid and the architectures to plan on it."""
+    name: str
+    dims: int
+    spacing: list[float]
+    median_shape: list[int]
+    ctx: PlanningContext
+    architectures: list[str]
+    aniso_axis: int | None
+
+
+def _plan_configurations(requests: list[ConfigurationRequest]) -> list[ConfigurationPlan]:
+    """Every architecture of every request, over ``ctx.num_processes`` workers, assembled per configuration."""
+    def task(r: ConfigurationRequest, arch_name: str) -> tuple:
+        return arch_name, r.dims, r.spacing, r.median_shape, r.ctx
+
+    if requests[0].ctx.num_processes <= 1:  # one after another: a configuration that fits nothing stops at once
+        return [_configuration_plan(r, [(a, _plan_named(task(r, a))) for a in r.architectures]) for r in requests]
+    tasks = [task(r, arch_name) for r in requests for arch_name in r.architectures]
+    # In the order asked for, whichever worker finished first: the plan does not depend on -np.
+    outcomes = iter(map_with_progress(_plan_named, tasks, requests[0].ctx.num_processes, "plan", progress=False))
+    return [_configuration_plan(r, [(arch_name, next(outcomes)) for arch_name in r.architectures]) for r in requests]
+
+
+def _configuration_plan(request: ConfigurationRequest, outcomes: list[tuple[str, ArchitecturePlan | str]]
+                        ) -> ConfigurationPlan:
     planned = {}
     notes = []
-    for arch_name in architectures:
-        spec = ARCHITECTURES[arch_name]
-        try:
-            planned[arch_name] = plan_architecture(spec, dims, spacing, median_shape, ctx)
-        except (RuntimeError, NotImplementedError, ValueError) as exc:
-            notes.append(f"{arch_name} not planned: {exc}")
+    for arch_name, outcome in outcomes:
+        if isinstance(outcome, str):
+            notes.append(f"{arch_name} not planned: {outcome}")
+        else:
+            planned[arch_name] = outcome
     if not planned:
-        raise PlanError(f"{name}: no architecture fits the memory budget of {ctx.gpu_memory_gb:g} GB "
-                         f"({'; '.join(notes)}); plan for a larger one with --gpu-memory-gb")
+        raise PlanError(f"{request.name}: no architecture fits the memory budget of {request.ctx.gpu_memory_gb:g} "
+                        f"GB ({'; '.join(notes)}); plan for a larger one with --gpu-memory-gb")
     default = "unet" if "unet" in planned else next(iter(planned))
     return ConfigurationPlan(
-        name=name, dimensions=dims, spacing=[float(f"{s:.10g}") for s in spacing], median_shape=list(median_shape),
-        image_resampling_order=3, label_resampling_order=1, anisotropic_axis=aniso_axis,
-        architectures=planned, default_architecture=default, data_identifier="", notes=notes)
+        name=request.name, dimensions=request.dims, spacing=[float(f"{s:.10g}") for s in request.spacing],
+        median_shape=list(request.median_shape), image_resampling_order=3, label_resampling_order=1,
+        anisotropic_axis=request.aniso_axis, architectures=planned, default_architecture=default,
+        data_identifier="", notes=notes)
+
+
+def _plan_named(task: tuple) -> ArchitecturePlan | str:
+    """``plan_architecture`` of a registry name (what a worker process is sent), or why it does not fit."""
+    arch_name, dims, spacing, median_shape, ctx = task
+    try:
+        return plan_architecture(ARCHITECTURES[arch_name], dims, spacing, median_shape, ctx)
+    except (RuntimeError, NotImplementedError, ValueError) as exc:
+        return str(exc)
 
 
 def plan_architecture(spec: ArchitectureSpec, dims: int, spacing: list[float], median_shape: list[int],
