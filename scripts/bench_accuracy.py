@@ -28,6 +28,16 @@ One run, both tools, one machine:
 Prints one table: dataset, configuration, tool, training seconds, iterations, Dice per class,
 mean HD95 and NSD. With ``--work DIR`` every finished step is kept in DIR and skipped when the
 script is run again with the same DIR (a later run then says which steps it reused).
+
+``--resumable`` (with ``--work``) is for a budget longer than a working session (ACDC's one epoch is
+3.5-5 hours of nnU-Net on 2 cores): each tool's training may be stopped (the session ends) and goes
+on from its last checkpoint when the same command runs again. nnU-Net's epochs then run as
+``EPOCH_PARTS`` shorter ones (``SPLIT_EPOCHS``: as many iterations and validation batches in all,
+each part at the learning rate of the epoch it belongs to, a checkpoint after each), continued with
+``nnUNetv2_train --c``; autoseg's with ``autoseg train --continue`` (its schedule, fitted to the
+whole budget at the start, goes on). Each tool's training time is the sum of its parts, each from
+its command's start to its last checkpoint (start-ups included; work after the last checkpoint of
+a stopped part is lost and not counted). Stop a part right after a checkpoint to lose least.
 """
 
 from __future__ import annotations
@@ -98,9 +108,16 @@ def parse_nnunet_log(text: str) -> NnunetTrainingLog:
     return NnunetTrainingLog(len(epoch_seconds), iterations, first, done, pseudo, epoch_seconds)
 
 
-def run_logged(command: list[str], env: dict, log: Path, stop_at: str | None = None) -> tuple[float, float, float | None]:
+class Paused(Exception):
+    """A resumable training part stopped at ``--pause-at`` (right after a checkpoint): the next run goes on."""
+
+
+def run_logged(command: list[str], env: dict, log: Path, stop_at: str | None = None,
+               pause: tuple[float, str] | None = None) -> tuple[float, float, float | None]:
     """Run ``command`` (in its own session, so its workers go with it), its output to ``log``. Returns (its start
-    as a time stamp, wall seconds until it ended, seconds until a line containing ``stop_at``, where it is stopped)."""
+    as a time stamp, wall seconds until it ended, seconds until a line containing ``stop_at``, where it is stopped).
+    ``pause`` (a time stamp, a pattern): past that time, the first line matching the pattern (printed once an
+    epoch's checkpoints are written) stops it and raises ``Paused``."""
     start = time.time()
     stopped_at = None
     with open(log, "w") as handle:
@@ -113,6 +130,10 @@ def run_logged(command: list[str], env: dict, log: Path, stop_at: str | None = N
                 stopped_at = time.time() - start
                 os.killpg(process.pid, signal.SIGKILL)
                 break
+            if pause and time.time() > pause[0] and re.search(pause[1], line):
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                raise Paused(f"paused at {datetime.now():%H:%M:%S} after a checkpoint; see {log}")
         process.wait()
     if stopped_at is None and process.returncode != 0:
         sys.exit(f"failed ({process.returncode}): {' '.join(command)}; see {log}")
@@ -204,19 +225,101 @@ nnUNetTrainer.__init__ = _shortened
 """
 
 
+# --resumable: every epoch of nnU-Net's trainer runs as EPOCH_PARTS shorter ones, each ending in
+# checkpoint_latest.pth, so that a run stopped with its session goes on (nnUNetv2_train --c) losing at most one
+# part. The trainer builds its optimiser and poly schedule (over its own epochs) in on_train_start, before the
+# loop reads num_epochs: the counts change after that, and each short epoch asks the schedule for the learning
+# rate of the trainer's epoch it belongs to (nnUNetTrainer_1epoch: 1e-2 throughout, as unsplit).
+EPOCH_PARTS = 25
+SPLIT_EPOCHS = """
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+_train_start = nnUNetTrainer.on_train_start
+def _split_train_start(self):
+    _train_start(self)
+    epochs = self.num_epochs
+    self.num_epochs = epochs * {parts}
+    self.num_iterations_per_epoch //= {parts}
+    self.num_val_iterations_per_epoch = max(1, self.num_val_iterations_per_epoch // {parts})
+    self.save_every = 1
+    step = self.lr_scheduler.step
+    self.lr_scheduler.step = lambda current_step=None: step(None if current_step is None else current_step // {parts})
+    print("bench_accuracy:", epochs, "epoch(s) run as", self.num_epochs, "of", self.num_iterations_per_epoch,
+          "iterations and", self.num_val_iterations_per_epoch, "validation batches, from epoch", self.current_epoch,
+          flush=True)
+nnUNetTrainer.on_train_start = _split_train_start
+"""
+
+
+class Parts:
+    """The parts of a training that a session's end may stop (``--resumable``), in a JSON file: each part's start
+    is written before it runs; a part that did not finish counts until its last checkpoint, which is where the
+    next part goes on from (nothing after it survived)."""
+
+    def __init__(self, file: Path):
+        self.file = file
+        self.parts: list[dict] = json.loads(file.read_text()) if file.exists() else []
+
+    def close_interrupted(self, checkpoints: list[Path]) -> None:
+        if self.parts and self.parts[-1].get("seconds") is None:
+            start = self.parts[-1]["start"]
+            ends = [path.stat().st_mtime for path in checkpoints if path.exists() and path.stat().st_mtime > start]
+            self.parts[-1]["seconds"] = max(ends) - start if ends else 0.0
+            self.parts[-1]["stopped"] = True
+            self._save()
+
+    def begin(self) -> int:
+        self.parts.append({"start": time.time(), "seconds": None})
+        self._save()
+        return len(self.parts) - 1
+
+    def finish(self, seconds: float) -> None:
+        self.parts[-1]["seconds"] = seconds
+        self._save()
+
+    @property
+    def seconds(self) -> float:
+        return sum(part["seconds"] or 0.0 for part in self.parts)
+
+    def _save(self) -> None:
+        self.file.write_text(json.dumps(self.parts, indent=1))
+
+
+# Lines printed once an epoch's checkpoints are on disk: nnU-Net's next epoch starting (on_epoch_end saved
+# checkpoint_latest and _best before it), autoseg's epoch report (its callbacks write checkpoints first).
+NNUNET_EPOCH_STARTED = r": Epoch \d+$"
+AUTOSEG_EPOCH_REPORTED = r"^epoch \d+: train loss"
+
+
 def train_nnunet(work: Path, number: str, configuration: str, trainer: str, iterations: int | None = None,
-                 fold: int = 0) -> dict:
+                 fold: int = 0, resumable: bool = False, pause_at: float | None = None) -> dict:
     env = nnunet_env(work)
-    subprocess.run(nnunet_command("nnUNetv2_plan_and_preprocess", "-d", number, "-c", configuration, "-np", "2"),
-                   env=env, check=True, capture_output=True)
+    parts = Parts(work / "nnunet_parts.json") if resumable else None
+    if not (parts and parts.parts):  # a continued run planned and preprocessed in its first part
+        subprocess.run(nnunet_command("nnUNetv2_plan_and_preprocess", "-d", number, "-c", configuration, "-np", "2"),
+                       env=env, check=True, capture_output=True)
     log = work / "nnunet_train.log"
     prelude = SHORTEN_EPOCHS.format(iterations=iterations) if iterations else ""
+    continuing = []
+    if parts is not None:
+        model = next((work / "nn_res").glob(f"*/{trainer}__nnUNetPlans__{configuration}"), None)
+        fold_folder = model / f"fold_{fold}" if model else work / "none"
+        parts.close_interrupted([fold_folder / "checkpoint_latest.pth", fold_folder / "checkpoint_final.pth"])
+        continuing = ["--c"] if parts.parts else []
+        log = work / f"nnunet_train_part{parts.begin()}.log"
+        prelude += SPLIT_EPOCHS.format(parts=EPOCH_PARTS)
+        print(f"nnU-Net's training, part {len(parts.parts)}: {log}", flush=True)
     command = nnunet_command("nnUNetv2_train", number, configuration, str(fold), "-tr", trainer, "-device",
-                             torch_device(), prelude=prelude)
-    _, _, done = run_logged(command, env, log, stop_at="Training done.")
+                             torch_device(), *continuing, prelude=prelude)
+    pause = (pause_at, NNUNET_EPOCH_STARTED) if parts is not None and pause_at else None
+    _, _, done = run_logged(command, env, log, stop_at="Training done.", pause=pause)
     parsed = parse_nnunet_log(log.read_text())
     if done is None:
         sys.exit(f"nnU-Net's training did not finish; see {log}")
+    if parts is not None:
+        parts.finish(done)
+        done = parts.seconds
+        split = re.search(r"(\d+) epoch\(s\) run as (\d+) of (\d+) iterations", log.read_text())
+        parsed.epochs, parsed.iterations_per_epoch = int(split[1]), int(split[2]) * int(split[3]) // int(split[1])
     # Stopped before its end-of-training validation, nnU-Net has not yet copied the dataset.json and plans
     # that its predictor reads beside the folds: copy the same files, as it would.
     for model in (work / "nn_res").glob(f"*/{trainer}__nnUNetPlans__{configuration}"):
@@ -230,21 +333,38 @@ def train_nnunet(work: Path, number: str, configuration: str, trainer: str, iter
 
 
 def train_autoseg(work: Path, number: str, configuration: str, budget_s: float, label: str, extra: list[str],
-                  fold: int = 0) -> dict:
+                  fold: int = 0, resumable: bool = False, pause_at: float | None = None) -> dict:
     results = work / f"res_{label}"
-    # Not in the record, so not finished (say, stopped with its session): start again from nothing.
-    shutil.rmtree(results, ignore_errors=True)
     roots = [f"--raw={work / 'raw'}", f"--preprocessed={work / 'pre'}", f"--results={results}"]
     log = work / f"autoseg_{label}_train.log"
+    continuing, parts = [], None
+    if resumable:  # a part stopped with its session goes on from its last checkpoint
+        parts = Parts(work / f"autoseg_{label}_parts.json")
+        latest = list(results.glob(f"*/*/fold_{fold}/checkpoint_latest.pt"))
+        parts.close_interrupted(latest)
+        if latest:
+            continuing = ["--continue"]
+        else:
+            parts.parts = []  # nothing to go on from: it starts again, and so does its time
+        log = work / f"autoseg_{label}_train_part{parts.begin()}.log"
+        print(f"autoseg's training, part {len(parts.parts)}: {log}", flush=True)
+    if not continuing:
+        # Not in the record, so not finished (say, stopped with its session): start again from nothing.
+        shutil.rmtree(results, ignore_errors=True)
     start, _, _ = run_logged(autoseg_command("train", number, configuration, str(fold), "--time-budget",
-                                             f"{budget_s / 60:.4f}", "--no-validation", *extra, *roots),
-                             child_env(PYTHONUNBUFFERED="1"), log)
+                                             f"{budget_s / 60:.4f}", "--no-validation", *continuing, *extra, *roots),
+                             child_env(PYTHONUNBUFFERED="1"), log,
+                             pause=(pause_at, AUTOSEG_EPOCH_REPORTED) if parts is not None and pause_at else None)
     final = next(results.glob(f"*/*/fold_{fold}/checkpoint_final.pt"))
     history = [json.loads(line) for line in (final.parent / "training_log.jsonl").read_text().splitlines()]
     import torch
 
     batch = torch.load(final, weights_only=True)["plan"]["batch_size"]  # on the CPU a 3D plan trains at 2
-    return {"seconds": final.stat().st_mtime - start, "epochs": len(history),
+    seconds = final.stat().st_mtime - start
+    if parts is not None:
+        parts.finish(seconds)
+        seconds = parts.seconds
+    return {"seconds": seconds, "epochs": len(history),
             "iterations": sum(entry["iterations"] for entry in history), "batch": batch, "log": str(log)}
 
 
@@ -315,6 +435,12 @@ def main() -> None:
                         help="autoseg's training budget instead of nnU-Net's measured training time; smaller only: "
                              "for a run whose nnU-Net side was slowed by other work on the machine")
     parser.add_argument("--work", type=Path, help="keep the working folder here and reuse its finished steps")
+    parser.add_argument("--resumable", action="store_true",
+                        help="(with --work) training that a session's end may stop: running the same command again "
+                             "goes on from each tool's last checkpoint")
+    parser.add_argument("--pause-at", metavar="HH:MM",
+                        help="(with --resumable) after this time today, stop the training running then right after "
+                             "its next checkpoint, to go on in a later run")
     parser.add_argument("--data", type=Path, default=SHARED / "data", help="the folder that holds the datasets")
     args = parser.parse_args()
     name, configuration = DATASETS[args.dataset]
@@ -334,6 +460,26 @@ def main() -> None:
 
     if args.nnunet_iterations is not None and args.nnunet_iterations < 1:
         sys.exit("--nnunet-iterations must be a positive number")
+    if args.resumable and (args.work is None or args.nnunet_iterations is not None):
+        sys.exit("--resumable needs --work (where the next run finds the parts) and not --nnunet-iterations "
+                 "(the full budget is what outlasts a session)")
+    pause_at = None
+    if args.pause_at is not None:
+        if not args.resumable:
+            sys.exit("--pause-at needs --resumable")
+        try:
+            pause_at = datetime.combine(datetime.now().date(),
+                                        datetime.strptime(args.pause_at, "%H:%M").time()).timestamp()
+        except ValueError:
+            sys.exit(f"--pause-at {args.pause_at}: give the time as HH:MM")
+    try:
+        run(args, folder, work, name, configuration, source, number, pause_at)
+    except Paused as paused:
+        sys.exit(f"{paused}; run the same command again to go on")
+
+
+def run(args, folder: Path, work: Work, name: str, configuration: str, source: Path, number: str,
+        pause_at: float | None) -> None:
     if any(batch < 1 for batch in args.also_batch):
         sys.exit("--also-batch must be a positive number")
     if args.fold < 0:
@@ -341,7 +487,8 @@ def main() -> None:
     shortened = f" ({args.nnunet_iterations} iterations an epoch)" if args.nnunet_iterations else ""
     trained = {"nnU-Net": work.step(f"train nnU-Net {args.trainer}{shortened}",
                                     lambda: train_nnunet(folder, number, configuration, args.trainer,
-                                                         args.nnunet_iterations, args.fold))}
+                                                         args.nnunet_iterations, args.fold, args.resumable,
+                                                         pause_at))}
     splits = json.loads((folder / "nn_pre" / name / "splits_final.json").read_text())
     if not 0 <= args.fold < len(splits):
         sys.exit(f"--fold {args.fold}: nnU-Net's splits have folds 0 to {len(splits) - 1}")
@@ -366,7 +513,8 @@ def main() -> None:
     variants |= {f"autoseg --batch-size {batch}": ["--batch-size", str(batch)] for batch in args.also_batch}
     for label, extra in variants.items():
         trained[label] = work.step(f"train {label}", lambda: train_autoseg(folder, number, configuration, budget_s,
-                                                                          folder_key(label), extra, args.fold))
+                                                                          folder_key(label), extra, args.fold,
+                                                                          args.resumable, pause_at))
     images, labels = validation_inputs(folder, source, splits[args.fold]["val"])
 
     results = {}

@@ -3,6 +3,7 @@ shortens nnU-Net's epochs, on a stand-in for nnU-Net's trainer (nnunetv2 is not 
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from datetime import datetime
@@ -15,7 +16,8 @@ from autoseg.planning.plans import load_plans
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_accuracy import SHORTEN_EPOCHS, nnunet_command, parse_nnunet_log  # noqa: E402
+from bench_accuracy import (AUTOSEG_EPOCH_REPORTED, EPOCH_PARTS, NNUNET_EPOCH_STARTED, SHORTEN_EPOCHS,  # noqa: E402
+                            SPLIT_EPOCHS, Parts, Paused, nnunet_command, parse_nnunet_log, run_logged)
 
 
 def test_nnunet_console_log_of_a_one_epoch_training_is_read():
@@ -75,6 +77,132 @@ def test_shortened_nnunet_training_sets_the_epoch_counts_of_any_trainer(tmp_path
     assert result.stdout.splitlines() == [
         shortened, f"nnUNetTrainer_1epoch 40 8 1 {arguments}",  # the variant keeps its own epochs
         shortened, f"nnUNetTrainer 40 8 1000 {arguments}"]  # the base class's signature survives the wrap
+
+
+# nnU-Net's training loop as far as --resumable's split meets it (nnUNetTrainer.py of nnU-Net 2.8.1): initialize()
+# builds the optimiser and PolyLRScheduler(optimizer, initial_lr, num_epochs) (lines 552-556), on_train_start
+# initializes if needed (941-942), run_training calls it and then loops over range(current_epoch, num_epochs)
+# (1417-1420), on_train_epoch_start steps the schedule to the epoch (1011), on_epoch_end saves checkpoint_latest
+# when (epoch + 1) % save_every == 0 (1181); load_checkpoint (--c) initializes, then sets current_epoch (1220-1235).
+SPLIT_FAKE_TRAINER = '''
+class PolyLRScheduler:
+    def __init__(self, optimizer, initial_lr, max_steps, exponent=0.9):
+        self.optimizer, self.initial_lr, self.max_steps, self.exponent = optimizer, initial_lr, max_steps, exponent
+    def step(self, current_step=None):
+        self.optimizer["lr"] = self.initial_lr * (1 - current_step / self.max_steps) ** self.exponent
+
+class nnUNetTrainer:
+    def __init__(self, epochs=1000):
+        self.num_iterations_per_epoch, self.num_val_iterations_per_epoch, self.num_epochs = 250, 50, epochs
+        self.current_epoch, self.save_every, self.was_initialized, self.record = 0, 50, False, []
+    def initialize(self):
+        self.optimizer = {"lr": None}
+        self.lr_scheduler = PolyLRScheduler(self.optimizer, 0.01, self.num_epochs)
+        self.was_initialized = True
+    def on_train_start(self):
+        if not self.was_initialized:
+            self.initialize()
+    def on_train_epoch_start(self):
+        self.lr_scheduler.step(self.current_epoch)
+    def run_training(self):
+        self.on_train_start()
+        for epoch in range(self.current_epoch, self.num_epochs):
+            self.on_train_epoch_start()
+            self.record.append([epoch, self.optimizer["lr"], self.num_iterations_per_epoch,
+                                self.num_val_iterations_per_epoch, (epoch + 1) % self.save_every == 0])
+            self.current_epoch += 1
+'''
+SPLIT_FAKE_ENTRY = '''
+import json
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+def run_training_entry():
+    runs = {}
+    for name, epochs, resume_at in (("1 epoch", 1, None), ("5 epochs", 5, None), ("1 epoch, continued", 1, 20)):
+        trainer = nnUNetTrainer(epochs)
+        if resume_at is not None:  # as load_checkpoint does
+            trainer.initialize()
+            trainer.current_epoch = resume_at
+        trainer.run_training()
+        runs[name] = trainer.record
+    print(json.dumps(runs))
+    return 0
+'''
+
+
+def test_resumable_nnunet_training_runs_each_epoch_as_short_ones_at_its_learning_rate(tmp_path, monkeypatch):
+    monkeypatch.setenv("PEERS_VENV", str(tmp_path / "no-venv"))
+    package = tmp_path / "nnunetv2"
+    for folder, files in {package: {}, package / "training": {}, package / "training" / "nnUNetTrainer":
+                          {"nnUNetTrainer.py": SPLIT_FAKE_TRAINER},
+                          package / "run": {"run_training.py": SPLIT_FAKE_ENTRY}}.items():
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "__init__.py").write_text("")
+        for name, text in files.items():
+            (folder / name).write_text(text)
+    command = nnunet_command("nnUNetv2_train", "27", "3d_fullres", "0", prelude=SPLIT_EPOCHS.format(parts=EPOCH_PARTS))
+    result = subprocess.run(command, env={"PYTHONPATH": str(tmp_path), "PYTHONUNBUFFERED": "1", "PATH": "/usr/bin:/bin"},
+                            capture_output=True, text=True, check=True)
+    lines = result.stdout.splitlines()
+    assert lines[0] == ("bench_accuracy: 1 epoch(s) run as 25 of 10 iterations and 2 validation batches, "
+                        "from epoch 0")
+    runs = json.loads(lines[-1])
+    one = runs["1 epoch"]
+    # nnUNetTrainer_1epoch's 250 iterations and 50 validation batches, all at 1e-2, a checkpoint after each part.
+    assert [epoch for epoch, *_ in one] == list(range(25)) and EPOCH_PARTS == 25
+    assert sum(r[2] for r in one) == 250 and sum(r[3] for r in one) == 50
+    assert all(r[1] == pytest.approx(0.01) and r[4] for r in one)
+    # Five epochs: part e has the poly learning rate of epoch e // 25, the unsplit trainer's.
+    five = runs["5 epochs"]
+    assert len(five) == 125 and sum(r[2] for r in five) == 5 * 250
+    assert [r[1] for r in five] == pytest.approx([0.01 * (1 - (e // 25) / 5) ** 0.9 for e in range(125)])
+    # Continued at part 20 (nnUNetv2_train --c): the last five parts only.
+    assert [r[0] for r in runs["1 epoch, continued"]] == [20, 21, 22, 23, 24]
+    assert "from epoch 20" in lines[2]
+
+
+def test_resumable_parts_count_each_stopped_part_until_its_last_checkpoint(tmp_path):
+    import os
+
+    checkpoint = tmp_path / "checkpoint_latest.pth"
+    parts = Parts(tmp_path / "parts.json")
+    parts.close_interrupted([checkpoint])  # nothing ran yet
+    assert parts.parts == []
+    assert parts.begin() == 0
+    parts.parts[0]["start"] -= 3600  # the first part ran an hour ago, in an earlier session
+    parts._save()
+    first_start = parts.parts[0]["start"]
+    checkpoint.write_bytes(b"")
+    os.utime(checkpoint, (first_start + 600.0, first_start + 600.0))  # the last checkpoint, 10 minutes in
+    again = Parts(tmp_path / "parts.json")  # the next session: the first part was stopped
+    again.close_interrupted([checkpoint, tmp_path / "checkpoint_final.pth"])
+    assert again.parts[0]["seconds"] == pytest.approx(600.0) and again.parts[0]["stopped"]
+    again.begin()  # stopped again before its first checkpoint: counts nothing
+    third = Parts(tmp_path / "parts.json")
+    third.close_interrupted([checkpoint])
+    assert third.parts[1]["seconds"] == 0.0
+    third.begin()
+    third.finish(1234.5)
+    assert Parts(tmp_path / "parts.json").seconds == pytest.approx(600.0 + 1234.5)
+
+
+def test_a_paused_training_part_stops_at_the_first_epoch_line_after_the_deadline(tmp_path):
+    import re
+    import time
+
+    # The lines that mark an epoch's checkpoints as written, as each tool prints them.
+    nnunet_lines = (REPO / "tests" / "data" / "nnunet_v2_1epoch_console.log").read_text().splitlines()
+    assert [line for line in nnunet_lines if re.search(NNUNET_EPOCH_STARTED, line)] == \
+        ["2026-12-04 02:51:18.780374: Epoch 0"]
+    assert re.search(AUTOSEG_EPOCH_REPORTED, "epoch 3: train loss 0.7123, val loss 0.6644, pseudo Dice [0.1], "
+                                             "EMA 0.1000, 41.2 s, lr 0.00912")
+    printer = ("import time\nfor k in range(50):\n    print(f'epoch {k}: train loss 0.5', flush=True)\n"
+               "    time.sleep(0.2)\n")
+    started = time.time()
+    with pytest.raises(Paused, match="after a checkpoint"):
+        run_logged([sys.executable, "-c", printer], {"PATH": "/usr/bin:/bin"}, tmp_path / "part.log",
+                   pause=(started + 0.5, AUTOSEG_EPOCH_REPORTED))
+    printed = (tmp_path / "part.log").read_text().splitlines()
+    assert 2 <= len(printed) <= 6 and time.time() - started < 5  # stopped at the first line past 0.5 s, not at 50
 
 
 def test_bench_train_gives_autoseg_nnunets_batch_at_the_same_patch_and_refuses_another_patch(tmp_path):
