@@ -14,7 +14,8 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("plan-and-preprocess", help="check, fingerprint, plan and preprocess a dataset")
     parser.add_argument("-d", "--dataset", required=True, nargs="+", help="dataset id(s) or name(s)")
     parser.add_argument("-c", "--configurations", nargs="+", help="configurations to preprocess (default: all planned)")
-    parser.add_argument("-np", "--num-processes", type=int, default=2)
+    parser.add_argument("-np", "--num-processes", type=int, default=2,
+                        help="worker processes that fingerprint, plan (the architectures side by side) and preprocess")
     parser.add_argument("--gpu-memory-gb", type=float, default=8.0, help="memory budget the plan is sized for")
     parser.add_argument("-a", "--architectures", nargs="+", help="architectures to plan (default: all available)")
     parser.add_argument("--no-preprocess", action="store_true", help="stop after writing plans.json")
