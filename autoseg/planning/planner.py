@@ -56,7 +56,6 @@ class PlanningContext:
     in_channels: int
     num_classes: int
     dataset_voxels: float  # sum over cases of voxels at this configuration's spacing
-    num_processes: int = 1  # worker processes planning the architectures side by side
 
 
 def plan_dataset(fingerprint: DatasetFingerprint, labels: dict, gpu_memory_gb: float = 8.0,
@@ -85,7 +84,7 @@ def plan_dataset(fingerprint: DatasetFingerprint, labels: dict, gpu_memory_gb: f
         voxels = float(np.sum(np.prod(case_shapes[:, -dims:], axis=1)))
         if dims == 2:  # a 2D step samples slices: the dataset is all slices of all cases
             voxels = float(np.sum(np.prod(case_shapes, axis=1)))
-        return PlanningContext(gpu_memory_gb, in_channels, num_classes, voxels, num_processes)
+        return PlanningContext(gpu_memory_gb, in_channels, num_classes, voxels)
 
     # Slices across the coarsest axis (nnU-Net's transpose_forward); a 2D image's is its placeholder axis 0.
     slice_axis = int(np.argmax(target))
@@ -99,7 +98,7 @@ def plan_dataset(fingerprint: DatasetFingerprint, labels: dict, gpu_memory_gb: f
         requests.append(ConfigurationRequest("3d_fullres", 3, target, median_3d, context(per_case_shapes, 3), names,
                                              anisotropic_axis(target)))
     # One pool for both: the workers take the next architecture of either, so one slow one idles no core.
-    configurations.update((plan.name, plan) for plan in _plan_configurations(requests))
+    configurations.update((plan.name, plan) for plan in _plan_configurations(requests, num_processes))
     configurations["2d"].slice_axis = slice_axis
     if not fingerprint.is_2d:
         full = configurations["3d_fullres"]
@@ -142,18 +141,17 @@ def _plan_lowres(target, spacings, shapes, names, gpu_memory_gb, in_channels, nu
         lowres = [s * LOWRES_STEP if s < 2 * finest else s for s in lowres]
         case_shapes = np.array([resampled_shape(list(sh), list(sp), lowres) for sh, sp in zip(shapes, spacings)])
         median = [int(v) for v in np.median(case_shapes, axis=0)]
-        ctx = PlanningContext(gpu_memory_gb, in_channels, num_classes, float(np.sum(np.prod(case_shapes, axis=1))),
-                              num_processes)
+        ctx = PlanningContext(gpu_memory_gb, in_channels, num_classes, float(np.sum(np.prod(case_shapes, axis=1))))
         # Search with the CNN U-Net alone (or the first architecture asked for, without it), then plan every
         # architecture at the spacing found.
         searcher = ["unet"] if "unet" in names else names[:1]
         search, = _plan_configurations([ConfigurationRequest("3d_lowres", 3, lowres, median, ctx, searcher,
-                                                             anisotropic_axis(lowres))])
+                                                             anisotropic_axis(lowres))], num_processes)
         patch = search.architectures[search.default_architecture].patch_size
         if np.prod(patch) / np.prod(median) >= LOWRES_COVERAGE:
             break
     return _plan_configurations([ConfigurationRequest("3d_lowres", 3, lowres, median, ctx, names,
-                                                      anisotropic_axis(lowres))])[0]
+                                                      anisotropic_axis(lowres))], num_processes)[0]
 
 
 @dataclass
@@ -168,16 +166,16 @@ class ConfigurationRequest:
     aniso_axis: int | None
 
 
-def _plan_configurations(requests: list[ConfigurationRequest]) -> list[ConfigurationPlan]:
-    """Every architecture of every request, over ``ctx.num_processes`` workers, assembled per configuration."""
+def _plan_configurations(requests: list[ConfigurationRequest], num_processes: int) -> list[ConfigurationPlan]:
+    """Every architecture of every request, over ``num_processes`` workers, assembled per configuration."""
     def task(r: ConfigurationRequest, arch_name: str) -> tuple:
         return arch_name, r.dims, r.spacing, r.median_shape, r.ctx
 
-    if requests[0].ctx.num_processes <= 1:  # one after another: a configuration that fits nothing stops at once
+    if num_processes <= 1:  # one after another: a configuration that fits nothing stops at once
         return [_configuration_plan(r, [(a, _plan_named(task(r, a))) for a in r.architectures]) for r in requests]
     tasks = [task(r, arch_name) for r in requests for arch_name in r.architectures]
     # In the order asked for, whichever worker finished first: the plan does not depend on -np.
-    outcomes = iter(map_with_progress(_plan_named, tasks, requests[0].ctx.num_processes, "plan", progress=False))
+    outcomes = iter(map_with_progress(_plan_named, tasks, num_processes, "plan", progress=False))
     return [_configuration_plan(r, [(arch_name, next(outcomes)) for arch_name in r.architectures]) for r in requests]
 
 
