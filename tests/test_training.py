@@ -378,6 +378,33 @@ def test_a_continued_run_keeps_the_validation_batches_its_time_budget_chose(tiny
     assert seen.seen and set(seen.seen) == {2}
 
 
+def test_a_budgeted_run_continued_without_time_budget_goes_on_counting_its_budget(tiny, capsys):
+    # Continued, a budgeted run dropped its budget and ran the schedule fitted before it stopped, however
+    # slow or fast the machine it went on on. Now the checkpoint carries the budget and what was spent.
+    roots, name = tiny
+    killed = Roots(roots.raw, roots.preprocessed, roots.results.parent / "budget_continued")
+    # A budget far longer than the run: the run's own 4 epochs of 3 iterations end it, on any machine.
+    budgeted = dict(epochs=4, iters_per_epoch=3, val_iters=1, time_budget_minutes=30)
+    with pytest.raises(KeyboardInterrupt):
+        train_fold(killed, name, "3d_fullres", "0", options=_options(**budgeted), callbacks=[_Kill(after=1)])
+    out = killed.training_output(name, "3d_fullres", "unet", 0)
+    saved = torch.load(out / "checkpoint_latest.pt", weights_only=True)["time_budget"]
+    first_epoch_s = torch.load(out / "checkpoint_latest.pt", weights_only=True)["history"][0]["epoch_seconds"]
+    assert saved["minutes"] == 30 and first_epoch_s < saved["spent_s"] and saved["max_iterations"] == 12
+    capsys.readouterr()
+    start = time.perf_counter()
+    train_fold(killed, name, "3d_fullres", "0", options=_options(**{**budgeted, "time_budget_minutes": None},
+                                                                 resume=True))
+    second_part_s = time.perf_counter() - start
+    assert "--continue: time budget 30 min" in capsys.readouterr().out
+    final = torch.load(out / "checkpoint_final.pt", weights_only=True)
+    assert final["epoch"] == final["scheduler"]["total_epochs"] == 4
+    # The last epoch's record counts on from the first part's: its spent time is that plus this part's, less
+    # the end (final checkpoint and the rest).
+    assert saved["spent_s"] < final["time_budget"]["spent_s"] <= saved["spent_s"] + second_part_s + 0.5
+    assert final["time_budget"]["minutes"] == 30
+
+
 def test_a_run_continued_without_seed_draws_its_patches_from_the_runs_own_seed(tiny, monkeypatch):
     # Without --seed a run draws a random seed and stores it; continued, the loader workers took a fresh one.
     import autoseg.training.fold as fold_module
@@ -520,34 +547,50 @@ def test_a_budget_that_extends_a_run_after_its_short_last_epoch_keeps_the_schedu
     assert (ended.total_epochs, ended.total_iterations) == (3, 24)
 
 
+class _FakeClockRun:
+    """A budgeted run on a fake clock (monkeypatched into callbacks' ``time.perf_counter``): steps, validation
+    and writes cost what they are told, and the loop calls ``TimeBudget`` as ``TrainingLoop`` does."""
+
+    def __init__(self, monkeypatch, budget_minutes: float = 40 / 60):
+        from types import SimpleNamespace
+
+        from autoseg.training import callbacks
+
+        self.now = 0.0
+        monkeypatch.setattr(callbacks.time, "perf_counter", lambda: self.now)
+        self.budget = callbacks.TimeBudget(budget_minutes)
+        self.loop = SimpleNamespace(schedule=PolySchedule(1e-2, 0.9, total_epochs=1000, iters_per_epoch=250),
+                                    rank=0, val_iters=50, state=SimpleNamespace(epoch=0, history=[], time_budget=None))
+
+    def run(self, step_s: float, validation_s: float = 0.1, writes_s=lambda epoch: 0.3,
+            last_epoch: int | None = None) -> None:
+        """Epochs to the end of the schedule (or to the end of ``last_epoch``, its writes included)."""
+        loop, budget = self.loop, self.budget
+        while loop.state.epoch < loop.schedule.total_epochs:
+            epoch, iteration = loop.state.epoch, 0
+            while iteration < loop.schedule.iterations_in(epoch):
+                self.now += step_s
+                budget.on_iteration_end(loop, iteration, 0.0, step_s)
+                iteration += 1
+            self.now += validation_s
+            loop.state.history.append({"iterations": iteration, "validation_seconds": validation_s})
+            loop.state.epoch += 1
+            budget.on_epoch_end(loop, {"epoch": epoch, "iterations": iteration, "validation_seconds": validation_s})
+            self.now += writes_s(epoch)
+            if epoch == last_epoch:
+                return
+
+
 def test_one_slow_checkpoint_write_does_not_end_a_budgeted_run_early(monkeypatch):
     """A simulated 40 s run on a fake clock: 86 steps of 25 ms an epoch, writes of 0.3 s, one of them
     a 2.5 s stall. CI once ended the real run below at 37.6 s: the refit took the stall as the norm
     for the writes still to come. The run must end as near its aim as if the stall had not happened."""
-    from types import SimpleNamespace
-
     from autoseg.training import callbacks
 
     def simulate(stall_epoch: int | None) -> float:
-        clock = SimpleNamespace(now=0.0)
-        monkeypatch.setattr(callbacks.time, "perf_counter", lambda: clock.now)
-        budget = callbacks.TimeBudget(40 / 60)
-        schedule = PolySchedule(1e-2, 0.9, total_epochs=1000, iters_per_epoch=250)
-        loop = SimpleNamespace(schedule=schedule, rank=0, val_iters=50,
-                               state=SimpleNamespace(epoch=0, history=[]))
-        step_s, validation_s = 0.025, 0.1
-        while loop.state.epoch < schedule.total_epochs:
-            epoch, iteration = loop.state.epoch, 0
-            while iteration < schedule.iterations_in(epoch):
-                clock.now += step_s
-                budget.on_iteration_end(loop, iteration, 0.0, step_s)
-                iteration += 1
-            clock.now += validation_s
-            loop.state.history.append({"iterations": iteration})
-            loop.state.epoch += 1
-            budget.on_epoch_end(loop, {"epoch": epoch, "iterations": iteration, "validation_seconds": validation_s})
-            clock.now += 2.5 if epoch == stall_epoch else 0.3  # this epoch's writes
-        return clock.now
+        run = _FakeClockRun(monkeypatch)
+        run.run(step_s=0.025, writes_s=lambda epoch: 2.5 if epoch == stall_epoch else 0.3)
+        return run.now
 
     aim = callbacks.BUDGET_AIM * 40
     steady = simulate(stall_epoch=None)
@@ -556,6 +599,41 @@ def test_one_slow_checkpoint_write_does_not_end_a_budgeted_run_early(monkeypatch
     # its time. Before them, the old refit ended the run 2.9 s early after a stall in epoch 13 (36.3 s).
     for stall_epoch in range(14):
         assert abs(simulate(stall_epoch) - aim) < 0.5, stall_epoch
+
+
+@pytest.mark.parametrize("slowdown", [2.0, 0.5])
+def test_a_budgeted_run_stopped_and_continued_on_another_machine_keeps_its_budget(monkeypatch, slowdown):
+    """A 40 s budget (fake clock) stopped 1.5 s after its sixth epoch's checkpoint, continued hours later
+    (3 s start-up) on a machine ``slowdown`` times slower. Kept progress (first part to its last checkpoint,
+    then the whole second part) must end at the aim as an uninterrupted run does, the decay completed; the
+    schedule fitted on the first machine, run as it was (before budgets were kept), ended 24 s over (2x slower)
+    or 7 s early (2x faster)."""
+    from autoseg.training import callbacks
+
+    first = _FakeClockRun(monkeypatch)
+    first.run(step_s=0.025, last_epoch=5)
+    kept_s = first.now  # the sixth checkpoint written
+    record = dict(first.loop.state.time_budget)
+    assert record["minutes"] == pytest.approx(40 / 60) and record["spent_s"] == pytest.approx(kept_s, abs=1e-6)
+    saved_schedule = first.loop.schedule.state_dict()
+    history = [dict(entry) for entry in first.loop.state.history]
+
+    second = _FakeClockRun(monkeypatch)
+    second.now = kept_s + 1.5 + 3 * 3600  # the lost 1.5 s, then hours between sessions
+    started = second.now
+    second.now += 3.0  # start-up and loading
+    second.budget = callbacks.TimeBudget.continued(record, start=started)
+    second.loop.schedule.load_state_dict(saved_schedule)
+    second.loop.state.epoch, second.loop.state.history = len(history), history
+    second.run(step_s=0.025 * slowdown)
+
+    total = kept_s + (second.now - started)
+    assert abs(total - callbacks.BUDGET_AIM * 40) < 0.6, total
+    schedule, done = second.loop.schedule, sum(entry["iterations"] for entry in second.loop.state.history)
+    assert done == schedule.total_iterations and schedule.lr(done - 1) < 0.05 * schedule.initial_lr
+    steps_as_fitted = saved_schedule["total_epochs"] * saved_schedule["iters_per_epoch"] - sum(
+        entry["iterations"] for entry in history)
+    assert (done - sum(entry["iterations"] for entry in history) < steps_as_fitted) == (slowdown > 1)
 
 
 @pytest.mark.slow

@@ -42,7 +42,7 @@ from autoseg.pretraining.inpainting import MaskedInpainting, MaskedReconstructio
 from autoseg.pretraining.swin_ssl import (TASK as SWIN_TASK, RotationContrastiveInpainting,
                                           RotationContrastiveInpaintingLoss, attach_heads, rotation_axes)
 from autoseg.records import check_writable_folder
-from autoseg.training.callbacks import CheckpointWriter, ProgressWriter, TimeBudget
+from autoseg.training.callbacks import CheckpointWriter, ProgressWriter, time_budget_callbacks
 from autoseg.training.checkpoints import check_identity, load_checkpoint, set_rng_state
 from autoseg.training.data import batch_iterator
 from autoseg.training.distributed import select_device
@@ -168,8 +168,8 @@ def pretrain(roots: Roots, dataset_name: str, configuration: str, architecture: 
         if note:
             print(f"pretrain: --continue: {note}", flush=True)
         print(f"pretrain: continuing from epoch {state.epoch} of {schedule.total_epochs}", flush=True)
-    loop_callbacks: list[Any] = [TimeBudget(options.time_budget_minutes, options.started or started)] if (
-        options.time_budget_minutes and not resuming) else []
+    loop_callbacks: list[Any] = time_budget_callbacks(options.time_budget_minutes, options.started or started,
+                                                      state, resuming, "pretrain", True)
     # The parts first: they join the epoch's entry before the checkpoint and the log are written.
     loop_callbacks += [_LossParts(), CheckpointWriter(output, identity), ProgressWriter(output), _EpochLine()]
     sampler = UnlabelledPatchSampler(data_folder, case_ids, arch.patch_size, arch.batch_size)

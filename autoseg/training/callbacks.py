@@ -40,17 +40,32 @@ class TimeBudget:
     the number of iterations from the measured step time; after every epoch it refits the number of
     iterations from the measured step, validation and writing times, so the estimate errs by at most
     a fraction of the last epoch. The schedule decays per iteration over whatever length is set.
+
+    A run stopped and continued (``--continue``) keeps its budget: every epoch leaves in the training state
+    (so in its checkpoint) the budget, the seconds spent up to that checkpoint and the run's own length;
+    the continued process starts counting from ``spent_s`` and refits after a few iterations on its own
+    machine, which may be slower or faster. Work after the last checkpoint, lost, is not counted.
     """
 
-    def __init__(self, minutes: float, start: float | None = None):
+    def __init__(self, minutes: float, start: float | None = None, spent_s: float = 0.0,
+                 max_iterations: int | None = None):
         self.budget_s = minutes * 60
         self.aim_s = BUDGET_AIM * self.budget_s
-        self.start = time.perf_counter() if start is None else start
+        self.start = (time.perf_counter() if start is None else start) - spent_s
         self.epoch_iteration_seconds: list[float] = []
         self.step_s: float | None = None
         self.measured_writes_s: list[float] = []
         self.last_epoch_end: float | None = None
-        self.max_iterations: int | None = None  # the run's own length (--epochs x --iters-per-epoch) caps the fit
+        # The run's own length (--epochs x --iters-per-epoch) caps the fit; None: the schedule's at the first step.
+        self.max_iterations = max_iterations
+
+    @classmethod
+    def continued(cls, record: dict[str, Any], start: float | None = None,
+                  minutes: float | None = None) -> "TimeBudget":
+        """The budget of a continued run, from the ``time_budget`` record of its checkpoint (``minutes``:
+        a new budget for the whole run, what was spent still counted)."""
+        return cls(minutes or float(record["minutes"]), start, float(record["spent_s"]),
+                   int(record["max_iterations"]) if record.get("max_iterations") else None)
 
     @property
     def writes_s(self) -> float:
@@ -66,12 +81,22 @@ class TimeBudget:
         self.epoch_iteration_seconds.append(seconds)
         if self.max_iterations is None:
             self.max_iterations = loop.schedule.total_iterations
-        if loop.state.epoch == 0 and iteration == FIT_AFTER_ITERATIONS and iteration + 1 < loop.schedule.iterations_in(0):
+        # The first fit, a few iterations into this process's first epoch: epoch 0 of a new run, or wherever a
+        # continued one goes on (its own step time: it may run on another machine).
+        epoch = loop.state.epoch
+        if (self.step_s is None and iteration == FIT_AFTER_ITERATIONS
+                and iteration + 1 < loop.schedule.iterations_in(epoch)):
             self.step_s = gather(_mean(self.epoch_iteration_seconds[1:]))[0]  # every rank follows rank 0
-            self._shape_epochs(loop, done=iteration + 1)
-            self._refit(loop, done=iteration + 1, validation_s=VALIDATION_COST * self.step_s * loop.val_iters)
+            history = loop.state.history
+            finished = sum(entry["iterations"] for entry in history)
+            if epoch == 0:
+                self._shape_epochs(loop, done=iteration + 1)
+            validation_s = (history[-1]["validation_seconds"] if history
+                            else VALIDATION_COST * self.step_s * loop.val_iters)
+            self._refit(loop, finished + iteration + 1, validation_s, finished)
             if loop.rank == 0:
-                print(f"train: time budget {self.budget_s / 60:g} min at {self.step_s:.2f} s/iteration: "
+                spent = f", {self.elapsed() / 60:.1f} min spent" if epoch else ""
+                print(f"train: time budget {self.budget_s / 60:g} min{spent} at {self.step_s:.2f} s/iteration: "
                       f"{loop.schedule.total_iterations} iterations in {loop.schedule.total_epochs} epoch(s) of "
                       f"{loop.schedule.iters_per_epoch}, {loop.val_iters} validation batches each", flush=True)
 
@@ -87,16 +112,17 @@ class TimeBudget:
         # the epoch's length would pair one's gradient all-reduce with the other's validation collectives.
         schedule.iters_per_epoch, loop.val_iters = gather((schedule.iters_per_epoch, loop.val_iters))[0]
 
-    def _refit(self, loop, done: int, validation_s: float) -> None:
+    def _refit(self, loop, done: int, validation_s: float, finished: int | None = None) -> None:
         """Total iterations: those done plus what the rest of the budget holds at the measured costs.
-        The schedule is told what ran (``done`` in the epochs finished so far): after a short last epoch
-        that more time now extends, the epochs added are counted from there."""
+        The schedule is told what ran (``finished`` iterations in the epochs finished so far; all ``done``
+        unless an epoch is under way): after a short last epoch that more time now extends, the epochs
+        added are counted from there."""
         schedule = loop.schedule
         per_epoch_fixed = validation_s + self.writes_s
         remaining = self.aim_s - self.elapsed() - 1.5 * self.writes_s  # this epoch's and the final writes
         more = int(max(0.0, remaining) // (self.step_s + per_epoch_fixed / schedule.iters_per_epoch))
         total = gather(min(done + more, self.max_iterations))[0]  # every rank follows rank 0
-        schedule.set_total_iterations(max(total, done), done, loop.state.epoch)
+        schedule.set_total_iterations(max(total, done), done if finished is None else finished, loop.state.epoch)
 
     def on_epoch_end(self, loop, entry: dict[str, Any]) -> None:
         now = time.perf_counter()
@@ -114,7 +140,28 @@ class TimeBudget:
             if loop.rank == 0 and loop.schedule.total_iterations != before and entry["epoch"] == 0:
                 print(f"train: after the first epoch ({self.elapsed():.1f} s in) the budget fits "
                       f"{loop.schedule.total_iterations} iterations", flush=True)
+        # For --continue: what the checkpoint written next holds has cost this much, its own writing included.
+        loop.state.time_budget = {"minutes": self.budget_s / 60, "spent_s": self.elapsed() + self.writes_s,
+                                  "max_iterations": self.max_iterations}
         self.last_epoch_end = time.perf_counter()
+
+
+def time_budget_callbacks(minutes: float | None, start: float, state, resuming: bool, command: str,
+                          show: bool) -> list[TimeBudget]:
+    """The run's ``TimeBudget``, if it has one: a new run's ``minutes``; a continued run's own budget from its
+    checkpoint (``minutes``, if given, the whole run's new budget), what earlier parts spent counted."""
+    if not resuming:
+        return [TimeBudget(minutes, start)] if minutes else []
+    if state.time_budget:
+        budget = TimeBudget.continued(state.time_budget, start, minutes)
+        if show:
+            print(f"{command}: --continue: time budget {budget.budget_s / 60:g} min, "
+                  f"{state.time_budget['spent_s'] / 60:.1f} min of it spent up to the checkpoint", flush=True)
+        return [budget]
+    if minutes and show:
+        print(f"{command}: --time-budget is ignored with --continue: the run was started without one, so the time "
+              "it has spent is not known", flush=True)
+    return []
 
 
 def _mean(values: list[float]) -> float:

@@ -38,7 +38,7 @@ from autoseg.planning.planner import preprocessing_digest
 from autoseg.planning.plans import load_plans, save_plans
 from autoseg.preprocessing.store import list_finished_cases
 from autoseg.records import check_writable_folder, copy_file_atomic
-from autoseg.training.callbacks import CheckpointWriter, EpochReport, ProgressWriter, TimeBudget
+from autoseg.training.callbacks import CheckpointWriter, EpochReport, ProgressWriter, time_budget_callbacks
 from autoseg.training.checkpoints import check_identity, load_checkpoint, set_rng_state
 from autoseg.training.data import PatchSampler, batch_iterator
 from autoseg.training.distributed import barrier, init_distributed, select_device
@@ -250,11 +250,8 @@ def train_fold(roots: Roots, dataset_name: str, configuration: str, fold: int | 
         model = torch.nn.parallel.DistributedDataParallel(
             network, device_ids=[device.index] if device.type == "cuda" else None)
     workers = default_workers() if options.num_workers is None else options.num_workers
-    loop_callbacks: list[Any] = []
-    if options.time_budget_minutes and not resuming:
-        loop_callbacks.append(TimeBudget(options.time_budget_minutes, options.started or started))
-    elif options.time_budget_minutes and rank == 0:
-        print("train: --time-budget is ignored with --continue (the schedule was fitted when the run started)")
+    loop_callbacks: list[Any] = time_budget_callbacks(options.time_budget_minutes, options.started or started,
+                                                      state, resuming, "train", rank == 0)
     if options.warmup_epochs or options.freeze_encoder_epochs:
         from autoseg.training.finetune import fine_tuning_phases
 

@@ -41,13 +41,18 @@ class TrainingState:
     history: list[dict[str, Any]] = field(default_factory=list)
     best_ema: float = -1.0
     seed: int = 0
+    # A time budget's minutes, the seconds spent up to the last epoch's checkpoint and the run's own length
+    # (callbacks.TimeBudget): what --continue needs to keep the budget. None: no budget.
+    time_budget: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "history": self.history, "best_ema": self.best_ema, "seed": self.seed}
+        return {"epoch": self.epoch, "history": self.history, "best_ema": self.best_ema, "seed": self.seed,
+                "time_budget": self.time_budget}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.history = int(state["epoch"]), list(state["history"])
         self.best_ema, self.seed = float(state["best_ema"]), int(state["seed"])
+        self.time_budget = state.get("time_budget")  # checkpoints before the field hold none
 
 
 class Callback(Protocol):
