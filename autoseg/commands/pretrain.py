@@ -24,7 +24,7 @@ def register(subparsers) -> None:
     parser.add_argument("--epochs", type=int, default=1000)
     parser.add_argument("--iters-per-epoch", type=int, default=250)
     parser.add_argument("--time-budget", type=float, metavar="MINUTES",
-                        help="fit the number of epochs so the run ends within it")
+                        help="fit the number of epochs so the run ends within it (kept by --continue, as train's)")
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu", "mps"])
     parser.add_argument("--num-workers", type=int, default=0, help="patch-drawing processes (default 0: in-process)")
     parser.add_argument("--seed", type=int)

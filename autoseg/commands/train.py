@@ -27,7 +27,9 @@ def register(subparsers) -> None:
                         help="images per optimiser step (default: the plan's; on the CPU at most 2 for 3D "
                              "configurations, where a larger batch costs its full time per image)")
     parser.add_argument("--time-budget", type=float, metavar="MINUTES",
-                        help="fit the number of epochs (measured after a few iterations) so the run ends within it")
+                        help="fit the number of epochs (measured after a few iterations) so the run ends within it; "
+                             "--continue keeps a run's budget, the time spent up to its checkpoint counted "
+                             "(given with --continue: the whole run's new budget)")
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu", "mps"])
     parser.add_argument("--fp32", action="store_true",
                         help="train in float32 (default: bf16 autocast on CUDA, fp16 + gradient scaler on GPUs without "
