@@ -557,25 +557,31 @@ class _FakeClockRun:
         from autoseg.training import callbacks
 
         self.now = 0.0
+        self.totals: list[int] = []  # the run's length as fitted at each epoch's end
         monkeypatch.setattr(callbacks.time, "perf_counter", lambda: self.now)
         self.budget = callbacks.TimeBudget(budget_minutes)
         self.loop = SimpleNamespace(schedule=PolySchedule(1e-2, 0.9, total_epochs=1000, iters_per_epoch=250),
                                     rank=0, val_iters=50, state=SimpleNamespace(epoch=0, history=[], time_budget=None))
 
     def run(self, step_s: float, validation_s: float = 0.1, writes_s=lambda epoch: 0.3,
-            last_epoch: int | None = None) -> None:
-        """Epochs to the end of the schedule (or to the end of ``last_epoch``, its writes included)."""
+            last_epoch: int | None = None, first_step_s: float | None = None) -> None:
+        """Epochs to the end of the schedule (or to the end of ``last_epoch``, its writes included); the
+        process's first step takes ``first_step_s`` (warm-up, worker start)."""
         loop, budget = self.loop, self.budget
+        first_step = True
         while loop.state.epoch < loop.schedule.total_epochs:
             epoch, iteration = loop.state.epoch, 0
             while iteration < loop.schedule.iterations_in(epoch):
-                self.now += step_s
-                budget.on_iteration_end(loop, iteration, 0.0, step_s)
+                seconds = first_step_s if first_step and first_step_s is not None else step_s
+                first_step = False
+                self.now += seconds
+                budget.on_iteration_end(loop, iteration, 0.0, seconds)
                 iteration += 1
             self.now += validation_s
             loop.state.history.append({"iterations": iteration, "validation_seconds": validation_s})
             loop.state.epoch += 1
             budget.on_epoch_end(loop, {"epoch": epoch, "iterations": iteration, "validation_seconds": validation_s})
+            self.totals.append(loop.schedule.total_iterations)
             self.now += writes_s(epoch)
             if epoch == last_epoch:
                 return
@@ -604,7 +610,7 @@ def test_one_slow_checkpoint_write_does_not_end_a_budgeted_run_early(monkeypatch
 @pytest.mark.parametrize("slowdown", [2.0, 0.5])
 def test_a_budgeted_run_stopped_and_continued_on_another_machine_keeps_its_budget(monkeypatch, slowdown):
     """A 40 s budget (fake clock) stopped 1.5 s after its sixth epoch's checkpoint, continued hours later
-    (3 s start-up) on a machine ``slowdown`` times slower. Kept progress (first part to its last checkpoint,
+    (3 s start-up, a first step of 2 s) on a machine ``slowdown`` times slower. Kept progress (first part to its last checkpoint,
     then the whole second part) must end at the aim as an uninterrupted run does, the decay completed; the
     schedule fitted on the first machine, run as it was (before budgets were kept), ended 24 s over (2x slower)
     or 7 s early (2x faster)."""
@@ -625,15 +631,49 @@ def test_a_budgeted_run_stopped_and_continued_on_another_machine_keeps_its_budge
     second.budget = callbacks.TimeBudget.continued(record, start=started)
     second.loop.schedule.load_state_dict(saved_schedule)
     second.loop.state.epoch, second.loop.state.history = len(history), history
-    second.run(step_s=0.025 * slowdown)
+    second.run(step_s=0.025 * slowdown, first_step_s=2.0)
 
     total = kept_s + (second.now - started)
+    # The fitted length holds steady: the first step's warm-up is not taken as the norm, and the writes are
+    # those the first part measured (counting the warm-up: 722 -> 815 at 2x slower; the 2 s first guess for
+    # the writes: 698 -> 815, 928 -> 1583 at 2x faster).
+    assert max(second.totals[:-1]) - min(second.totals[:-1]) < 0.03 * second.totals[0], (first.totals, second.totals)
     assert abs(total - callbacks.BUDGET_AIM * 40) < 0.6, total
     schedule, done = second.loop.schedule, sum(entry["iterations"] for entry in second.loop.state.history)
     assert done == schedule.total_iterations and schedule.lr(done - 1) < 0.05 * schedule.initial_lr
     steps_as_fitted = saved_schedule["total_epochs"] * saved_schedule["iters_per_epoch"] - sum(
         entry["iterations"] for entry in history)
     assert (done - sum(entry["iterations"] for entry in history) < steps_as_fitted) == (slowdown > 1)
+
+
+def test_a_continued_budget_refits_after_a_short_epoch_and_ends_a_spent_run_at_its_checkpoint(monkeypatch):
+    """Continued after a short epoch (the last one once, then extended: 10, 10, 4 iterations) with almost no
+    time left, the first fit ends the epoch under way after the iterations it has run; with the budget
+    already spent, the run ends at its checkpoint without another step."""
+    from types import SimpleNamespace
+
+    from autoseg.training import callbacks
+
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: 100.0)
+    ran = [10, 10, 4]
+
+    def continued(spent_s: float):
+        schedule = PolySchedule(1e-2, 0.9, total_epochs=6, iters_per_epoch=10)
+        schedule.set_total_iterations(54, done=24, epochs_done=3)  # as the budget left it: epochs 3-5 to run
+        state = SimpleNamespace(epoch=3, history=[{"iterations": n, "validation_seconds": 0.1} for n in ran],
+                                time_budget={"minutes": 1.0, "spent_s": spent_s, "max_iterations": 10**6})
+        budgets = callbacks.time_budget_callbacks(None, 100.0, state, schedule, True, "train", False)
+        return budgets, schedule, SimpleNamespace(schedule=schedule, rank=0, val_iters=1, state=state)
+
+    budgets, schedule, loop = continued(spent_s=callbacks.BUDGET_AIM * 60 - 0.01)  # 10 ms left
+    assert schedule.iterations_in(3) == 10
+    for iteration in range(callbacks.FIT_AFTER_ITERATIONS + 1):
+        budgets[0].on_iteration_end(loop, iteration, 0.0, 0.05)
+    assert schedule.iterations_in(3) == callbacks.FIT_AFTER_ITERATIONS + 1 and schedule.total_epochs == 4
+    assert schedule.total_iterations == sum(ran) + callbacks.FIT_AFTER_ITERATIONS + 1
+
+    budgets, schedule, loop = continued(spent_s=61.0)  # over the budget when it stopped
+    assert schedule.total_epochs == loop.state.epoch == 3 and schedule.total_iterations == sum(ran)
 
 
 @pytest.mark.slow

@@ -169,7 +169,7 @@ def pretrain(roots: Roots, dataset_name: str, configuration: str, architecture: 
             print(f"pretrain: --continue: {note}", flush=True)
         print(f"pretrain: continuing from epoch {state.epoch} of {schedule.total_epochs}", flush=True)
     loop_callbacks: list[Any] = time_budget_callbacks(options.time_budget_minutes, options.started or started,
-                                                      state, resuming, "pretrain", True)
+                                                      state, schedule, resuming, "pretrain", True)
     # The parts first: they join the epoch's entry before the checkpoint and the log are written.
     loop_callbacks += [_LossParts(), CheckpointWriter(output, identity), ProgressWriter(output), _EpochLine()]
     sampler = UnlabelledPatchSampler(data_folder, case_ids, arch.patch_size, arch.batch_size)

@@ -48,13 +48,15 @@ class TimeBudget:
     """
 
     def __init__(self, minutes: float, start: float | None = None, spent_s: float = 0.0,
-                 max_iterations: int | None = None):
+                 max_iterations: int | None = None, writes_s: float | None = None):
         self.budget_s = minutes * 60
         self.aim_s = BUDGET_AIM * self.budget_s
         self.start = (time.perf_counter() if start is None else start) - spent_s
         self.epoch_iteration_seconds: list[float] = []
         self.step_s: float | None = None
-        self.measured_writes_s: list[float] = []
+        # A continued run starts from the writing time its first part measured (the first guess is far off for
+        # short epochs: 2 s against 0.3 s, and the fit shortens the run until two epochs have been timed).
+        self.measured_writes_s: list[float] = [writes_s] if writes_s is not None else []
         self.last_epoch_end: float | None = None
         # The run's own length (--epochs x --iters-per-epoch) caps the fit; None: the schedule's at the first step.
         self.max_iterations = max_iterations
@@ -65,7 +67,8 @@ class TimeBudget:
         """The budget of a continued run, from the ``time_budget`` record of its checkpoint (``minutes``:
         a new budget for the whole run, what was spent still counted)."""
         return cls(minutes or float(record["minutes"]), start, float(record["spent_s"]),
-                   int(record["max_iterations"]) if record.get("max_iterations") else None)
+                   int(record["max_iterations"]) if record.get("max_iterations") else None,
+                   float(record["writes_s"]) if record.get("writes_s") is not None else None)
 
     @property
     def writes_s(self) -> float:
@@ -126,7 +129,10 @@ class TimeBudget:
 
     def on_epoch_end(self, loop, entry: dict[str, Any]) -> None:
         now = time.perf_counter()
-        seconds = self.epoch_iteration_seconds[1:] if entry["epoch"] == 0 else self.epoch_iteration_seconds
+        # This process's first epoch (a new run's epoch 0, a continued one's first): its first step pays for
+        # warm-up and worker start, not counted.
+        first = self.last_epoch_end is None
+        seconds = self.epoch_iteration_seconds[1:] if first else self.epoch_iteration_seconds
         if seconds:  # rank-local measurements: only the refit's total is shared, from rank 0
             self.step_s = _mean(seconds)
         if self.last_epoch_end is not None:  # the interval holds the previous epoch's writes, then this epoch
@@ -142,14 +148,15 @@ class TimeBudget:
                       f"{loop.schedule.total_iterations} iterations", flush=True)
         # For --continue: what the checkpoint written next holds has cost this much, its own writing included.
         loop.state.time_budget = {"minutes": self.budget_s / 60, "spent_s": self.elapsed() + self.writes_s,
-                                  "max_iterations": self.max_iterations}
+                                  "max_iterations": self.max_iterations, "writes_s": self.writes_s}
         self.last_epoch_end = time.perf_counter()
 
 
-def time_budget_callbacks(minutes: float | None, start: float, state, resuming: bool, command: str,
+def time_budget_callbacks(minutes: float | None, start: float, state, schedule, resuming: bool, command: str,
                           show: bool) -> list[TimeBudget]:
     """The run's ``TimeBudget``, if it has one: a new run's ``minutes``; a continued run's own budget from its
-    checkpoint (``minutes``, if given, the whole run's new budget), what earlier parts spent counted."""
+    checkpoint (``minutes``, if given, the whole run's new budget), what earlier parts spent counted. A
+    continued run whose budget is already spent ends where its checkpoint is (``schedule`` shortened)."""
     if not resuming:
         return [TimeBudget(minutes, start)] if minutes else []
     if state.time_budget:
@@ -157,10 +164,15 @@ def time_budget_callbacks(minutes: float | None, start: float, state, resuming: 
         if show:
             print(f"{command}: --continue: time budget {budget.budget_s / 60:g} min, "
                   f"{state.time_budget['spent_s'] / 60:.1f} min of it spent up to the checkpoint", flush=True)
+        if budget.elapsed() >= budget.aim_s and state.epoch < schedule.total_epochs:
+            finished = sum(entry["iterations"] for entry in state.history)
+            schedule.set_total_iterations(finished, finished, state.epoch)
+            if show:
+                print(f"{command}: the budget is spent: the run ends at epoch {state.epoch}", flush=True)
         return [budget]
     if minutes and show:
-        print(f"{command}: --time-budget is ignored with --continue: the run was started without one, so the time "
-              "it has spent is not known", flush=True)
+        print(f"{command}: --time-budget is ignored with --continue: the checkpoint records no budget (the run "
+              "started without one, or before autoseg kept them), so the time spent is not known", flush=True)
     return []
 
 

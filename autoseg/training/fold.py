@@ -251,7 +251,7 @@ def train_fold(roots: Roots, dataset_name: str, configuration: str, fold: int | 
             network, device_ids=[device.index] if device.type == "cuda" else None)
     workers = default_workers() if options.num_workers is None else options.num_workers
     loop_callbacks: list[Any] = time_budget_callbacks(options.time_budget_minutes, options.started or started,
-                                                      state, resuming, "train", rank == 0)
+                                                      state, schedule, resuming, "train", rank == 0)
     if options.warmup_epochs or options.freeze_encoder_epochs:
         from autoseg.training.finetune import fine_tuning_phases
 
