@@ -278,7 +278,13 @@ class Parts:
 
     @property
     def seconds(self) -> float:
-        return sum(part["seconds"] or 0.0 for part in self.parts)
+        """The parts' sum, less what a part's ``excluded_s`` says was not the tool's (written into the file by
+        hand with its ``excluded_why``: say, other work that ran beside the part and lengthened it)."""
+        for number, part in enumerate(self.parts, 1):
+            if part.get("excluded_s"):
+                print(f"{self.file.name}: part {number}: {part['excluded_s']:.0f} s not counted "
+                      f"({part.get('excluded_why', 'no reason given')})", flush=True)
+        return sum((part["seconds"] or 0.0) - part.get("excluded_s", 0.0) for part in self.parts)
 
     def _save(self) -> None:
         self.file.write_text(json.dumps(self.parts, indent=1))

@@ -183,6 +183,11 @@ def test_resumable_parts_count_each_stopped_part_until_its_last_checkpoint(tmp_p
     third.begin()
     third.finish(1234.5)
     assert Parts(tmp_path / "parts.json").seconds == pytest.approx(600.0 + 1234.5)
+    # Time that was not the tool's, taken out by hand (tests run beside a part), is not counted.
+    edited = json.loads((tmp_path / "parts.json").read_text())
+    edited[2].update(excluded_s=325.0, excluded_why="tests ran beside it")
+    (tmp_path / "parts.json").write_text(json.dumps(edited))
+    assert Parts(tmp_path / "parts.json").seconds == pytest.approx(600.0 + 1234.5 - 325.0)
 
 
 def test_a_paused_training_part_stops_at_the_first_epoch_line_after_the_deadline(tmp_path):
