@@ -19,7 +19,7 @@ import torch.distributed as dist
 from autoseg.errors import UsageError
 from autoseg.training import distributed
 from autoseg.training.checkpoints import rng_state, set_rng_state
-from autoseg.training.loop import TrainingLoop
+from autoseg.training.loop import TrainingLoop, TrainingState
 from autoseg.training.loss import DeepSupervisionLoss, DiceCELoss
 from autoseg.training.schedule import PolySchedule
 
@@ -168,7 +168,7 @@ def test_ranks_started_a_second_apart_run_the_same_epochs_under_a_time_budget(mo
         monkeypatch.setattr(callbacks.time, "perf_counter", lambda: clock.now)
         budget = callbacks.TimeBudget(40 / 60, start=process_started_at)
         schedule = PolySchedule(1e-2, 0.9, total_epochs=1000, iters_per_epoch=250)
-        loop = SimpleNamespace(schedule=schedule, rank=rank, val_iters=50, state=SimpleNamespace(epoch=0, history=[]))
+        loop = SimpleNamespace(schedule=schedule, rank=rank, val_iters=50, state=TrainingState())
         epochs = []
         while loop.state.epoch < schedule.total_epochs:
             epoch, iteration = loop.state.epoch, 0

@@ -4,9 +4,10 @@ The planner's memory model runs each candidate network's training step on fake t
 (``networks.memory.step_over_saved``): about a second per topology and four for Swin UNETR, 47 of
 the 52 s of planning the synthetic demo set on 2 cores (timed by hand, 2026-12-06; the cache's effect
 is ``scripts/bench_planning.py``'s). The result is a number that depends only on what builds and runs
-that step: the architecture and its build arguments, the probe patch, autocast, and the code and library versions that run them. So it is stored under a key
-of the first ones in a JSON file whose entries are all dropped when the code changes (a digest of
-the network and loss sources, and the versions of torch and MONAI).
+that step: the architecture and its build arguments, the probe patch, autocast, and the code and
+library versions that run them. So it is stored under a key of the first ones in a JSON file whose
+entries are all dropped when the code changes (a digest of the network and loss sources, and the
+versions of torch and MONAI).
 
 Where: ``$AUTOSEG_CACHE_DIR``, else ``$XDG_CACHE_HOME/autoseg``, else ``~/.cache/autoseg``;
 ``AUTOSEG_CACHE_DIR=off`` turns it off. A cache that cannot be read is ignored and one that cannot be

@@ -42,7 +42,8 @@ class TimeBudget:
     a fraction of the last epoch. The schedule decays per iteration over whatever length is set.
 
     A run stopped and continued (``--continue``) keeps its budget: every epoch leaves in the training state
-    (so in its checkpoint) the budget, the seconds spent up to that checkpoint and the run's own length;
+    (so in its checkpoint) the budget, the seconds spent up to that checkpoint, the run's own length and the
+    writing time measured;
     the continued process starts counting from ``spent_s`` and refits after a few iterations on its own
     machine, which may be slower or faster. Work after the last checkpoint, lost, is not counted.
     """
@@ -91,7 +92,7 @@ class TimeBudget:
                 and iteration + 1 < loop.schedule.iterations_in(epoch)):
             self.step_s = gather(_mean(self.epoch_iteration_seconds[1:]))[0]  # every rank follows rank 0
             history = loop.state.history
-            finished = sum(entry["iterations"] for entry in history)
+            finished = loop.state.iterations_run
             if epoch == 0:
                 self._shape_epochs(loop, done=iteration + 1)
             validation_s = (history[-1]["validation_seconds"] if history
@@ -140,7 +141,7 @@ class TimeBudget:
             self.measured_writes_s.append(max(0.0, now - self.last_epoch_end - train_s))
         self.epoch_iteration_seconds = []
         if self.step_s is not None:
-            done = sum(e["iterations"] for e in loop.state.history)
+            done = loop.state.iterations_run
             before = loop.schedule.total_iterations
             self._refit(loop, done, entry["validation_seconds"])
             if loop.rank == 0 and loop.schedule.total_iterations != before and entry["epoch"] == 0:
@@ -165,8 +166,7 @@ def time_budget_callbacks(minutes: float | None, start: float, state, schedule, 
             print(f"{command}: --continue: time budget {budget.budget_s / 60:g} min, "
                   f"{state.time_budget['spent_s'] / 60:.1f} min of it spent up to the checkpoint", flush=True)
         if budget.elapsed() >= budget.aim_s and state.epoch < schedule.total_epochs:
-            finished = sum(entry["iterations"] for entry in state.history)
-            schedule.set_total_iterations(finished, finished, state.epoch)
+            schedule.set_total_iterations(state.iterations_run, state.iterations_run, state.epoch)
             if show:
                 print(f"{command}: the budget is spent: the run ends at epoch {state.epoch}", flush=True)
         return [budget]

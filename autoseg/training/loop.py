@@ -41,9 +41,14 @@ class TrainingState:
     history: list[dict[str, Any]] = field(default_factory=list)
     best_ema: float = -1.0
     seed: int = 0
-    # A time budget's minutes, the seconds spent up to the last epoch's checkpoint and the run's own length
-    # (callbacks.TimeBudget): what --continue needs to keep the budget. None: no budget.
+    # A time budget's minutes, the seconds spent up to the last epoch's checkpoint, the run's own length and
+    # the measured writing time (callbacks.TimeBudget): what --continue needs to keep the budget. None: no budget.
     time_budget: dict[str, Any] | None = None
+
+    @property
+    def iterations_run(self) -> int:
+        """Training iterations of the epochs finished so far (a time budget's last epoch may have been short)."""
+        return sum(entry["iterations"] for entry in self.history)
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "history": self.history, "best_ema": self.best_ema, "seed": self.seed,
@@ -104,7 +109,7 @@ class TrainingLoop:
     def run_epoch(self) -> dict[str, Any]:
         epoch = self.state.epoch
         start = time.perf_counter()
-        done_before = sum(entry["iterations"] for entry in self.state.history)  # iterations of the whole run so far
+        done_before = self.state.iterations_run  # iterations of the whole run so far
         first_lr = self.schedule.lr(done_before)
         self.model.train()
         losses = []
