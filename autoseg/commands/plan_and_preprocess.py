@@ -20,7 +20,8 @@ def register(subparsers) -> None:
     parser.add_argument("-a", "--architectures", nargs="+", help="architectures to plan (default: all available)")
     parser.add_argument("--no-preprocess", action="store_true", help="stop after writing plans.json")
     parser.add_argument("--keep-plans", action="store_true", help="keep an existing (possibly edited) plans.json")
-    parser.add_argument("--summary", action="store_true", help="print parameters and memory per architecture")
+    parser.add_argument("--summary", action="store_true",
+                        help="print parameters, forward GFLOPs per patch and the memory estimate per architecture")
     parser.add_argument("--plans-from", metavar="SOURCE",
                         help="plan with the configurations (spacing, topology, patch, batch) of SOURCE (a dataset "
                              "or a plans.json), so its trained networks fine-tune here; normalisation, channels "
