@@ -273,17 +273,18 @@ class Parts:
         return len(self.parts) - 1
 
     def finish(self, seconds: float) -> None:
+        """The last part's seconds; the training is over, so say what its sum leaves out."""
         self.parts[-1]["seconds"] = seconds
         self._save()
+        for number, part in enumerate(self.parts, 1):
+            if part.get("excluded_s"):
+                print(f"{self.file.name}: part {number}: {part['excluded_s']:.0f} s not counted "
+                      f"({part.get('excluded_why', 'no reason given')})", flush=True)
 
     @property
     def seconds(self) -> float:
         """The parts' sum, less what a part's ``excluded_s`` says was not the tool's (written into the file by
         hand with its ``excluded_why``: say, other work that ran beside the part and lengthened it)."""
-        for number, part in enumerate(self.parts, 1):
-            if part.get("excluded_s"):
-                print(f"{self.file.name}: part {number}: {part['excluded_s']:.0f} s not counted "
-                      f"({part.get('excluded_why', 'no reason given')})", flush=True)
         return sum((part["seconds"] or 0.0) - part.get("excluded_s", 0.0) for part in self.parts)
 
     def _save(self) -> None:

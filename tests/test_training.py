@@ -616,8 +616,9 @@ def test_a_budgeted_run_stopped_and_continued_on_another_machine_keeps_its_budge
     over (2x slower) or 5 s early (2x faster)."""
     from autoseg.training import callbacks
 
+    step_s, validation_s, writes_s, start_up_s, first_step_s = 0.025, 0.1, 0.3, 3.0, 2.0
     first = _FakeClockRun(monkeypatch)
-    first.run(step_s=0.025, last_epoch=5)
+    first.run(step_s=step_s, validation_s=validation_s, writes_s=lambda epoch: writes_s, last_epoch=5)
     kept_s = first.now  # the sixth checkpoint written
     record = dict(first.loop.state.time_budget)
     assert record["minutes"] == pytest.approx(40 / 60) and record["spent_s"] == pytest.approx(kept_s, abs=1e-6)
@@ -628,11 +629,12 @@ def test_a_budgeted_run_stopped_and_continued_on_another_machine_keeps_its_budge
     second = _FakeClockRun(monkeypatch)
     second.now = kept_s + 1.5 + 3 * 3600  # the lost 1.5 s, then hours between sessions
     started = second.now
-    second.now += 3.0  # start-up and loading
+    second.now += start_up_s  # start-up and loading
     second.budget = callbacks.TimeBudget.continued(record, start=started)
     second.loop.schedule.load_state_dict(saved_schedule)
     second.loop.state.epoch, second.loop.state.history = len(history), history
-    second.run(step_s=0.025 * slowdown, first_step_s=2.0)
+    second.run(step_s=step_s * slowdown, validation_s=validation_s, writes_s=lambda epoch: writes_s,
+               first_step_s=first_step_s)
 
     total = kept_s + (second.now - started)
     # The fitted length holds steady: the first step's warm-up is not taken as the norm, and the writes are
@@ -646,7 +648,8 @@ def test_a_budgeted_run_stopped_and_continued_on_another_machine_keeps_its_budge
     # The schedule as fitted before the stop, run on the second machine (the old --continue): its steps,
     # validations and writes at that machine's costs, after the same start-up and first step.
     epochs_left = saved_schedule["total_epochs"] - len(history)
-    as_fitted = kept_s + 3.0 + 2.0 + (fitted_total - ran_before - 1) * 0.025 * slowdown + epochs_left * (0.1 + 0.3)
+    as_fitted = (kept_s + start_up_s + first_step_s + (fitted_total - ran_before - 1) * step_s * slowdown
+                 + epochs_left * (validation_s + writes_s))
     off_aim = as_fitted - callbacks.BUDGET_AIM * 40
     assert off_aim > 20 if slowdown > 1 else off_aim < -4, off_aim
 

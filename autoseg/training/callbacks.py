@@ -43,9 +43,9 @@ class TimeBudget:
 
     A run stopped and continued (``--continue``) keeps its budget: every epoch leaves in the training state
     (so in its checkpoint) the budget, the seconds spent up to that checkpoint, the run's own length and the
-    writing time measured;
-    the continued process starts counting from ``spent_s`` and refits after a few iterations on its own
-    machine, which may be slower or faster. Work after the last checkpoint, lost, is not counted.
+    writing time measured; the continued process starts counting from ``spent_s`` and refits after a few
+    iterations on its own machine, which may be slower or faster. Work after the last checkpoint, lost, is not
+    counted.
     """
 
     def __init__(self, minutes: float, start: float | None = None, spent_s: float = 0.0,
@@ -166,7 +166,8 @@ def time_budget_callbacks(minutes: float | None, start: float, state, schedule, 
             print(f"{command}: --continue: time budget {budget.budget_s / 60:g} min, "
                   f"{state.time_budget['spent_s'] / 60:.1f} min of it spent up to the checkpoint", flush=True)
         if budget.elapsed() >= budget.aim_s and state.epoch < schedule.total_epochs:
-            schedule.set_total_iterations(state.iterations_run, state.iterations_run, state.epoch)
+            ran = state.iterations_run
+            schedule.set_total_iterations(ran, ran, state.epoch)
             if show:
                 print(f"{command}: the budget is spent: the run ends at epoch {state.epoch}", flush=True)
         return [budget]
