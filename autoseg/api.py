@@ -18,6 +18,7 @@ ensemble, postprocessing and output type, through the same functions.
 
 from __future__ import annotations
 
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
@@ -71,7 +72,9 @@ class Segmenter:
         torch_device = select_device(device)
         chosen = [str(f) for f in folds] if folds is not None else None
         source = Path(source)
-        if is_package(source):
+        if not source.exists():
+            raise UsageError("does not exist (give a model package or a trained model folder)", source)
+        if source.is_file() or is_package(source):  # a damaged zip is not a zip: its error says so, not "neither"
             with opened_package(source) as (folder, manifest):
                 models, decision = load_package_models(folder, manifest, torch_device, chosen, engine)
         elif engine != "torch":
@@ -122,10 +125,10 @@ def _load_results_folder(model_dir: Path, device: torch.device, folds: list[str]
         raise UsageError("neither a model package (zip, or a folder with model.json) nor a trained model folder "
                          "(CONFIG__ARCH)", model_dir)
     configuration, architecture = split_model_name(model_dir.name)
-    if folds is None:  # the finished folds, as nnU-Net finds them: a fold still training is left out
+    if folds is None:  # the finished folds, as nnU-Net finds them: a fold still training, fold_all (trained on
+        # every case, so it would see the others' validation cases) and renamed copies (fold_0_old) are left out
         folds = sorted((p.name[len("fold_"):] for p in model_dir.glob("fold_*")
-                        if (p / FINAL_CHECKPOINT).is_file()),
-                       key=lambda f: (not f.isdigit(), int(f) if f.isdigit() else 0, f))
+                        if re.fullmatch(r"fold_\d+", p.name) and (p / FINAL_CHECKPOINT).is_file()), key=int)
         if not folds:
             raise UsageError(f"no finished fold (fold_N/{FINAL_CHECKPOINT}) in the model folder", model_dir)
     return load_trained_model(model_dir, folds, configuration, architecture, device)

@@ -29,6 +29,7 @@ COMMANDS = [
     "train",
     "pretrain",
     "predict",
+    "ensemble",
     "export",
     "evaluate",
     "find_best",

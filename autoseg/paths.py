@@ -41,7 +41,8 @@ class Roots:
         return cls(**paths)
 
     def find_dataset(self, dataset: str | int) -> str:
-        """Full dataset name for an id (``4``, ``004``) or a name, looked up under the raw root."""
+        """Full dataset name for an id (``4``, ``004``) or a name, looked up under the raw, preprocessed and
+        results roots (as nnU-Net does: a machine that only predicts may hold nothing but the results)."""
         text = str(dataset)
         if _DATASET_NAME.match(text):
             return text
@@ -49,13 +50,13 @@ class Roots:
             raise UsageError(f"dataset '{text}' is neither an id (e.g. 4) nor a name like Dataset004_Name")
         number = int(text)
         candidates = []
-        for root in (self.raw, self.preprocessed):
+        for root in (self.raw, self.preprocessed, self.results):
             if root.is_dir():
                 candidates += [p.name for p in root.iterdir()
                                if p.is_dir() and (m := _DATASET_NAME.match(p.name)) and int(m.group(1)) == number]
         names = sorted(set(candidates))
         if not names:
-            raise UsageError(f"no dataset with id {number} under {self.raw} or {self.preprocessed} "
+            raise UsageError(f"no dataset with id {number} under {self.raw}, {self.preprocessed} or {self.results} "
                              "(set AUTOSEG_RAW or pass --raw)")
         if len(names) > 1:
             raise UsageError(f"several datasets have id {number}: {names}; pass the full name")

@@ -80,18 +80,40 @@ def test_probabilities_are_what_save_probabilities_writes(pipeline, model_packag
 
 
 def test_a_results_folder_loads_like_its_package(pipeline, segmenter, tmp_path):
-    # Its finished folds, as nnU-Net finds them: a fold still training (best/latest only) is left out.
+    # Its finished folds, as nnU-Net finds them: a fold still training (best/latest only) is left out, and so
+    # are fold_all and a renamed copy, though both hold a final checkpoint (fold_all was taken into the
+    # ensemble until nnU-Net's rule was followed).
     import shutil
 
     model = tmp_path / pipeline.fold.parent.name
     shutil.copytree(pipeline.fold.parent, model)
     shutil.copytree(pipeline.fold, model / "fold_1")
     (model / "fold_1" / "checkpoint_final.pt").rename(model / "fold_1" / "checkpoint_best.pt")
+    shutil.copytree(pipeline.fold, model / "fold_all")
+    shutil.copytree(pipeline.fold, model / f"{pipeline.fold.name}_old")
     from_folder = autoseg.Segmenter.load(model, tta=False)
     assert from_folder.models[0].folds == [pipeline.fold.name[len("fold_"):]]
     image = sitk.ReadImage(str(pipeline.dataset / "imagesTs" / f"{CASES[1]}_0000.nii.gz"))
     assert np.array_equal(sitk.GetArrayFromImage(from_folder.predict(image)),
                           sitk.GetArrayFromImage(segmenter.predict(image)))
+
+
+def test_a_machine_holding_only_the_results_predicts_by_dataset_id(pipeline, tmp_path, capsys):
+    # nnU-Net finds a dataset id under its results too ("no dataset with id 999" here before); without the
+    # plan, the one trained model is taken (it was 3d_fullres__unet, guessed), and two are named, not guessed.
+    model = pipeline.fold.parent.name
+    results = tmp_path / "results"
+    shutil.copytree(pipeline.fold.parent, results / pipeline.name / model)
+    flags = [f"--raw={tmp_path / 'no_raw'}", f"--preprocessed={tmp_path / 'no_pre'}", f"--results={results}"]
+    command = ["predict", "-i", str(pipeline.dataset / "imagesTs"), "-d", "999", "-f", "0", "--disable-tta", *flags]
+    assert main([*command, "-o", str(tmp_path / "out")]) == 0
+    for case in CASES:
+        written = sitk.ReadImage(str(tmp_path / "out" / f"{case}.nii.gz"))
+        assert np.array_equal(sitk.GetArrayFromImage(written),
+                              sitk.GetArrayFromImage(sitk.ReadImage(str(_cli_output(pipeline, case)))))
+    shutil.copytree(results / pipeline.name / model, results / pipeline.name / "2d__unet")
+    assert main([*command, "-o", str(tmp_path / "again")]) == 2
+    assert f"2 trained model(s) fit (2d__unet, {model}): give -c and -a" in capsys.readouterr().err
 
 
 def test_bad_inputs_say_what_is_wrong(segmenter, tmp_path):
@@ -105,6 +127,11 @@ def test_bad_inputs_say_what_is_wrong(segmenter, tmp_path):
         segmenter.predict(tmp_path / "nothing.nii.gz")
     with pytest.raises(UsageError, match="neither a model package"):
         autoseg.Segmenter.load(tmp_path)
+    with pytest.raises(UsageError, match="does not exist"):
+        autoseg.Segmenter.load(tmp_path / "model.zip")
+    (tmp_path / "cut.zip").write_bytes(b"PK\x03\x04 a download cut short")
+    with pytest.raises(autoseg.errors.PackageError, match="not a model package zip"):
+        autoseg.Segmenter.load(tmp_path / "cut.zip")
     for spacing in ((float("nan"), 1, 1), (0, 1, 1)):  # NaN passed a min() <= 0 test
         with pytest.raises(UsageError, match="spacing must be positive and finite"):
             segmenter.predict(np.ones((4, 5, 6), np.float32), spacing=spacing)

@@ -251,9 +251,23 @@ def test_objects_that_are_no_images_are_passed_over_with_a_note_not_refused(mixe
     labels = np.zeros((len(ct_files), *pydicom.dcmread(ct_files[0]).pixel_array.shape), dtype=np.uint8)
     labels[2, 5:9, 5:9] = 1
     _highdicom_seg(ct_files, labels, {1: "spleen"}, tmp_path / "export" / "seg.dcm")
+    # A scout (three slices, one turned: refused as mixed orientations if taken for a volume) and a dose report
+    # screenshot (Modality CT, no position), as CT exports hold them.
+    scout = write_series(_hippocampus_image()[:, :, :3], tmp_path / "export" / "scout", "9.7", series_number=2)
+    for index, path in enumerate(scout):
+        ds = pydicom.dcmread(path)
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+        if index == 1:
+            ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
+        ds.save_as(path)
+    ds = pydicom.dcmread(ct_files[0])
+    ds.SOPClassUID, ds.SeriesInstanceUID = "1.2.840.10008.5.1.4.1.1.7", "9.8"
+    del ds.ImagePositionPatient, ds.ImageOrientationPatient
+    ds.save_as(tmp_path / "export" / "dose_report.dcm")
     cases, refused = dicom_cases(tmp_path / "export", 1)
     assert refused == [] and len(cases) == 2
-    assert "1 DICOM series that are no images passed over (Modality SEG)" in capsys.readouterr().err
+    assert ("3 DICOM series that are no images passed over (Modality SEG, localizer, secondary capture without a "
+            "position)") in capsys.readouterr().err
 
 
 def test_evaluate_accepts_seg_predictions_and_references(mixed_folder, tmp_path, capsys):
@@ -363,3 +377,125 @@ def test_a_label_mapping_may_not_use_the_names_dataset_json_reserves_or_a_value_
             read_label_mapping(tmp_path / "labels.json")
     (tmp_path / "labels.json").write_text(json.dumps({"liver": 1, "spleen": 2}))
     assert read_label_mapping(tmp_path / "labels.json") == {"liver": 1, "spleen": 2}
+
+
+def test_rounded_orientation_cosines_and_anisotropic_spacing_read_as_the_nifti_geometry(tmp_path):
+    # Scanners write the cosines rounded, up to 1e-3 off unit length (accepted): the slice normal taken from
+    # them unnormalised moved every slice off its line by 8e-4 of its distance from the first (0.06 mm here),
+    # and the series was refused as a gantry tilt; the direction was no rotation either. The spacing differs
+    # on every axis, so that swapping the row and column spacing, or the slice spacing, shows.
+    image = _ct_image()
+    image.SetSpacing((0.7, 0.9, 2.5))
+    files = write_series(image, tmp_path / "series", CT_UID)
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.ImageOrientationPatient = [f"{float(v) * 1.0004:.10g}" for v in ds.ImageOrientationPatient]
+        ds.save_as(path)
+    cases, refused = dicom_cases(tmp_path / "series", 1)
+    assert refused == []
+    array, geometry = read_dicom_case(cases[0], 1)
+    assert np.array_equal(array[0], sitk.GetArrayFromImage(image))
+    assert np.allclose(geometry.spacing, image.GetSpacing(), atol=1e-6)
+    assert np.allclose(geometry.direction, image.GetDirection(), atol=1e-6)
+    assert np.allclose(geometry.origin, image.GetOrigin(), atol=1e-4)
+
+
+def test_a_slice_with_blank_or_malformed_placement_values_refuses_its_series_naming_the_file(mixed_folder, tmp_path):
+    # Anonymisers blank such values; a blank orientation crashed the whole folder ("internal error").
+    dicom, _ = mixed_folder
+    export = tmp_path / "export"
+    shutil.copytree(dicom, export)
+    blank, single = sorted(export.glob("a*.dcm"))[3], sorted(export.glob("b*.dcm"))[2]
+    for path, key, value in ((blank, "ImageOrientationPatient", ""), (single, "PixelSpacing", "0.5")):
+        ds = pydicom.dcmread(path)
+        setattr(ds, key, value)
+        ds.save_as(path)
+    cases, refused = dicom_cases(export, 1)
+    assert cases == [] and len(refused) == 2
+    assert f"series {CT_UID} " in refused[0]
+    assert f"{blank.name}: ImageOrientationPatient is missing or empty" in refused[0]
+    assert f"series {HIPPO_UID} " in refused[1] and f"{single.name}: PixelSpacing [0.5] is not 2 " in refused[1]
+
+
+def test_seg_of_an_anonymised_series_is_written_and_one_without_frame_of_reference_refused(mixed_folder, tmp_path):
+    from autoseg.errors import AutosegError
+
+    dicom, _ = mixed_folder
+    export = tmp_path / "export"
+    shutil.copytree(dicom, export)
+    deleted = 0
+    for path in export.glob("a*.dcm"):  # type-2 attributes highdicom copies, deleted as anonymisers do
+        ds = pydicom.dcmread(path)
+        for key in ("PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID", "StudyTime"):
+            if key in ds:
+                delattr(ds, key)
+                deleted += 1
+        ds.save_as(path)
+    assert deleted >= 2 * len(list(export.glob("a*.dcm")))
+    series = next(c for c in dicom_cases(export, 1)[0] if c.case_id.startswith("CT1")).channels[0]
+    labels = np.zeros(series.geometry.shape, dtype=np.int16)
+    labels[2, 5:9, 5:9], labels[4, 1:3, 1:6] = 1, 2
+    long_name = "left " + "very " * 14 + "long structure name"  # over the 64 characters of a SegmentLabel
+    names = {1: "spleen", 2: long_name}
+    write_seg(labels, series, names, SegAlgorithm("Dataset999", ["3d_fullres__unet"], ["0"]), tmp_path / "a.dcm")
+    assert [s.SegmentLabel for s in hd.seg.segread(tmp_path / "a.dcm").SegmentSequence] == ["spleen", long_name[:64]]
+    array, _ = read_seg(tmp_path / "a.dcm", {"spleen": 1, long_name: 2}, onto=series.geometry)
+    assert np.array_equal(array, labels)
+    with pytest.raises(AutosegError, match="share their first 64 characters"):
+        write_seg(labels, series, {1: long_name + " a", 2: long_name + " b"}, SegAlgorithm("D", ["m"]),
+                  tmp_path / "clash.dcm")
+    for path in series.files:
+        ds = pydicom.dcmread(path)
+        del ds.FrameOfReferenceUID
+        ds.save_as(path)
+    with pytest.raises(AutosegError, match=f"series {series.uid} .*no FrameOfReferenceUID, which a DICOM SEG"):
+        write_seg(labels, series, names, SegAlgorithm("D", ["m"]), tmp_path / "b.dcm")
+    assert not (tmp_path / "b.dcm").exists() and not (tmp_path / "clash.dcm").exists()
+
+
+def test_convert_dicom_says_why_the_series_a_seg_references_was_refused(mixed_folder, tmp_path, capsys):
+    dicom, _ = mixed_folder
+    ct_files = sorted(dicom.glob("a*.dcm"))
+    labels = np.zeros((len(ct_files), *pydicom.dcmread(ct_files[0]).pixel_array.shape), dtype=np.uint8)
+    labels[2, 5:9, 5:9] = 1
+    (tmp_path / "labels").mkdir()
+    _highdicom_seg(ct_files, labels, {1: "spleen"}, tmp_path / "labels" / "seg.dcm")
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in ct_files:
+        if int(pydicom.dcmread(path, stop_before_pixels=True).InstanceNumber) != 15:  # a slice lost in transfer
+            shutil.copy(path, images)
+    (tmp_path / "labels.json").write_text(json.dumps({"spleen": 1}))
+    target = tmp_path / "raw" / "Dataset051_Lost"
+    assert main(["convert-dicom", str(images), str(tmp_path / "labels"), "-o", str(target),
+                 "--labels", str(tmp_path / "labels.json")]) == 2
+    err = capsys.readouterr().err
+    assert f"references series {CT_UID}, which was refused: missing slice" in err, err
+    assert not target.exists()
+
+
+def test_convert_dicom_refuses_a_seg_drawn_on_a_moved_copy_of_its_series(mixed_folder, tmp_path, capsys):
+    # highdicom is asked to ignore SpatialLocationsPreserved (most writers leave it out), so an explicit NO was
+    # taken too: frames drawn on a resampled or flipped copy were pasted onto the source slices unchanged.
+    dicom, _ = mixed_folder
+    ct_files = sorted(dicom.glob("a*.dcm"))
+    labels = np.zeros((len(ct_files), *pydicom.dcmread(ct_files[0]).pixel_array.shape), dtype=np.uint8)
+    labels[2, 5:9, 5:9] = 1
+    seg_file = tmp_path / "labels" / "seg.dcm"
+    seg_file.parent.mkdir()
+    _highdicom_seg(ct_files, labels, {1: "spleen"}, seg_file)
+    ds = pydicom.dcmread(seg_file)
+    source = ds.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0].SourceImageSequence[0]
+    source.SpatialLocationsPreserved = "NO"
+    ds.save_as(seg_file)
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in ct_files:
+        shutil.copy(path, images)
+    (tmp_path / "labels.json").write_text(json.dumps({"spleen": 1}))
+    target = tmp_path / "raw" / "Dataset052_Moved"
+    assert main(["convert-dicom", str(images), str(seg_file.parent), "-o", str(target),
+                 "--labels", str(tmp_path / "labels.json")]) == 2
+    err = capsys.readouterr().err
+    assert f"{seg_file}: its frames say SpatialLocationsPreserved NO" in err, err
+    assert not target.exists()

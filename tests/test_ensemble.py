@@ -85,3 +85,51 @@ def test_an_ensemble_of_models_with_other_labels_is_refused(synthetic_raw, plans
     with pytest.raises(UsageError, match="the ensemble's models differ in labels or channels"):
         predict_case([first, second], label[None].astype(np.float32), geometry, PredictionSettings(),
                      torch.device("cpu"))
+
+
+def test_ensemble_command_averages_prediction_folders_in_the_first_folders_geometry(tmp_path, capsys):
+    # Two folders as `predict --save-probabilities` leaves them: CASE.npz beside CASE.nii.gz. The second's label
+    # map lies elsewhere (another origin), so taking its geometry, or none, shows.
+    import SimpleITK as sitk
+
+    from autoseg.cli import main
+
+    rng = np.random.default_rng(0)
+    values = np.array([0, 2, 5])
+    probabilities = {name: rng.dirichlet(np.ones(3), size=(3, 4, 5)).transpose(3, 0, 1, 2) for name in ("a", "b")}
+    for name, origin in (("a", (10.0, -20.0, 30.0)), ("b", (0.0, 0.0, 0.0))):
+        (tmp_path / name).mkdir()
+        save_probability_file(tmp_path / name / "case_1.npz", probabilities[name], values.tolist())
+        label = sitk.GetImageFromArray(values[probabilities[name].argmax(0)].astype(np.uint8))
+        label.SetSpacing((0.8, 0.9, 2.5))
+        label.SetOrigin(origin)
+        label.SetDirection((0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
+        sitk.WriteImage(label, str(tmp_path / name / "case_1.nii.gz"))
+    (tmp_path / "b" / ".autoseg-tmp-host.99-x-case_9.npz").write_bytes(b"")  # what a killed predict leaves
+    folders = [str(tmp_path / "a"), str(tmp_path / "b")]
+    assert main(["ensemble", "-i", *folders, "-o", str(tmp_path / "ab"), "--save-probabilities"]) == 0
+    assert sorted(p.name for p in (tmp_path / "ab").iterdir()) == ["case_1.nii.gz", "case_1.npz"]
+    stored = [np.load(tmp_path / name / "case_1.npz")["probabilities"].astype(np.float32) for name in ("a", "b")]
+    expected = values[((stored[0] + stored[1]) / 2).argmax(0)]
+    assert 0 < (expected != values[stored[0].argmax(0)]).sum()  # the ensemble differs from either member
+    assert 0 < (expected != values[stored[1].argmax(0)]).sum()
+    written = sitk.ReadImage(str(tmp_path / "ab" / "case_1.nii.gz"))
+    first = sitk.ReadImage(str(tmp_path / "a" / "case_1.nii.gz"))
+    assert np.array_equal(sitk.GetArrayFromImage(written), expected)
+    assert (written.GetOrigin(), written.GetSpacing(), written.GetDirection()) == (
+        first.GetOrigin(), first.GetSpacing(), first.GetDirection())
+    mean = np.load(tmp_path / "ab" / "case_1.npz")["probabilities"].astype(np.float32)
+    assert np.allclose(mean, (stored[0] + stored[1]) / 2, atol=1e-3)  # float16 on disk
+    assert main(["ensemble", "-i", *folders, "-o", str(tmp_path / "ab")]) == 0  # done already: skipped
+    assert "0 written, 1 already there" in capsys.readouterr().out
+
+    # A case one folder lacks, a folder given twice, a postprocessing file that is none: refused, nothing written.
+    save_probability_file(tmp_path / "a" / "case_2.npz", probabilities["a"], values.tolist())
+    for arguments, message in (([*folders], f"{tmp_path / 'b'}: has no probability file for 1 case(s) the other "
+                                            "folders have: case_2"),
+                               ([folders[0], folders[0]], "a folder is given twice"),
+                               ([*folders, "--postprocessing", folders[0] + "/case_1.npz"],
+                                "--postprocessing takes an existing postprocessing.json")):
+        assert main(["ensemble", "-i", *arguments, "-o", str(tmp_path / "refused")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()

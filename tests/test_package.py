@@ -61,6 +61,7 @@ def test_package_holds_what_the_manifest_says_and_predicts_like_the_results_fold
     for name, entry in manifest["files"].items():
         assert entry == {"size": len(members[name]), "sha256": hashlib.sha256(members[name]).hexdigest()}
     assert manifest["dataset"] == pipeline.name and manifest["torch_version"] == torch.__version__
+    assert manifest["labels"] == json.loads((pipeline.dataset / "dataset.json").read_text())["labels"]
     # The weights are the trained ones, without the optimiser state.
     original = torch.load(pipeline.fold / "checkpoint_final.pt", weights_only=True)["model"]
     packed = torch.load(io.BytesIO(members[checkpoint]), weights_only=True)
@@ -104,6 +105,27 @@ def test_a_tampered_member_is_refused_naming_it(pipeline, package, tmp_path, cap
     weights[len(weights) // 2] ^= 0xFF
     members[CHECKPOINT] = bytes(weights)
     _refused(pipeline, _write(tmp_path / "tampered.zip", members), tmp_path, capsys, CHECKPOINT, "sha256")
+
+
+def test_damaged_compressed_data_is_refused_naming_the_member(pipeline, package, tmp_path, capsys):
+    # A download cut or corrupted in transit damages the deflate stream itself (the tampering test above
+    # changes bytes before compression): zlib raises its own error, which escaped as "internal error".
+    with zipfile.ZipFile(package) as archive:
+        info = archive.getinfo(CHECKPOINT)
+    raw = bytearray(package.read_bytes())
+    name_and_extra = int.from_bytes(raw[info.header_offset + 26:info.header_offset + 28], "little") + \
+        int.from_bytes(raw[info.header_offset + 28:info.header_offset + 30], "little")
+    middle = info.header_offset + 30 + name_and_extra + info.compress_size // 2
+    raw[middle:middle + 64] = b"\xff" * 64
+    damaged = tmp_path / "damaged.zip"
+    damaged.write_bytes(bytes(raw))
+    _refused(pipeline, damaged, tmp_path, capsys, CHECKPOINT, "cannot be unpacked")
+
+
+def test_an_unknown_fold_is_named_against_the_package_not_a_member(pipeline, package, tmp_path, capsys):
+    assert _predict(package, pipeline, tmp_path / "out", "-f", "7") == 2
+    err = capsys.readouterr().err
+    assert f"{package}: fold(s) 7 are not in the package (it holds 0)" in err and "member '.'" not in err, err
 
 
 def test_a_member_escaping_the_folder_is_refused(pipeline, package, tmp_path, capsys):
@@ -181,6 +203,10 @@ def test_export_refuses_untrained_folds_and_a_name_without_zip(pipeline, tmp_pat
     assert "zip" in capsys.readouterr().err
     assert main(["export", "-d", "999", "--best", "-o", str(tmp_path / "m.zip"), *pipeline.flags]) == 2
     assert "find_best.json" in capsys.readouterr().err
+    # A fold given twice would be averaged twice.
+    assert main(["export", "-d", "999", "-c", "3d_fullres", "-f", "0", "0", "-o", str(tmp_path / "m.zip"),
+                 *pipeline.flags]) == 2
+    assert "fold(s) 0 given twice" in capsys.readouterr().err and not (tmp_path / "m.zip").exists()
 
 
 def test_find_best_choice_exports_with_its_postprocessing(pipeline, tmp_path):

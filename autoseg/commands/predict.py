@@ -127,10 +127,31 @@ def planned_models(roots, dataset_name: str, configurations: list[str] | None,
     from autoseg.planning.plans import load_plans
 
     plans = load_plans(roots.plans_file(dataset_name)) if roots.plans_file(dataset_name).exists() else None
+    pairs = model_pairs(configurations, architectures)
+    if plans is None and any(c is None or a is None for c, a in pairs):
+        # No plan to name the default (a machine holding only the results): the one trained model, never a guess.
+        from autoseg.inference.ensemble import model_name, split_model_name
+
+        trained = []
+        for folder in sorted((roots.results / dataset_name).glob("*__*")):
+            try:
+                trained += [split_model_name(folder.name)] if folder.is_dir() else []
+            except UsageError:  # "__old" and the like: not a model folder
+                continue
+        models = []
+        for wanted_configuration, wanted_architecture in pairs:
+            fitting = [(c, a) for c, a in trained
+                       if wanted_configuration in (None, c) and wanted_architecture in (None, a)]
+            if len(fitting) != 1:
+                raise UsageError(f"no plans.json to name the default model, and {len(fitting)} trained model(s) "
+                                 f"fit ({', '.join(model_name(*m) for m in fitting) or 'none'}): give -c and -a",
+                                 roots.plans_file(dataset_name))
+            models += fitting
+        return models
     models = []
-    for configuration, architecture in model_pairs(configurations, architectures):
-        configuration = configuration or (plans.default_configuration if plans else "3d_fullres")
-        models.append((configuration, architecture or (plans.architecture(configuration).name if plans else "unet")))
+    for configuration, architecture in pairs:
+        configuration = configuration or plans.default_configuration
+        models.append((configuration, architecture or plans.architecture(configuration).name))
     return models
 
 

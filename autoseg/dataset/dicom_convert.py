@@ -72,6 +72,18 @@ def find_segs(folder: Path) -> tuple[dict[str, list[Path]], list[str]]:
     return segs, problems
 
 
+def _spatial_locations_not_preserved(seg) -> str | None:
+    """The SpatialLocationsPreserved value (NO, REORIENTED_ONLY) of a frame whose pixels do not lie where its
+    source slice's do, or None; highdicom's ``ignore_spatial_locations``, needed for the many writers that
+    leave the attribute out, would otherwise take such frames too."""
+    groups = [*getattr(seg, "SharedFunctionalGroupsSequence", []),
+              *getattr(seg, "PerFrameFunctionalGroupsSequence", [])]
+    values = {str(getattr(source, "SpatialLocationsPreserved", "") or "").upper()
+              for group in groups for derivation in getattr(group, "DerivationImageSequence", [])
+              for source in getattr(derivation, "SourceImageSequence", [])}
+    return next(iter(sorted(values - {"", "YES"})), None)
+
+
 def seg_label_map(path: Path, series: DicomSeries, mapping: dict[str, int]) -> tuple[np.ndarray | None, list[str]]:
     """The SEG as a label map on ``series``' grid, or None and the reasons it cannot be mapped."""
     hd = require("highdicom")
@@ -83,6 +95,13 @@ def seg_label_map(path: Path, series: DicomSeries, mapping: dict[str, int]) -> t
     unmapped = sorted({label for label in labels.values() if label not in mapping})
     if unmapped:
         return None, [f"{path}: segment label(s) {unmapped} are not in labels.json"]
+    if (int(seg.Rows), int(seg.Columns)) != tuple(series.geometry.shape[1:]):
+        return None, [f"{path}: frames of {seg.Rows}x{seg.Columns} pixels, series {series.uid} has slices of "
+                      f"{series.geometry.shape[1]}x{series.geometry.shape[2]}: not drawn on its grid"]
+    moved = _spatial_locations_not_preserved(seg)
+    if moved:
+        return None, [f"{path}: its frames say SpatialLocationsPreserved {moved} (drawn on a resampled, moved or "
+                      f"flipped copy of series {series.uid}): they would land in the wrong place"]
     try:
         # Frames are found through the source instances they reference; SpatialLocationsPreserved is optional
         # and many writers leave it out, which highdicom otherwise refuses.
@@ -103,6 +122,15 @@ def seg_label_map(path: Path, series: DicomSeries, mapping: dict[str, int]) -> t
     return label_map, []
 
 
+def _why_not_usable(uid: str, refused: list[str]) -> str:
+    """Why a series a SEG references is not a case: its refusal (the refused lines are printed only after a
+    successful conversion, so without it the user saw no reason), or that no image series has that UID."""
+    reasons = [line.split(" refused: ", 1)[-1] for line in refused if f"series {uid} (" in line]
+    if reasons:
+        return f"which was refused: {reasons[0]}"
+    return "which is not among the image series found in the images folder"
+
+
 def convert_dicom(images: Path, labels: Path, target: Path, mapping_file: Path) -> tuple[int, int, list[str]]:
     """Write the dataset; returns (training cases, test cases, refused series lines)."""
     images, labels, target = Path(images), Path(labels), Path(target)
@@ -115,7 +143,7 @@ def convert_dicom(images: Path, labels: Path, target: Path, mapping_file: Path) 
     cases, refused = dicom_cases(images, 1)
     segs, problems = find_segs(labels)
     by_series = {case.channels[0].uid: case for case in cases}
-    problems += [f"{paths[0]}: references series {uid}, which is not among the usable image series"
+    problems += [f"{paths[0]}: references series {uid}, {_why_not_usable(uid, refused)}"
                  for uid, paths in segs.items() if uid not in by_series]
     problems += [f"{paths[0]}: series {uid} has {len(paths)} SEGs ({', '.join(p.name for p in paths)}); keep one"
                  for uid, paths in segs.items() if len(paths) > 1]

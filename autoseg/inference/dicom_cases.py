@@ -46,10 +46,11 @@ def output_files(case_id: str, ending: str, output_dir: Path, output_format: str
 def seg_writer(model):
     """A function (labels, case, path) writing the SEG of one case predicted by ``model`` (or an ensemble)."""
     from autoseg.inference.ensemble import model_name
-    from autoseg.io.dicom_seg import SegAlgorithm, segment_names, write_seg
+    from autoseg.io.dicom_seg import SegAlgorithm, check_segment_labels, segment_names, write_seg
 
     models = model if isinstance(model, list) else [model]
     algorithm = SegAlgorithm(models[0].plans.dataset_name, [model_name(m.configuration, m.architecture) for m in models],
                              list(models[0].folds))
     names = segment_names(models[0].plans)
+    check_segment_labels(names)  # a model's class names, refused before any case is predicted
     return lambda labels, case, path: write_seg(labels, case.dicom.channels[0], names, algorithm, path)

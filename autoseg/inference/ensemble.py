@@ -83,6 +83,13 @@ def load_probability_file(path: str | Path) -> tuple[np.ndarray, list[int], bool
 def labels_from_probability_files(paths: list[Path]) -> np.ndarray:
     """The ensemble's label map from the probabilities averaged over ``paths``: their argmax,
     or for region outputs the regions above 0.5, as one model's prediction would be."""
+    mean, values, regions = mean_probabilities(paths)
+    return region_labels(mean, values) if regions else argmax_labels(mean, values)
+
+
+def mean_probabilities(paths: list[Path]) -> tuple[np.ndarray, list[int], bool]:
+    """The probabilities of ``paths`` averaged (float32), the label value of each channel, and whether the
+    channels are regions; every file must have the same channels and shape."""
     total, values, regions = None, None, False
     for path in paths:
         probabilities, these_values, these_regions = load_probability_file(path)
@@ -95,6 +102,5 @@ def labels_from_probability_files(paths: list[Path]) -> np.ndarray:
                                f"{kind[these_regions]} vs {kind[regions]}, shape "
                                f"{list(probabilities.shape)} vs {list(total.shape)})", path)
         total += probabilities
-    if regions:
-        return region_labels(total / len(paths), values)
-    return argmax_labels(total, values)
+    total /= len(paths)  # in place: a many-class CT's probabilities are gigabytes
+    return total, values, regions

@@ -190,10 +190,7 @@ def predict_folder(model: TrainedModel | list[TrainedModel], input_dir: Path, ou
                 image, geometry = current.result()
                 prediction = predict_case(model, image, geometry, settings, device)
             except AutosegError as exc:  # this case only (unreadable, out of GPU memory): the others are predicted
-                failed = exc if exc.path else type(exc)(exc.problem, case.files[0])
-                result.failed.append(failed.one_line())
-                print(f"autoseg: error: {failed.one_line()}; skipped", file=sys.stderr)
-                bar.update()
+                _case_failed(exc, case, result, bar)
                 continue
             target = output_dir / f"{case.case_id}{label_file_ending(case.ending)}"
             if settings.save_probabilities:
@@ -204,8 +201,20 @@ def predict_folder(model: TrainedModel | list[TrainedModel], input_dir: Path, ou
                 write_label(labels, target, geometry, reference_file=case.files[0],
                             largest_label=max(prediction.label_values))
             if write_seg is not None:
-                write_seg(labels, case, output_dir / f"{case.case_id}.dcm")
+                try:
+                    write_seg(labels, case, output_dir / f"{case.case_id}.dcm")
+                except AutosegError as exc:  # a series a SEG cannot reference (no frame of reference)
+                    _case_failed(exc, case, result, bar)
+                    continue
             result.written.append(case.case_id)
             bar.update()
     bar.close()
     return result
+
+
+def _case_failed(exc: AutosegError, case, result: FolderResult, bar) -> None:
+    """Count one case as failed, say why on stderr, and go on with the others."""
+    failed = exc if exc.path else type(exc)(exc.problem, case.files[0])
+    result.failed.append(failed.one_line())
+    print(f"autoseg: error: {failed.one_line()}; skipped", file=sys.stderr)
+    bar.update()

@@ -19,6 +19,7 @@ import shutil
 import stat
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
@@ -98,7 +99,7 @@ def opened_package(path: str | Path) -> Iterator[tuple[Path, ModelManifest]]:
         if exc.path is None or not exc.path.startswith(str(temporary)):
             raise
         member = Path(exc.path).relative_to(temporary).as_posix()
-        raise type(exc)(f"member '{member}': {exc.problem}", path) from None
+        raise type(exc)(exc.problem if member == "." else f"member '{member}': {exc.problem}", path) from None
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
 
@@ -174,6 +175,12 @@ def _verify_folder(folder: Path, manifest: ModelManifest) -> None:
         _check_digest(name, digest, expected, folder)
 
 
+# What reading a member of a damaged or unusual zip raises: a bad CRC or truncation (BadZipFile, EOFError),
+# damaged deflate data (zlib.error), an encrypted member (RuntimeError) or an unsupported compression method
+# (NotImplementedError); each is the package's fault, not autoseg's, and is reported as such.
+UNREADABLE_MEMBER = (zipfile.BadZipFile, OSError, EOFError, zlib.error, RuntimeError, NotImplementedError)
+
+
 def _unpack_zip(package: Path, target: Path) -> ModelManifest:
     try:
         archive = zipfile.ZipFile(package)
@@ -191,8 +198,12 @@ def _unpack_zip(package: Path, target: Path) -> ModelManifest:
             raise PackageError(f"member '{MANIFEST}' is missing (not an autoseg model package)", package)
         if infos[MANIFEST].file_size > MAX_MANIFEST_BYTES:
             raise PackageError(f"member '{MANIFEST}' is larger than {MAX_MANIFEST_BYTES} bytes; refused", package)
-        with archive.open(infos[MANIFEST]) as handle:
-            manifest = _parse_manifest(handle.read(MAX_MANIFEST_BYTES + 1), package)
+        try:
+            with archive.open(infos[MANIFEST]) as handle:
+                manifest_bytes = handle.read(MAX_MANIFEST_BYTES + 1)
+        except UNREADABLE_MEMBER as exc:
+            raise PackageError(f"member '{MANIFEST}' cannot be unpacked ({exc})", package) from None
+        manifest = _parse_manifest(manifest_bytes, package)
         unlisted = sorted(set(infos) - set(manifest.files) - {MANIFEST})
         if unlisted:
             raise PackageError(f"member '{unlisted[0]}' is not listed in model.json; refused", package)
@@ -216,7 +227,7 @@ def _unpack_zip(package: Path, target: Path) -> ModelManifest:
             try:
                 with archive.open(info) as source, open(destination, "xb") as sink:
                     digest = _copy_hashing(source, sink, expected.size + 1)
-            except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            except UNREADABLE_MEMBER as exc:
                 raise PackageError(f"member '{name}' cannot be unpacked ({exc})", package) from None
             if destination.stat().st_size > expected.size:  # the zip header lied about the size
                 raise PackageError(f"member '{name}' unpacks to more than the {expected.size} bytes model.json "

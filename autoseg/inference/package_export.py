@@ -35,6 +35,7 @@ from autoseg.inference.model import check_fold_plan, find_checkpoint, load_check
 from autoseg.inference.package import (MANIFEST, PACKAGE_SCHEMA_VERSION, ModelManifest, PackagedFile, PackagedModel,
                                        member_folder)
 from autoseg.inference.postprocessing import POSTPROCESSING_FILE
+from autoseg.inference.predictor import same_outputs
 from autoseg.paths import Roots
 from autoseg.planning.plans import load_plans
 from autoseg.records import atomic_write_with, dumps, read_json
@@ -49,9 +50,12 @@ def export_package(roots: Roots, dataset_name: str, models: list[tuple[str, str]
     output = Path(output)
     if output.suffix.lower() != ".zip":
         raise UsageError("the package is a zip file: give -o NAME.zip", output)
+    twice = sorted({f for f in folds if list(folds).count(f) > 1})
+    if twice:
+        raise UsageError(f"fold(s) {' '.join(twice)} given twice (each would count twice in the ensemble)")
     members: dict[str, bytes] = {}
     packaged = []
-    dataset_json = None
+    dataset_json, first_plans = None, None
     for configuration, architecture in models:
         model_dir = roots.results / dataset_name / model_name(configuration, architecture)
         if not model_dir.is_dir():
@@ -63,6 +67,10 @@ def export_package(roots: Roots, dataset_name: str, models: list[tuple[str, str]
             raise UsageError("no plans.json beside the trained model", model_dir)
         members[f"{folder}/plans.json"] = plans_file.read_bytes()
         plans = load_plans(plans_file)
+        first_plans = first_plans or plans
+        if not same_outputs(plans, first_plans):  # refused now, not by every user who loads the package
+            raise UsageError(f"{model_dir.name} differs from {model_name(*models[0])} in labels or channels: "
+                             "ensemble models of one dataset and plan only", plans_file)
         dataset_json = dataset_json or next((p for p in (model_dir / "dataset.json", roots.raw_dataset(dataset_name)
                                                          / "dataset.json") if p.is_file()), None)
         chosen, training = {}, {}
@@ -92,7 +100,7 @@ def export_package(roots: Roots, dataset_name: str, models: list[tuple[str, str]
     if (decision_folder / POSTPROCESSING_FILE).is_file():
         members[POSTPROCESSING_FILE] = (decision_folder / POSTPROCESSING_FILE).read_bytes()
     manifest = ModelManifest(
-        schema_version=PACKAGE_SCHEMA_VERSION, dataset=dataset_name, labels=read_json(dataset_json)["labels"],
+        schema_version=PACKAGE_SCHEMA_VERSION, dataset=dataset_name, labels=first_plans.labels,  # what it predicts
         models=packaged, postprocessing=POSTPROCESSING_FILE in members,
         onnx_opset=_onnx_opset() if onnx else None, autoseg_version=__version__, torch_version=torch.__version__,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -119,13 +119,17 @@ def predict_case(model: TrainedModel | Sequence[TrainedModel], image: np.ndarray
     return CasePrediction(labels, full, values, plans.has_regions)
 
 
+def same_outputs(plans, other) -> bool:
+    """Whether two models read the same channels and write the same labels (or regions), in the same order."""
+    return (plans.labels, plans.regions_class_order, plans.channel_names) == (
+        other.labels, other.regions_class_order, other.channel_names)
+
+
 def check_ensemble(models: Sequence[TrainedModel]) -> None:
     """Refuse an ensemble whose models differ in labels or channels: averaged channel by channel, they would
     mix unrelated classes."""
-    plans = models[0].plans
     for one in models[1:]:
-        if (one.plans.labels, one.plans.regions_class_order, one.plans.channel_names) != (
-                plans.labels, plans.regions_class_order, plans.channel_names):
+        if not same_outputs(one.plans, models[0].plans):
             raise UsageError(f"the ensemble's models differ in labels or channels ({one.configuration}__"
                              f"{one.architecture} against {models[0].configuration}__{models[0].architecture}); "
                              "ensemble models of one dataset and plan only")

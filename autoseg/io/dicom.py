@@ -35,6 +35,7 @@ from autoseg.records import atomic_write_bytes
 # Modalities of DICOM objects that are not images to segment (they may sit beside the series).
 NOT_AN_IMAGE = "not an image"
 NOT_IMAGES = {"SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "SR", "PR", "KO", "REG", "DOC", "PLAN"}
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"  # secondary capture image storage; its multi-frame kinds add ".N"
 # Slice gaps may differ by this fraction of their mean (positions are rounded decimal strings).
 GAP_TOLERANCE = 0.01
 # Largest distance (mm) a slice position may lie off the line along the slice normal.
@@ -122,7 +123,10 @@ def examine_series(uid: str, items: list[tuple[Path, object]]) -> DicomSeries:
                          str(getattr(first, "PatientID", "")), str(getattr(first, "StudyDate", "")),
                          str(getattr(first, "SeriesNumber", "")), str(getattr(first, "SeriesDescription", "")),
                          str(getattr(first, "Modality", "")))
-    series.problem = _refusal(items)
+    try:
+        series.problem = _refusal(items)
+    except (ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:  # a value no checker foresaw
+        series.problem = f"malformed header ({type(exc).__name__}: {exc})"
     if series.problem is None:
         order, series.geometry = _geometry(items)
         series.files = [items[i][0] for i in order]
@@ -139,13 +143,23 @@ def _refusal(items) -> str | None:
     modality = str(getattr(first, "Modality", ""))
     if modality in NOT_IMAGES or "Rows" not in first:
         return f"{NOT_AN_IMAGE} (Modality {modality or 'missing'})"
+    # Scouts and screenshots (a dose report is one, with Modality CT) are in most CT exports: refused, they made
+    # every run end in exit code 2. A secondary capture that is placed in space may be a derived volume: kept.
+    image_type = first.get("ImageType") or []
+    if "LOCALIZER" in {str(v).upper() for v in ([image_type] if isinstance(image_type, str) else image_type)}:
+        return f"{NOT_AN_IMAGE} (localizer)"
+    sop_class = str(first.get("SOPClassUID", ""))
+    if (sop_class == SECONDARY_CAPTURE or sop_class.startswith(f"{SECONDARY_CAPTURE}.")) \
+            and not first.get("ImagePositionPatient"):
+        return f"{NOT_AN_IMAGE} (secondary capture without a position)"
     if any(int(getattr(h, "NumberOfFrames", 1) or 1) > 1 for h in headers):
         return "multi-frame files are not supported (export the series as one file per slice)"
     if any(int(getattr(h, "SamplesPerPixel", 1)) != 1 for h in headers):
         return "colour images (SamplesPerPixel > 1) are not supported"
-    for key in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
-        if any(key not in h for h in headers):
-            return f"{key} is missing, so the slices cannot be placed in space"
+    for path, header in items:
+        problem = _placement_problem(header)
+        if problem:  # anonymisers blank these; one such slice names its file, not "internal error"
+            return f"{path.name}: {problem}, so the slices cannot be placed in space"
     orientations = np.array([[float(v) for v in h.ImageOrientationPatient] for h in headers])
     if not np.allclose(orientations, orientations[0], atol=1e-4):
         return f"mixed orientations ({len(np.unique(orientations.round(4), axis=0))} different ImageOrientationPatient)"
@@ -159,7 +173,7 @@ def _refusal(items) -> str | None:
     if len(headers) < 2:
         return "a single slice: autoseg reads DICOM volumes of two or more slices"
     positions = np.array([[float(v) for v in h.ImagePositionPatient] for h in headers])
-    normal = np.cross(row, column)
+    normal = _axes(orientations[0])[2]
     along = positions @ normal
     order = np.argsort(along, kind="stable")
     steps = np.diff(along[order])
@@ -178,12 +192,48 @@ def _refusal(items) -> str | None:
     return None
 
 
+# The numbers each slice needs to be placed: position (x, y, z), orientation (row and column cosines), spacing.
+PLACEMENT_VALUES = {"ImagePositionPatient": 3, "ImageOrientationPatient": 6, "PixelSpacing": 2}
+
+
+def _placement_problem(header) -> str | None:
+    """What is wrong with one slice's placement values, or None."""
+    from pydicom.multival import MultiValue
+
+    for key, count in PLACEMENT_VALUES.items():
+        try:
+            value = header.get(key)  # None where absent; None or "" where present but empty (anonymised)
+            if value is None or (isinstance(value, str) and not value.strip()):
+                values = []
+            else:  # several values come as a MultiValue, one as a scalar (DSfloat, or DSdecimal if so configured)
+                values = list(value) if isinstance(value, (list, MultiValue)) else [value]
+            numbers = [float(v) for v in values]
+        except (TypeError, ValueError) as exc:  # pydicom parses a DS value as it is read: "1,5" fails there
+            return f"{key} is not {count} numbers ({exc})"
+        if not numbers:
+            return f"{key} is missing or empty"
+        if len(numbers) != count or not np.all(np.isfinite(numbers)):
+            return f"{key} {numbers} is not {count} finite numbers"
+        if key == "PixelSpacing" and min(numbers) <= 0:
+            return f"PixelSpacing {numbers} is not positive"
+    return None
+
+
+def _axes(orientation: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row, column and slice-normal unit vectors of an ImageOrientationPatient that passed the orthonormality
+    check. Scanners write the cosines rounded: made exactly orthonormal here, because an un-normalised normal
+    of norm 1 + e misplaces each slice by e times its distance from the first (0.1 mm over 300 mm at
+    e = 3e-4, beyond the tilt tolerance) and would give the image a direction that is not a rotation."""
+    row = orientation[:3] / np.linalg.norm(orientation[:3])
+    column = orientation[3:] - (orientation[3:] @ row) * row
+    column = column / np.linalg.norm(column)
+    return row, column, np.cross(row, column)
+
+
 def _geometry(items) -> tuple[np.ndarray, Geometry]:
     """Slice order and geometry of a series that passed ``_refusal``."""
     headers = [h for _, h in items]
-    orientation = np.array([float(v) for v in headers[0].ImageOrientationPatient])
-    row, column = orientation[:3], orientation[3:]
-    normal = np.cross(row, column)
+    row, column, normal = _axes(np.array([float(v) for v in headers[0].ImageOrientationPatient]))
     positions = np.array([[float(v) for v in h.ImagePositionPatient] for h in headers])
     along = positions @ normal
     order = np.argsort(along, kind="stable")

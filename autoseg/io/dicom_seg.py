@@ -14,19 +14,21 @@ segment whose label is not there is refused with its name, never guessed.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from autoseg.errors import ImageReadError
+from autoseg.errors import AutosegError, ImageReadError, UsageError
 from autoseg.io.dicom import DicomSeries, require
 from autoseg.io.images import Geometry, read_label
-from autoseg.records import atomic_write_bytes
+from autoseg.records import atomic_write_with
 
 SEG_ENDING = ".dcm"
+# Patient and study attributes of type 2 (present, possibly empty) that highdicom copies from the source image.
+TYPE2_COPIED = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
+                "StudyDate", "StudyTime")
 
 
 @dataclass
@@ -42,6 +44,21 @@ def segment_names(plans) -> dict[int, str]:
     """Label value -> class name of what a model writes (region-based models are refused before: their
     regions overlap, which one segment per written value cannot say)."""
     return {int(v): k for k, v in plans.labels.items() if k not in ("background", "ignore")}
+
+
+def segment_label(name: str) -> str:
+    """A class name as a SegmentLabel holds it: its value representation (LO) keeps at most 64 characters, and
+    readers drop spaces at either end as padding."""
+    return name[:64].strip()
+
+
+def check_segment_labels(names: dict[int, str]) -> None:
+    """Refuse class names that their SegmentLabel would make equal (once per model, before any case)."""
+    cut = [segment_label(name) for name in names.values()]
+    clashing = sorted(name for name, label in zip(names.values(), cut) if cut.count(label) > 1)
+    if clashing:
+        raise UsageError(f"class names {clashing} share their first 64 characters, all a SegmentLabel holds: "
+                         "shorten them in dataset.json or write label maps (--output-format nifti)")
 
 
 def _colours(count: int) -> list[tuple[int, int, int]]:
@@ -62,6 +79,7 @@ def write_seg(labels_zyx: np.ndarray, series: DicomSeries, names: dict[int, str]
     present = set(np.unique(labels_zyx).tolist()) - {0}
     if present - set(names):
         raise ValueError(f"label values {sorted(present - set(names))} have no class name")
+    check_segment_labels(names)
     values = sorted(names)
     lookup = np.zeros(max(values) + 1, dtype=np.uint16)
     lookup[values] = np.arange(1, len(values) + 1)
@@ -72,23 +90,34 @@ def write_seg(labels_zyx: np.ndarray, series: DicomSeries, names: dict[int, str]
                     "folds": " ".join(algorithm.folds) or "all"})
     descriptions = [
         hd.seg.SegmentDescription(
-            segment_number=number, segment_label=names[value][:64],
+            segment_number=number, segment_label=segment_label(names[value]),
             segmented_property_category=codes.SCT.Tissue, segmented_property_type=codes.SCT.AnatomicalStructure,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=identification,
             tracking_id=f"label {value}", tracking_uid=hd.UID(),
             display_color=hd.color.CIELabColor.from_rgb(*colour))
         for number, (value, colour) in enumerate(zip(values, _colours(len(values))), start=1)]
     sources = [pydicom.dcmread(f) for f in series.files]
-    seg = hd.seg.Segmentation(
-        source_images=sources, pixel_array=segment_numbers, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=9000,
-        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="autoseg",
-        manufacturer_model_name=f"{algorithm.dataset} {' + '.join(algorithm.models)}"[:64],
-        software_versions=f"autoseg {__version__}", device_serial_number="none", omit_empty_frames=False,
-        series_description=f"autoseg {algorithm.dataset}"[:64])
-    buffer = io.BytesIO()
-    seg.save_as(buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    missing = [key for key in ("StudyInstanceUID", "FrameOfReferenceUID") if not sources[0].get(key)]
+    if missing:
+        raise AutosegError(f"{series.describe()}: no {' or '.join(missing)}, which a DICOM SEG must reference; "
+                           "write label maps instead (--output-format nifti)", series.files[0])
+    for source in sources:
+        for key in TYPE2_COPIED:
+            if key not in source:  # may be empty but must be there; anonymisers delete them, highdicom reads them
+                setattr(source, key, None)
+    try:
+        seg = hd.seg.Segmentation(
+            source_images=sources, pixel_array=segment_numbers,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
+            series_instance_uid=hd.UID(), series_number=9000, sop_instance_uid=hd.UID(), instance_number=1,
+            manufacturer="autoseg", manufacturer_model_name=f"{algorithm.dataset} {' + '.join(algorithm.models)}"[:64],
+            software_versions=f"autoseg {__version__}", device_serial_number="none", omit_empty_frames=False,
+            series_description=f"autoseg {algorithm.dataset}"[:64])
+    except (ValueError, TypeError, AttributeError) as exc:  # highdicom checks the sources' headers (PatientSex
+        # "Male", frames of reference that differ between slices): that series' case fails, not the folder
+        raise AutosegError(f"{series.describe()}: a DICOM SEG cannot reference it ({type(exc).__name__}: "
+                           f"{str(exc)[:200]})", series.files[0]) from None
+    atomic_write_with(path, seg.save_as)  # straight to the file: a many-class SEG is gigabytes, copied twice in memory
 
 
 def is_seg_file(path: str | Path) -> bool:
@@ -112,7 +141,10 @@ def read_seg(path: str | Path, label_values: dict[str, int], onto: Geometry | No
                              f"{str(exc)[:200]})", path) from None
     numbers = list(seg.get_segment_numbers())
     segment_labels = {n: str(seg.get_segment_description(n).segment_label) for n in numbers}
-    unknown = sorted({label for label in segment_labels.values() if label not in label_values})
+    # A class name over 64 characters was written cut (write_seg refuses two names the cut makes equal): it is
+    # found as its SegmentLabel too.
+    known = {**{segment_label(name): value for name, value in label_values.items()}, **label_values}
+    unknown = sorted({label for label in segment_labels.values() if label not in known})
     if unknown:
         raise ImageReadError(f"segment label(s) {unknown} are not class names of dataset.json "
                              f"({sorted(label_values)})", path)
@@ -122,7 +154,7 @@ def read_seg(path: str | Path, label_values: dict[str, int], onto: Geometry | No
         raise ImageReadError(f"segments do not form one regular 3D grid with one class per voxel ({exc})", path) from None
     lookup = np.zeros(max(numbers) + 1, dtype=np.int16)
     for number, label in segment_labels.items():
-        lookup[number] = label_values[label]
+        lookup[number] = known[label]
     array = lookup[np.asarray(volume.array, dtype=np.int64)]
     geometry = _volume_geometry(volume.affine, array.shape)
     if np.linalg.det(np.reshape(geometry.direction, (3, 3))) < 0:
