@@ -83,8 +83,12 @@ def load_probability_file(path: str | Path) -> tuple[np.ndarray, list[int], bool
 def labels_from_probability_files(paths: list[Path]) -> np.ndarray:
     """The ensemble's label map from the probabilities averaged over ``paths``: their argmax,
     or for region outputs the regions above 0.5, as one model's prediction would be."""
-    mean, values, regions = mean_probabilities(paths)
-    return region_labels(mean, values) if regions else argmax_labels(mean, values)
+    return labels_of(*mean_probabilities(paths))
+
+
+def labels_of(probabilities: np.ndarray, values: list[int], regions: bool) -> np.ndarray:
+    """Labels from (averaged) probabilities: argmax for classes, each region above 0.5 for regions."""
+    return region_labels(probabilities, values) if regions else argmax_labels(probabilities, values)
 
 
 def mean_probabilities(paths: list[Path]) -> tuple[np.ndarray, list[int], bool]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from autoseg.errors import AutosegError, UsageError
-from autoseg.inference.ensemble import argmax_labels, mean_probabilities, region_labels, save_probability_file
+from autoseg.inference.ensemble import labels_of, mean_probabilities, save_probability_file
 from autoseg.inference.postprocessing import PostprocessingDecision, apply_postprocessing
 from autoseg.io.images import SUPPORTED_ENDINGS, read_header, write_label
 from autoseg.records import TEMPORARY_PREFIX, check_writable_folder
@@ -69,8 +69,7 @@ def ensemble_folders(inputs: list[Path], output: Path, postprocessing: Postproce
         if list(mean.shape[1:]) != geometry.array_shape:
             raise AutosegError(f"probabilities of shape {list(mean.shape[1:])} do not fit its label map "
                                f"{reference.name} ({geometry.array_shape})", inputs[0] / f"{case}{PROBABILITY_ENDING}")
-        labels = region_labels(mean, values) if regions else argmax_labels(mean, values)
-        labels = apply_postprocessing(labels.reshape(geometry.shape), postprocessing)
+        labels = apply_postprocessing(labels_of(mean, values, regions).reshape(geometry.shape), postprocessing)
         write_label(labels, target, geometry, reference_file=reference, largest_label=max(values))
         if save_probabilities:
             save_probability_file(output / f"{case}{PROBABILITY_ENDING}", mean, values, regions)
