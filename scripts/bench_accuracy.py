@@ -54,7 +54,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -154,8 +154,15 @@ class Work:
             return self.record[key]
         print(f"[{key}] {datetime.now():%H:%M:%S}, load average {os.getloadavg()[0]:.1f}", flush=True)
         self.record[key] = function()
-        self.record_file.write_text(json.dumps(self.record, indent=1))
+        write_atomically(self.record_file, json.dumps(self.record, indent=1))
         return self.record[key]
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """A record a kill mid-write would leave half-written (and the next run unable to read) is renamed into place."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
 
 
 def dataset_number(name: str) -> str:
@@ -288,7 +295,7 @@ class Parts:
         return sum((part["seconds"] or 0.0) - part.get("excluded_s", 0.0) for part in self.parts)
 
     def _save(self) -> None:
-        self.file.write_text(json.dumps(self.parts, indent=1))
+        write_atomically(self.file, json.dumps(self.parts, indent=1))
 
 
 # Lines printed once an epoch's checkpoints are on disk: nnU-Net's next epoch starting (on_epoch_end saved
@@ -395,12 +402,20 @@ def validation_inputs(work: Path, source: Path, val_cases: list[str]) -> tuple[P
 def evaluate(work: Path, source: Path, labels: Path, predictions: Path) -> dict:
     """autoseg evaluate's summary, and the largest per-case Dice difference to MONAI's compute_dice."""
     out = predictions.parent / (predictions.name + "_evaluation")
-    subprocess.run(autoseg_command("evaluate", str(labels), str(predictions), "--dataset-json",
-                                   str(source / "dataset.json"), "-o", str(out)), check=True, capture_output=True,
-                   env=child_env())
+    shutil.rmtree(out, ignore_errors=True)
+    finished = subprocess.run(autoseg_command("evaluate", str(labels), str(predictions), "--dataset-json",
+                                              str(source / "dataset.json"), "-o", str(out)), capture_output=True,
+                              text=True, errors="replace", env=child_env())
+    if finished.returncode != 0:
+        sys.exit(f"autoseg evaluate failed ({finished.returncode}) on {predictions}:\n{finished.stderr[-4000:]}")
     summary = json.loads((out / "summary.json").read_text())
+    # HD95 is undefined where one side of a class is empty, and left out of its mean: a tool that misses a
+    # class in many cases would otherwise show the HD95 of its easy cases only. Counted, and printed with it.
+    undefined = sum(value.get("n_undefined_hd95", 0) for value in summary["per_class"].values())
     return {"per_class": {name: value["mean"] for name, value in summary["per_class"].items()},
-            "mean": summary["mean_foreground"], "monai_max_difference": monai_dice_difference(source, summary)}
+            "mean": summary["mean_foreground"], "hd95_undefined": undefined,
+            "hd95_of": len(summary["per_case"]) * len(summary["per_class"]),
+            "monai_max_difference": monai_dice_difference(source, summary)}
 
 
 def monai_dice_difference(source: Path, summary: dict) -> float:
@@ -446,8 +461,10 @@ def main() -> None:
                         help="(with --work) training that a session's end may stop: running the same command again "
                              "goes on from each tool's last checkpoint")
     parser.add_argument("--pause-at", metavar="HH:MM",
-                        help="(with --resumable) after this time today, stop the training running then right after "
-                             "its next checkpoint, to go on in a later run")
+                        help="(with --resumable) after this time (its next occurrence, so past midnight too), stop "
+                             "the training running then right after its next checkpoint, to go on in a later run; "
+                             "leave it out of a run that can finish: a pause on autoseg's final epoch report comes "
+                             "before its final checkpoint, and the next run then pays a start-up to write it")
     parser.add_argument("--data", type=Path, default=SHARED / "data", help="the folder that holds the datasets")
     args = parser.parse_args()
     name, configuration = DATASETS[args.dataset]
@@ -475,10 +492,12 @@ def main() -> None:
         if not args.resumable:
             sys.exit("--pause-at needs --resumable")
         try:
-            pause_at = datetime.combine(datetime.now().date(),
-                                        datetime.strptime(args.pause_at, "%H:%M").time()).timestamp()
+            clock = datetime.strptime(args.pause_at, "%H:%M").time()
         except ValueError:
             sys.exit(f"--pause-at {args.pause_at}: give the time as HH:MM")
+        pause_at = datetime.combine(datetime.now().date(), clock).timestamp()
+        if pause_at <= time.time():  # the next HH:MM: at 23:00, 00:10 is tomorrow's, not a time already past
+            pause_at = datetime.combine(datetime.now().date() + timedelta(days=1), clock).timestamp()
     try:
         run(args, folder, work, name, configuration, source, number, pause_at)
     except Paused as paused:
@@ -530,6 +549,9 @@ def run(args, folder: Path, work: Work, name: str, configuration: str, source: P
         predictions = folder / f"pred_{key}"
 
         def predict(label=label, predictions=predictions, key=key):
+            # From nothing: autoseg skips cases already written, so a rerun after a session's end would time only
+            # the rest (nnU-Net's predictor overwrites them all).
+            shutil.rmtree(predictions, ignore_errors=True)
             if label == "nnU-Net":
                 command = nnunet_command("nnUNetv2_predict", "-i", str(images), "-o", str(predictions), "-d", number,
                                          "-c", configuration, "-f", str(args.fold), "-tr", args.trainer, "-device",
@@ -542,9 +564,16 @@ def run(args, folder: Path, work: Work, name: str, configuration: str, source: P
                                           f"--preprocessed={folder / 'pre'}", f"--results={folder / ('res_' + key)}")
                 env = child_env()
             _, wall, _ = run_logged(command, env, folder / f"{key}_predict.log")
-            return {"seconds": wall, **evaluate(folder, source, labels, predictions)}
+            return {"seconds": wall}
 
-        results[label] = work.step(f"predict and evaluate {label}", predict)
+        if f"predict and evaluate {label}" in work.record:  # a working folder of an older version of this script
+            results[label] = work.step(f"predict and evaluate {label}", None)
+            continue
+        # Two steps, so that an evaluation that fails (or a session that ends during it) does not redo the
+        # prediction (ACDC's take 10 to 20 minutes a tool on the CPU).
+        predicted = work.step(f"predict {label}", predict)
+        results[label] = {**predicted, **work.step(f"evaluate {label}", lambda predictions=predictions: evaluate(
+            folder, source, labels, predictions))}
     budget_said = (f"{budget_s:.0f} s (--autoseg-budget-s; nnU-Net measured {trained['nnU-Net']['seconds']:.0f} s)"
                    if args.autoseg_budget_s is not None else "nnU-Net's training time")
     print(f"\nnnU-Net's trainer: {args.trainer}{shortened}; autoseg's budget: {budget_said}")
@@ -568,7 +597,10 @@ def print_table(dataset: str, configuration: str, trained: dict, results: dict, 
                str(trained[tool].get("batch", "n/a"))]
         row += [f"{result['per_class'][c]['dice']:.4f}" for c in classes]
         mean = result["mean"]
-        row += [f"{mean['dice']:.4f}", _number(mean.get("hd95")), _number(mean.get("nsd")), f"{result['seconds']:.0f}"]
+        hd95 = _number(mean.get("hd95"))
+        if result.get("hd95_undefined"):
+            hd95 += f" ({result['hd95_undefined']} of {result['hd95_of']} undefined)"
+        row += [f"{mean['dice']:.4f}", hd95, _number(mean.get("nsd")), f"{result['seconds']:.0f}"]
         print("| " + " | ".join(row) + " |")
     reference = results.get("nnU-Net")
     for tool, result in results.items():

@@ -157,7 +157,7 @@ def test_a_direction_given_as_a_matrix_is_taken(segmenter):
 
 
 def test_the_readme_example_runs(pipeline, model_package, tmp_path, monkeypatch, request):
-    text = README.read_text()
+    text = README.read_text(encoding="utf-8")
     section = text[text.index("### Python API"):]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     monkeypatch.chdir(tmp_path)

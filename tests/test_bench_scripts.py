@@ -240,6 +240,24 @@ def test_bench_accuracy_compares_images_per_second_when_the_batches_differ():
     assert speed_ratio({"seconds": 1000, "iterations": 700}, {**nnunet, "seconds": 1000}).endswith("2.80")
 
 
+def test_bench_accuracy_table_says_how_many_hd95_values_were_undefined(capsys):
+    # HD95 is left out of a class's mean where one side is empty: a tool missing a class in many cases would
+    # show the HD95 of its easy cases only, so the table says how many of the case x class values it lacks.
+    from bench_accuracy import print_table
+
+    def result(dice: float, undefined: int) -> dict:
+        per_class = {"RV": {"dice": dice}, "MLV": {"dice": dice}}
+        return {"per_class": per_class, "mean": {"dice": dice, "hd95": 4.25, "nsd": 0.5}, "seconds": 60,
+                "hd95_undefined": undefined, "hd95_of": 48, "monai_max_difference": 1e-8}
+
+    trained = {"nnU-Net": {"seconds": 100, "iterations": 10, "batch": 4},
+               "autoseg": {"seconds": 99, "iterations": 30, "batch": 2}}
+    print_table("acdc", "3d_fullres", trained, {"nnU-Net": result(0.5, 17), "autoseg": result(0.75, 0)}, 24)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| acdc")]
+    assert "| 0.5000 | 4.25 (17 of 48 undefined) | 0.50 | 60 |" in rows[0]
+    assert "| 0.7500 | 4.25 | 0.50 | 60 |" in rows[1]
+
+
 def test_bench_accuracy_keeps_one_fold_per_working_folder_and_refuses_a_batch_below_one(tmp_path):
     data = tmp_path / "data" / "Dataset004_Hippocampus"
     data.mkdir(parents=True)

@@ -22,7 +22,7 @@ hd = pytest.importorskip("highdicom", reason="the [dicom] extra (highdicom) is n
 from autoseg.cli import main  # noqa: E402
 from autoseg.io.dicom import dicom_cases, read_dicom_case  # noqa: E402
 from autoseg.io.dicom_seg import SegAlgorithm, read_seg, write_seg  # noqa: E402
-from autoseg.io.images import read_image, read_label  # noqa: E402
+from autoseg.io.images import Geometry, read_image, read_label  # noqa: E402
 from conftest import shared_dataset, shrink_plan_to_tiny_unet  # noqa: E402
 from dicom_series import oblique_direction, write_series  # noqa: E402
 
@@ -57,7 +57,8 @@ def mixed_folder(tmp_path_factory) -> tuple[Path, Path]:
 
 def test_series_read_from_a_mixed_shuffled_folder_equal_their_nifti(mixed_folder):
     dicom, nifti = mixed_folder
-    cases, refused = dicom_cases(dicom, 1)
+    listing = dicom_cases(dicom, 1)
+    cases, refused = listing.cases, listing.refused_lines()
     assert refused == []
     assert [c.case_id for c in cases] == ["CT1_20240102_1", "HIP1_20240102_1"]
     for case in cases:
@@ -84,7 +85,7 @@ def test_rescale_slope_and_intercept_are_applied(tmp_path):
         ds.save_as(path)
     expected = np.stack([((hu[i] + 2048) // (2 if i % 2 else 1)) * (2 if i % 2 else 1) - 2048
                          for i in range(len(files))])
-    cases, _ = dicom_cases(tmp_path / "series", 1)
+    cases = dicom_cases(tmp_path / "series", 1).cases
     array, _ = read_dicom_case(cases[0], 1)
     assert np.array_equal(array[0], expected.astype(np.float32))
 
@@ -108,7 +109,8 @@ def _defective_folder(root: Path) -> dict[str, str]:
 
 def test_defective_series_are_refused_by_name(tmp_path):
     reasons = _defective_folder(tmp_path)
-    cases, refused = dicom_cases(tmp_path, 1)
+    listing = dicom_cases(tmp_path, 1)
+    cases, refused = listing.cases, listing.refused_lines()
     assert cases == []
     for uid, words in reasons.items():
         assert [line for line in refused if f"series {uid} " in line and words in line], (uid, refused)
@@ -200,7 +202,7 @@ def test_seg_of_a_many_class_ct_reads_back_voxel_identical_at_the_source_positio
     labels = json.loads((dataset / "dataset.json").read_text())["labels"]
     truth = sitk.GetArrayFromImage(sitk.ReadImage(str(dataset / "labelsTr" / "ct_small.nii.gz")))
     truth[truth == 5] = 0  # one class absent: still described, with empty frames
-    series = next(c for c in dicom_cases(dicom, 1)[0] if c.case_id.startswith("CT1")).channels[0]
+    series = next(c for c in dicom_cases(dicom, 1).cases if c.case_id.startswith("CT1")).channels[0]
     names = {v: k for k, v in labels.items() if k != "background"}
     write_seg(truth, series, names, SegAlgorithm("Dataset030_CTExample", ["3d_fullres__unet"], ["0"]),
               tmp_path / "ct.dcm")
@@ -227,10 +229,13 @@ def test_multi_channel_models_need_dicom_channels(mixed_folder, tmp_path):
     with pytest.raises(UsageError, match="--dicom-channels"):
         dicom_cases(dicom, 2)
     # Both series in one study: two patterns pick one each; a pattern matching nothing refuses the study.
-    cases, refused = dicom_cases(dicom, 2, ["test*", "*HIPPO*"])
+    listing = dicom_cases(dicom, 2, ["test*", "*HIPPO*"])
+    cases, refused = listing.cases, listing.refused_lines()
     assert refused == [] and [[s.uid for s in c.channels] for c in cases] == [[CT_UID, HIPPO_UID]]
-    cases, refused = dicom_cases(dicom, 2, ["test*", "*flair*"])
-    assert cases == [] and "pattern '*flair*' matches 0 series" in refused[0]
+    listing = dicom_cases(dicom, 2, ["test*", "*flair*"])
+    cases, refused = listing.cases, listing.refused_lines()
+    assert cases == [] and refused[0].startswith(f"{listing.refused[0].file}: study ")
+    assert "refused: pattern '*flair*' matches 0 series" in refused[0]
 
 
 def test_a_missing_extra_says_what_to_install(monkeypatch, mixed_folder):
@@ -264,8 +269,11 @@ def test_objects_that_are_no_images_are_passed_over_with_a_note_not_refused(mixe
     ds.SOPClassUID, ds.SeriesInstanceUID = "1.2.840.10008.5.1.4.1.1.7", "9.8"
     del ds.ImagePositionPatient, ds.ImageOrientationPatient
     ds.save_as(tmp_path / "export" / "dose_report.dcm")
-    cases, refused = dicom_cases(tmp_path / "export", 1)
+    listing = dicom_cases(tmp_path / "export", 1)
+    cases, refused = listing.cases, listing.refused_lines()
     assert refused == [] and len(cases) == 2
+    assert sorted(s.not_an_image for s in listing.passed_over) == [
+        "Modality SEG", "localizer", "secondary capture without a position"]
     assert ("3 DICOM series that are no images passed over (Modality SEG, localizer, secondary capture without a "
             "position)") in capsys.readouterr().err
 
@@ -283,7 +291,7 @@ def test_evaluate_accepts_seg_predictions_and_references(mixed_folder, tmp_path,
         image = sitk.GetImageFromArray(array)
         image.CopyInformation(ct)
         sitk.WriteImage(image, str(folders[name] / "CT1_20240102_1.nii.gz"))
-    series = next(c for c in dicom_cases(dicom, 1)[0] if c.case_id.startswith("CT1")).channels[0]
+    series = next(c for c in dicom_cases(dicom, 1).cases if c.case_id.startswith("CT1")).channels[0]
     names = {v: k for k, v in labels.items() if k != "background"}
     algorithm = SegAlgorithm("Dataset030_CTExample", ["3d_fullres__unet"], ["0"])
     folders["pred_seg"].mkdir()
@@ -335,6 +343,54 @@ def _highdicom_seg(series_files: list[Path], labels_zyx: np.ndarray, names: dict
     seg.save_as(path)
 
 
+@pytest.mark.parametrize("slices", [(2, 3, 7), (0, 5, 10)], ids=["gaps", "every-fifth"])
+def test_a_seg_with_gaps_between_its_annotated_slices_is_placed_slice_by_slice(mixed_folder, tmp_path, slices):
+    # Writers omit empty frames, so the frames of a structure drawn on slices 2-3 and 7, or on every fifth
+    # slice, have gaps. highdicom's own SEGs say SpacingBetweenSlices; where a writer left it out, the frames
+    # of every fifth slice read as a stack of five times the image's spacing, which was refused.
+    dicom, _ = mixed_folder
+    series = next(c for c in dicom_cases(dicom, 1).cases if c.case_id.startswith("CT1")).channels[0]
+    labels = np.zeros(series.geometry.shape, dtype=np.uint8)
+    for index, z in enumerate(slices):
+        labels[z, 3 + index:9, 4:10 - index] = 1
+    ct_files = sorted(dicom.glob("a*.dcm"))
+    _highdicom_seg(ct_files, labels, {1: "spleen"}, tmp_path / "seg.dcm")
+    ds = pydicom.dcmread(tmp_path / "seg.dcm")
+    assert int(ds.NumberOfFrames) == len(slices)
+    del ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].SpacingBetweenSlices
+    ds.save_as(tmp_path / "seg.dcm")
+    alone, alone_geometry = read_seg(tmp_path / "seg.dcm", {"spleen": 1})  # its own grid: the smallest gap
+    smallest_gap = min(np.diff(slices))
+    assert alone.shape[0] == (slices[-1] - slices[0]) // smallest_gap + 1
+    assert alone_geometry.spacing[2] == pytest.approx(smallest_gap * series.geometry.spacing[2], rel=1e-6)
+    array, geometry = read_seg(tmp_path / "seg.dcm", {"spleen": 1}, onto=series.geometry)
+    assert geometry == series.geometry and np.array_equal(array, labels)
+
+
+def test_a_seg_whose_frames_make_no_regular_stack_is_placed_frame_by_frame_onto_the_image(mixed_folder, tmp_path):
+    # Slices 0, 2 and 5 drawn, SpacingBetweenSlices left out: gaps of 2 and 3 slices are no volume to highdicom
+    # (alone the SEG is refused so), but onto the image every frame has its slice.
+    dicom, _ = mixed_folder
+    series = next(c for c in dicom_cases(dicom, 1).cases if c.case_id.startswith("CT1")).channels[0]
+    labels = np.zeros(series.geometry.shape, dtype=np.uint8)
+    labels[0, 2:6, 3:9], labels[2, 4:8, 1:4], labels[5, 6:9, 6:9] = 1, 2, 1
+    labels[5, 2:4, 2:4] = 2
+    _highdicom_seg(sorted(dicom.glob("a*.dcm")), labels, {1: "spleen", 2: "liver"}, tmp_path / "seg.dcm")
+    ds = pydicom.dcmread(tmp_path / "seg.dcm")
+    del ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].SpacingBetweenSlices
+    ds.save_as(tmp_path / "seg.dcm")
+    from autoseg.errors import ImageReadError
+
+    with pytest.raises(ImageReadError, match="do not form one regular 3D grid"):
+        read_seg(tmp_path / "seg.dcm", {"spleen": 1, "liver": 2})
+    array, geometry = read_seg(tmp_path / "seg.dcm", {"spleen": 1, "liver": 2}, onto=series.geometry)
+    assert geometry == series.geometry and np.array_equal(array, labels)
+    shifted = Geometry(series.geometry.shape, series.geometry.spacing, [v + 0.4 for v in series.geometry.origin],
+                       series.geometry.direction)
+    with pytest.raises(ImageReadError, match="frame 1 does not lie on a slice of the image's grid"):
+        read_seg(tmp_path / "seg.dcm", {"spleen": 1, "liver": 2}, onto=shifted)
+
+
 def test_convert_dicom_round_trip_gives_back_the_labels_and_lists_unmapped_segments(mixed_folder, tmp_path, capsys):
     dicom, nifti = mixed_folder
     dataset = shared_dataset("Dataset030_CTExample")
@@ -348,21 +404,76 @@ def test_convert_dicom_round_trip_gives_back_the_labels_and_lists_unmapped_segme
     shutil.copytree(dicom, tmp_path / "labels" / "export")
     mapping = tmp_path / "labels.json"
     mapping.write_text(json.dumps({"spleen": 1, "kidney right": 2, "lung": 10}))
+    # The images: the CT and the MR of the fixture, and a second CT without a SEG (a test case).
+    images = tmp_path / "images"
+    shutil.copytree(dicom, images)
+    write_series(_hippocampus_image(), images / "second_ct", "9.9", patient_id="CT2")
     target = tmp_path / "raw" / "Dataset050_Mine"
-    assert main(["convert-dicom", str(dicom), str(tmp_path / "labels"), "-o", str(target), "--labels", str(mapping)]) == 2
-    assert "['kidney left'] are not in labels.json" in capsys.readouterr().err and not target.exists()
+    command = ["convert-dicom", str(images), str(tmp_path / "labels"), "-o", str(target), "--labels", str(mapping)]
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert "['kidney left'] are not in labels.json" in err and not target.exists()
+    # One channel holds one kind of image: a CT and MR export is refused unless --modality picks one.
+    assert "the image series are of several modalities: CT (2 series, e.g. CT1_20240102_1), MR (1 series" in err
+    assert "--modality CT" in err
     mapping.write_text(json.dumps({"spleen": 1, "kidney right": 2, "kidney left": 3, "lung": 10}))
-    assert main(["convert-dicom", str(dicom), str(tmp_path / "labels"), "-o", str(target), "--labels", str(mapping)]) == 0
+    assert main([*command, "--modality", "pt"]) == 2
+    assert "no image series of modality PT (found: CT (2 series" in capsys.readouterr().err and not target.exists()
+    assert main([*command, "--modality", "CT"]) == 0
+    assert "1 series of modalities other than CT left out (MR)" in capsys.readouterr().err
     label, geometry = read_label(target / "labelsTr" / "CT1_20240102_1.nii.gz")
     image, image_geometry = read_image(target / "imagesTr" / "CT1_20240102_1_0000.nii.gz")
     expected_image, expected_geometry = read_image(nifti / "CT1_20240102_1_0000.nii.gz")
     assert np.array_equal(label, kept) and np.array_equal(image, expected_image)
     assert geometry == image_geometry and geometry.matches(expected_geometry, 1e-6, 1e-4, 1e-6) == []
-    assert (target / "imagesTs" / "HIP1_20240102_1_0000.nii.gz").is_file()  # no SEG: a test case
+    assert sorted(p.name for p in (target / "imagesTs").iterdir()) == ["CT2_20240102_1_0000.nii.gz"]  # no SEG
     description = json.loads((target / "dataset.json").read_text())
     assert description["labels"] == {"background": 0, "spleen": 1, "kidney right": 2, "kidney left": 3, "lung": 10}
     assert description["numTraining"] == 1 and description["channel_names"] == {"0": "CT"}
     assert main(["check", "-d", "50", f"--raw={tmp_path / 'raw'}", "-np", "1"]) == 0
+
+
+def test_convert_dicom_with_channels_writes_a_file_per_channel_and_takes_the_seg_of_any_channel(tmp_path, capsys):
+    # A multi-sequence MR export (T1 and T2 of each study): one case per study, one file per channel, the SEG
+    # drawn on the T2 (the second channel).
+    t1 = _hippocampus_image()
+    t2 = sitk.Cast(t1 * 2 + 7, sitk.sitkInt16)  # another contrast on the same grid
+    images, labels_dir = tmp_path / "images", tmp_path / "labels"
+    write_series(t1, images / "t1", "7.1", patient_id="MR1", series_number=3, description="T1 axial", modality="MR")
+    t2_files = write_series(t2, images / "t2", "7.2", patient_id="MR1", series_number=4, description="T2 axial",
+                            modality="MR")
+    moved = sitk.Image(t2)  # a second study whose T2 lies 1.5 mm off its T1's grid
+    moved.SetOrigin([v + 1.5 for v in t2.GetOrigin()])
+    write_series(t1, images / "other_t1", "7.3", study_uid="1.2.3.2", patient_id="MR2", description="T1 axial",
+                 modality="MR")
+    write_series(moved, images / "other_t2", "7.4", study_uid="1.2.3.2", patient_id="MR2", description="T2 axial",
+                 modality="MR")
+    truth_file = shared_dataset("Dataset004_Hippocampus") / "labelsTr" / "hippocampus_033.nii.gz"
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(truth_file)))
+    labels_dir.mkdir()
+    _highdicom_seg(t2_files, truth, {1: "anterior", 2: "posterior"}, labels_dir / "t2_seg.dcm")
+    mapping = tmp_path / "labels.json"
+    mapping.write_text(json.dumps({"anterior": 1, "posterior": 2}))
+    target = tmp_path / "raw" / "Dataset053_Channels"
+    command = ["convert-dicom", str(images), str(labels_dir), "-o", str(target), "--labels", str(mapping),
+               "--dicom-channels", "*T1*", "*T2*"]
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert "series 7.4 (T2 axial" in err and "does not lie on the grid of case MR2_20240102_1's first channel" in err
+    assert not target.exists()
+    shutil.rmtree(images / "other_t2")  # the second study now has no T2: refused by name, the first converted
+    assert main(command) == 2
+    assert "study 1.2.3.2 refused: pattern '*T2*' matches 0 series" in capsys.readouterr().err
+    for index, expected in enumerate((t1, t2)):
+        image, geometry = read_image(target / "imagesTr" / f"MR1_20240102_3_{index:04d}.nii.gz")
+        assert np.array_equal(image[0], sitk.GetArrayFromImage(expected))
+        assert np.allclose(geometry.spacing, expected.GetSpacing(), atol=1e-6)
+        assert np.allclose(geometry.origin, expected.GetOrigin(), atol=1e-4)
+    label, label_geometry = read_label(target / "labelsTr" / "MR1_20240102_3.nii.gz")
+    assert np.array_equal(label, truth) and label_geometry == geometry
+    description = json.loads((target / "dataset.json").read_text())
+    assert description["channel_names"] == {"0": "T1", "1": "T2"} and description["numTraining"] == 1
+    assert main(["check", "-d", "53", f"--raw={tmp_path / 'raw'}", "-np", "1"]) == 0
 
 
 def test_a_label_mapping_may_not_use_the_names_dataset_json_reserves_or_a_value_twice(tmp_path):
@@ -391,7 +502,8 @@ def test_rounded_orientation_cosines_and_anisotropic_spacing_read_as_the_nifti_g
         ds = pydicom.dcmread(path)
         ds.ImageOrientationPatient = [f"{float(v) * 1.0004:.10g}" for v in ds.ImageOrientationPatient]
         ds.save_as(path)
-    cases, refused = dicom_cases(tmp_path / "series", 1)
+    listing = dicom_cases(tmp_path / "series", 1)
+    cases, refused = listing.cases, listing.refused_lines()
     assert refused == []
     array, geometry = read_dicom_case(cases[0], 1)
     assert np.array_equal(array[0], sitk.GetArrayFromImage(image))
@@ -410,7 +522,8 @@ def test_a_slice_with_blank_or_malformed_placement_values_refuses_its_series_nam
         ds = pydicom.dcmread(path)
         setattr(ds, key, value)
         ds.save_as(path)
-    cases, refused = dicom_cases(export, 1)
+    listing = dicom_cases(export, 1)
+    cases, refused = listing.cases, listing.refused_lines()
     assert cases == [] and len(refused) == 2
     assert f"series {CT_UID} " in refused[0]
     assert f"{blank.name}: ImageOrientationPatient is missing or empty" in refused[0]
@@ -432,7 +545,7 @@ def test_seg_of_an_anonymised_series_is_written_and_one_without_frame_of_referen
                 deleted += 1
         ds.save_as(path)
     assert deleted >= 2 * len(list(export.glob("a*.dcm")))
-    series = next(c for c in dicom_cases(export, 1)[0] if c.case_id.startswith("CT1")).channels[0]
+    series = next(c for c in dicom_cases(export, 1).cases if c.case_id.startswith("CT1")).channels[0]
     labels = np.zeros(series.geometry.shape, dtype=np.int16)
     labels[2, 5:9, 5:9], labels[4, 1:3, 1:6] = 1, 2
     long_name = "left " + "very " * 14 + "long structure name"  # over the 64 characters of a SegmentLabel
@@ -465,12 +578,22 @@ def test_convert_dicom_says_why_the_series_a_seg_references_was_refused(mixed_fo
     for path in ct_files:
         if int(pydicom.dcmread(path, stop_before_pixels=True).InstanceNumber) != 15:  # a slice lost in transfer
             shutil.copy(path, images)
+    # A SEG drawn on a localizer (no volume to segment) is told so, not "not among the series found".
+    scout = write_series(_hippocampus_image()[:, :, :3], images / "scout", "9.7", series_number=2)
+    for path in scout:
+        ds = pydicom.dcmread(path)
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+        ds.save_as(path)
+    scout_labels = np.zeros((3, *pydicom.dcmread(scout[0]).pixel_array.shape), dtype=np.uint8)
+    scout_labels[1, 2:5, 2:5] = 1
+    _highdicom_seg(scout, scout_labels, {1: "spleen"}, tmp_path / "labels" / "scout_seg.dcm")
     (tmp_path / "labels.json").write_text(json.dumps({"spleen": 1}))
     target = tmp_path / "raw" / "Dataset051_Lost"
     assert main(["convert-dicom", str(images), str(tmp_path / "labels"), "-o", str(target),
                  "--labels", str(tmp_path / "labels.json")]) == 2
     err = capsys.readouterr().err
     assert f"references series {CT_UID}, which was refused: missing slice" in err, err
+    assert "references series 9.7, which is no image to segment (localizer) and was passed over" in err, err
     assert not target.exists()
 
 

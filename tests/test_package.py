@@ -195,6 +195,23 @@ def test_a_pickle_that_would_run_code_is_refused_even_with_a_matching_manifest(p
     assert "code ran" not in capsys.readouterr().out
 
 
+def test_a_plan_from_a_newer_autoseg_says_which_version_made_the_package(pipeline, package, tmp_path, capsys):
+    # A plan written by a newer autoseg holds a field this one does not know: the error alone ("unknown field")
+    # does not tell the user to install the version that made the package.
+    members = _members(package)
+    plans_member = "models/3d_fullres__unet/plans.json"
+    plans = json.loads(members[plans_member])
+    plans["future_setting"] = 1
+    members[plans_member] = json.dumps(plans).encode()
+    _relist(members, plans_member)
+    manifest = json.loads(members["model.json"])
+    manifest["autoseg_version"] = "9.0.0"
+    members["model.json"] = json.dumps(manifest).encode()
+    _refused(pipeline, _write(tmp_path / "newer.zip", members), tmp_path, capsys, f"member '{plans_member}'",
+             "unknown field(s) ['future_setting']", "the package was made by autoseg 9.0.0 with torch",
+             "install the version that made it")
+
+
 def test_export_refuses_untrained_folds_and_a_name_without_zip(pipeline, tmp_path, capsys):
     assert main(["export", "-d", "999", "-c", "3d_fullres", "-f", "0", "1", "-o", str(tmp_path / "m.zip"),
                  *pipeline.flags]) == 2

@@ -1,7 +1,8 @@
 """DICOM series with DICOM SEG labels to the nnU-Net v2 raw layout (``autoseg convert-dicom``).
 
 Each image series (``autoseg/io/dicom.py``: same discovery, geometry and refusals as
-``predict``) becomes a case; the SEG that references it (ReferencedSeriesSequence) becomes
+``predict``) becomes a case, or with channel patterns each study's series they pick, one per
+channel; the SEG that references it (ReferencedSeriesSequence; any channel's) becomes
 its label map, placed slice by slice on the series' own instances (highdicom's
 ``get_pixels_by_source_instance``), so SEGs that omit empty frames work too. Segments are
 mapped to label values by their SegmentLabel through ``labels.json``
@@ -16,6 +17,7 @@ The dataset is built in a hidden folder beside the target and renamed into place
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -23,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from autoseg.errors import DatasetCheckFailed, DatasetError, UsageError
-from autoseg.io.dicom import DicomSeries, dicom_cases, looks_like_dicom, read_series_pixels, require, write_cases_csv
+from autoseg.io.dicom import (DicomCase, DicomListing, DicomSeries, dicom_cases, looks_like_dicom, read_series_pixels,
+                              require, write_cases_csv)
 from autoseg.io.images import write_image, write_label
 from autoseg.records import read_json, temporary_folder_name
 
@@ -122,35 +125,115 @@ def seg_label_map(path: Path, series: DicomSeries, mapping: dict[str, int]) -> t
     return label_map, []
 
 
-def _why_not_usable(uid: str, refused: list[str]) -> str:
-    """Why a series a SEG references is not a case: its refusal (the refused lines are printed only after a
-    successful conversion, so without it the user saw no reason), or that no image series has that UID."""
-    reasons = [line.split(" refused: ", 1)[-1] for line in refused if f"series {uid} (" in line]
-    if reasons:
-        return f"which was refused: {reasons[0]}"
-    return "which is not among the image series found in the images folder"
+def _of_one_modality(listing: DicomListing, chosen: str | None, images: Path
+                     ) -> tuple[DicomListing, list[DicomSeries], list[str]]:
+    """(the listing kept, the series left out, problems). A dataset's channel holds one kind of image,
+    normalised by the modality of its first case (CT's fixed window would be wrong for a PET), so an
+    export of several modalities (PET/CT) is refused unless ``chosen`` (--modality) names the one to
+    convert; the others, refused series among them, are left out."""
+    def modality_of(series: DicomSeries) -> str:
+        return series.modality or "missing"
+
+    by_modality: dict[str, list[DicomCase]] = {}
+    for case in listing.cases:
+        by_modality.setdefault(modality_of(case.channels[0]), []).append(case)
+    if chosen is None:
+        if len(by_modality) > 1:
+            return listing, [], [f"{images}: the image series are of several modalities: {_counts(by_modality)}; a "
+                                 "dataset holds one kind of image per channel: convert one with --modality (e.g. "
+                                 f"--modality {sorted(by_modality)[0]})"]
+        return listing, [], []
+    wanted = chosen.upper()
+    kept = DicomListing([c for c in listing.cases if modality_of(c.channels[0]).upper() == wanted],
+                        [r for r in listing.refused if r.series is None or modality_of(r.series).upper() == wanted],
+                        listing.passed_over)
+    left_out = [c.channels[0] for c in listing.cases if modality_of(c.channels[0]).upper() != wanted] + \
+               [r.series for r in listing.refused if r.series is not None and modality_of(r.series).upper() != wanted]
+    if not kept.cases and not kept.refused:
+        return kept, left_out, [f"{images}: no image series of modality {wanted} (found: "
+                                f"{_counts(by_modality) or 'none'})"]
+    return kept, left_out, []
 
 
-def convert_dicom(images: Path, labels: Path, target: Path, mapping_file: Path) -> tuple[int, int, list[str]]:
-    """Write the dataset; returns (training cases, test cases, refused series lines)."""
+def _counts(by_modality: dict[str, list[DicomCase]]) -> str:
+    return ", ".join(f"{modality} ({len(group)} series, e.g. {group[0].case_id})"
+                     for modality, group in sorted(by_modality.items()))
+
+
+def _channel_problems(cases: list[DicomCase], patterns: list[str], images: Path) -> list[str]:
+    """Several channels: each must hold one kind of image (its normalisation is planned per channel) and
+    every case's channels must lie on its first channel's grid (the files share one geometry)."""
+    problems = []
+    for index, pattern in enumerate(patterns):
+        modalities = sorted({case.channels[index].modality or "missing" for case in cases})
+        if len(modalities) > 1:
+            problems.append(f"{images}: channel {index} ('{pattern}') picks series of several modalities "
+                            f"({', '.join(modalities)}); make its pattern pick one kind of image")
+    for case in cases:
+        for series in case.channels[1:]:
+            mismatch = series.geometry.matches(case.channels[0].geometry)
+            if mismatch:
+                problems.append(f"{series.files[0]}: {series.describe()} does not lie on the grid of case "
+                                f"{case.case_id}'s first channel ({'; '.join(mismatch)}); resample it first")
+    return problems
+
+
+# Channel names that planning reads as a normalisation (``planning/normalization.py``), lower-cased.
+NORMALISATION_NAMES = {"ct", "nonorm", "rgb_to_0_1", "rescale_to_0_1"}
+
+
+def _channel_name(index: int, pattern: str | None, modality: str) -> str:
+    """dataset.json's name of a channel: CT for CT (its fixed window normalisation), else the pattern's words."""
+    if modality == "CT":
+        return "CT"
+    words = re.sub(r"[*?\[\]]+", " ", pattern or "").strip()
+    if words.lower() in NORMALISATION_NAMES:  # '*CT*' picking a PET would give it CT's window
+        words = ""
+    return words or modality or f"channel {index}"
+
+
+def convert_dicom(images: Path, labels: Path, target: Path, mapping_file: Path, modality: str | None = None,
+                  channel_patterns: list[str] | None = None) -> tuple[int, int, list[str]]:
+    """Write the dataset; returns (training cases, test cases, refused series lines). ``modality`` keeps the
+    series of that modality only (an export of several must name one); ``channel_patterns`` (one
+    SeriesDescription glob per channel, as ``predict --dicom-channels``) make each case of one series per
+    channel within a study, the SEG referencing any of them."""
     images, labels, target = Path(images), Path(labels), Path(target)
     for folder in (images, labels):
         if not folder.is_dir():
             raise UsageError("is not a folder", folder)
     if target.exists() and any(target.iterdir()):
         raise UsageError("the target dataset folder exists and is not empty", target)
+    if channel_patterns and modality:
+        raise UsageError("--modality is for one channel; with --dicom-channels each pattern picks its channel")
     mapping = read_label_mapping(mapping_file)
-    cases, refused = dicom_cases(images, 1)
-    segs, problems = find_segs(labels)
-    by_series = {case.channels[0].uid: case for case in cases}
-    problems += [f"{paths[0]}: references series {uid}, {_why_not_usable(uid, refused)}"
+    if channel_patterns:
+        listing, left_out = dicom_cases(images, len(channel_patterns), channel_patterns), []
+        problems = _channel_problems(listing.cases, channel_patterns, images)
+    else:
+        listing, left_out, problems = _of_one_modality(dicom_cases(images, 1), modality, images)
+    cases = listing.cases
+    segs, seg_problems = find_segs(labels)
+    problems += seg_problems
+    if left_out:
+        print(f"convert-dicom: note: {len(left_out)} series of modalities other than {modality.upper()} left out "
+              f"({', '.join(sorted({s.modality or 'missing' for s in left_out}))}), with their SEGs", file=sys.stderr)
+        for series in left_out:
+            segs.pop(series.uid, None)
+    by_series = {series.uid: case for case in cases for series in case.channels}
+    # The refused series are printed only after a successful conversion: the reason goes with the SEG's line.
+    problems += [f"{paths[0]}: references series {uid}, {listing.why_not_a_case(uid)}"
                  for uid, paths in segs.items() if uid not in by_series]
     problems += [f"{paths[0]}: series {uid} has {len(paths)} SEGs ({', '.join(p.name for p in paths)}); keep one"
                  for uid, paths in segs.items() if len(paths) > 1]
     label_maps = {}
     for case in cases:
-        series = case.channels[0]
-        if len(segs.get(series.uid, [])) == 1:
+        labelled = [series for series in case.channels if len(segs.get(series.uid, [])) == 1]
+        if len(labelled) > 1:
+            problems.append(f"{segs[labelled[1].uid][0]}: case {case.case_id} has a SEG on {len(labelled)} of its "
+                            f"channels ({', '.join(segs[s.uid][0].name for s in labelled)}); keep one")
+        elif labelled:  # placed on the series it was drawn on, which lies on the first channel's grid
+            series = labelled[0]
             label_maps[case.case_id], why = seg_label_map(segs[series.uid][0], series, mapping)
             problems += why
     if problems:
@@ -160,19 +243,23 @@ def convert_dicom(images: Path, labels: Path, target: Path, mapping_file: Path) 
     try:
         for case in cases:
             split = "Tr" if case.case_id in label_maps else "Ts"
-            series = case.channels[0]
-            pixels = read_series_pixels(series)
-            exact = np.array_equal(pixels, np.rint(pixels)) and np.abs(pixels).max(initial=0) < 32768
-            write_image(pixels.astype(np.int16) if exact else pixels, tmp / f"images{split}" / f"{case.case_id}_0000.nii.gz",
-                        series.geometry)
+            geometry = case.channels[0].geometry  # every channel's (checked above), as predict stacks them
+            for index, series in enumerate(case.channels):
+                pixels = read_series_pixels(series)
+                exact = np.array_equal(pixels, np.rint(pixels)) and np.abs(pixels).max(initial=0) < 32768
+                write_image(pixels.astype(np.int16) if exact else pixels,
+                            tmp / f"images{split}" / f"{case.case_id}_{index:04d}.nii.gz", geometry)
             if split == "Tr":
-                write_label(label_maps[case.case_id], tmp / "labelsTr" / f"{case.case_id}.nii.gz", series.geometry)
+                write_label(label_maps[case.case_id], tmp / "labelsTr" / f"{case.case_id}.nii.gz", geometry)
         values = {}
         for name, value in mapping.items():
             values.setdefault(value, name)  # several segment labels may share a value: the first names it
-        modality = cases[0].channels[0].modality if cases else ""
+        patterns = channel_patterns or [None]
+        modalities = [cases[0].channels[index].modality if cases else "" for index in range(len(patterns))]
         description = {
-            "channel_names": {"0": "CT" if modality == "CT" else modality or "image"},
+            "channel_names": {str(index): _channel_name(index, pattern, modality) if channel_patterns
+                              else "CT" if modality == "CT" else modality or "image"
+                              for index, (pattern, modality) in enumerate(zip(patterns, modalities))},
             "labels": {"background": 0, **{name: value for value, name in sorted(values.items())}},
             "numTraining": len(label_maps),
             "file_ending": ".nii.gz",
@@ -190,4 +277,4 @@ def convert_dicom(images: Path, labels: Path, target: Path, mapping_file: Path) 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return len(label_maps), len(cases) - len(label_maps), refused
+    return len(label_maps), len(cases) - len(label_maps), listing.refused_lines()

@@ -27,12 +27,13 @@ def list_dicom_input(input_dir: Path, num_channels: int, channel_patterns: list[
         return None
     if not is_dicom_folder(input_dir):
         return None
-    cases, refused = dicom_cases(input_dir, num_channels, channel_patterns)
+    listing = dicom_cases(input_dir, num_channels, channel_patterns)
+    refused = listing.refused_lines()
     for line in refused:
         print(f"autoseg: error: {line}; skipped", file=sys.stderr)
-    if not cases and not refused:
+    if not listing.cases and not refused:
         raise UsageError("no DICOM image series in the input folder", input_dir)
-    return [InputCase(c.case_id, c.channels[0].files, ".nii.gz", dicom=c) for c in cases], refused
+    return [InputCase(c.case_id, c.channels[0].files, ".nii.gz", dicom=c) for c in listing.cases], refused
 
 
 def output_files(case_id: str, ending: str, output_dir: Path, output_format: str,

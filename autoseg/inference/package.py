@@ -26,7 +26,7 @@ from typing import Any, Iterator
 
 import torch
 
-from autoseg.errors import AutosegError, PackageError
+from autoseg.errors import AutosegError, CheckpointError, PackageError, PlanError
 from autoseg.records import from_jsonable
 
 PACKAGE_SCHEMA_VERSION = 1
@@ -270,11 +270,26 @@ def load_package_models(folder: Path, manifest: ModelManifest, device: torch.dev
             raise UsageError(f"fold(s) {' '.join(unknown)} are not in the package (it holds "
                              f"{' '.join(packaged.folds)})", folder)
         model_dir = folder / member_folder(packaged.configuration, packaged.architecture)
-        if engine == "onnxruntime":
-            from autoseg.inference.onnx import load_onnx_model
+        try:
+            if engine == "onnxruntime":
+                from autoseg.inference.onnx import load_onnx_model
 
-            models.append(load_onnx_model(model_dir, chosen, packaged.configuration, packaged.architecture))
-        else:
-            models.append(load_trained_model(model_dir, chosen, packaged.configuration, packaged.architecture, device,
-                                             checkpoint_name=packaged.checkpoints))
+                models.append(load_onnx_model(model_dir, chosen, packaged.configuration, packaged.architecture))
+            else:
+                models.append(load_trained_model(model_dir, chosen, packaged.configuration, packaged.architecture,
+                                                 device, checkpoint_name=packaged.checkpoints))
+        except (PlanError, CheckpointError) as exc:
+            raise type(exc)(exc.problem + _made_by_another_version(manifest), exc.path) from exc
     return models, (load_postprocessing(folder) if manifest.postprocessing else None)
+
+
+def _made_by_another_version(manifest: ModelManifest) -> str:
+    """The versions that made the package, when they differ from these: a plan or checkpoint that does not
+    load was most likely written by a newer autoseg (a field this one does not know), which the error alone
+    does not say."""
+    from autoseg import __version__
+
+    if manifest.autoseg_version == __version__ and manifest.torch_version == torch.__version__:
+        return ""
+    return (f" (the package was made by autoseg {manifest.autoseg_version} with torch {manifest.torch_version}; "
+            f"this is autoseg {__version__} with torch {torch.__version__}: install the version that made it)")

@@ -64,7 +64,9 @@ class DicomSeries:
     modality: str = ""
     instance_uids: list[str] = field(default_factory=list)  # SOPInstanceUID of each file, in slice order
     geometry: Geometry | None = None
-    problem: str | None = None  # why the series is refused
+    problem: str | None = None  # why the series is not a case
+    # What the object is when it is no image to segment ("Modality SR", "localizer"): passed over, not refused.
+    not_an_image: str = ""
 
     def describe(self) -> str:
         folders = sorted({str(f.parent) for f in self.files})
@@ -76,6 +78,50 @@ class DicomSeries:
 class DicomCase:
     case_id: str
     channels: list[DicomSeries] = field(default_factory=list)
+
+
+@dataclass
+class RefusedSeries:
+    """A series that cannot be a case, or (several channels) a study whose series the patterns cannot pick."""
+
+    reason: str
+    file: Path  # the file the message names
+    series: DicomSeries | None = None  # None: the whole study ``study_uid`` is refused
+    study_uid: str = ""
+
+    def line(self) -> str:
+        what = self.series.describe() if self.series is not None else f"study {self.study_uid}"
+        return AutosegError(f"{what} refused: {self.reason}", self.file).one_line()
+
+
+@dataclass
+class DicomListing:
+    """What a DICOM folder holds: its cases, the series refused (with why) and the objects passed over."""
+
+    cases: list[DicomCase]
+    refused: list[RefusedSeries]
+    passed_over: list[DicomSeries]  # SEGs, reports, localizers: no images to segment, so no error either
+    # Several channels: usable series that no channel pattern picked (a study's other sequences).
+    not_picked: list[DicomSeries] = field(default_factory=list)
+
+    def refused_lines(self) -> list[str]:
+        return [refused.line() for refused in self.refused]
+
+    def why_not_a_case(self, uid: str) -> str:
+        """Why the series ``uid`` is no case, as a clause: "which was refused: ..."."""
+        refused = next((r for r in self.refused if r.series is not None and r.series.uid == uid), None)
+        if refused is not None:
+            return f"which was refused: {refused.reason}"
+        other = next((s for s in self.passed_over if s.uid == uid), None)
+        if other is not None:
+            return f"which is no image to segment ({other.not_an_image}) and was passed over"
+        other = next((s for s in self.not_picked if s.uid == uid), None)
+        if other is not None:
+            study = next((r for r in self.refused if r.series is None and r.study_uid == other.study_uid), None)
+            if study is not None:
+                return f"whose study was refused: {study.reason}"
+            return f"which no channel pattern picked (SeriesDescription '{other.description}')"
+        return "which is not among the image series found in the images folder"
 
 
 def looks_like_dicom(path: Path) -> bool:
@@ -124,6 +170,10 @@ def examine_series(uid: str, items: list[tuple[Path, object]]) -> DicomSeries:
                          str(getattr(first, "SeriesNumber", "")), str(getattr(first, "SeriesDescription", "")),
                          str(getattr(first, "Modality", "")))
     try:
+        series.not_an_image = _not_an_image(first)
+        if series.not_an_image:
+            series.problem = f"{NOT_AN_IMAGE} ({series.not_an_image})"
+            return series
         series.problem = _refusal(items)
     except (ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:  # a value no checker foresaw
         series.problem = f"malformed header ({type(exc).__name__}: {exc})"
@@ -136,22 +186,27 @@ def examine_series(uid: str, items: list[tuple[Path, object]]) -> DicomSeries:
     return series
 
 
-def _refusal(items) -> str | None:
-    """Why these headers do not make one regular 3D grid, or None."""
-    headers = [h for _, h in items]
-    first = headers[0]
+def _not_an_image(first) -> str:
+    """What the object is when it is no image to segment (by its first file), or ''."""
     modality = str(getattr(first, "Modality", ""))
     if modality in NOT_IMAGES or "Rows" not in first:
-        return f"{NOT_AN_IMAGE} (Modality {modality or 'missing'})"
+        return f"Modality {modality or 'missing'}"
     # Scouts and screenshots (a dose report is one, with Modality CT) are in most CT exports: refused, they made
     # every run end in exit code 2. A secondary capture that is placed in space may be a derived volume: kept.
     image_type = first.get("ImageType") or []
     if "LOCALIZER" in {str(v).upper() for v in ([image_type] if isinstance(image_type, str) else image_type)}:
-        return f"{NOT_AN_IMAGE} (localizer)"
+        return "localizer"
     sop_class = str(first.get("SOPClassUID", ""))
     if (sop_class == SECONDARY_CAPTURE or sop_class.startswith(f"{SECONDARY_CAPTURE}.")) \
             and not first.get("ImagePositionPatient"):
-        return f"{NOT_AN_IMAGE} (secondary capture without a position)"
+        return "secondary capture without a position"
+    return ""
+
+
+def _refusal(items) -> str | None:
+    """Why these image headers do not make one regular 3D grid, or None."""
+    headers = [h for _, h in items]
+    first = headers[0]
     if any(int(getattr(h, "NumberOfFrames", 1) or 1) > 1 for h in headers):
         return "multi-frame files are not supported (export the series as one file per slice)"
     if any(int(getattr(h, "SamplesPerPixel", 1)) != 1 for h in headers):
@@ -291,9 +346,8 @@ def case_name(series: DicomSeries) -> str:
     return "_".join(re.sub(r"[^A-Za-z0-9.-]+", "-", p.strip()) for p in parts)
 
 
-def dicom_cases(folder: Path, num_channels: int, channel_patterns: list[str] | None = None
-                ) -> tuple[list[DicomCase], list[str]]:
-    """The cases of a DICOM folder and one line per refused series (file: series and reason).
+def dicom_cases(folder: Path, num_channels: int, channel_patterns: list[str] | None = None) -> DicomListing:
+    """The cases of a DICOM folder, the series refused and the objects passed over.
 
     One channel: every image series is a case. Several: ``channel_patterns`` (one
     SeriesDescription glob per channel, case-insensitive) pick, within each study, exactly one
@@ -302,13 +356,12 @@ def dicom_cases(folder: Path, num_channels: int, channel_patterns: list[str] | N
     series = find_series(Path(folder))
     # Objects that are no images at all (SEGs, structure sets, reports, key objects: any real export holds
     # some) are passed over with a note; counted as refused, they made every run end in exit code 2.
-    not_images = [s for s in series if s.problem and s.problem.startswith(NOT_AN_IMAGE)]
-    if not_images:
-        kinds = sorted({s.problem[len(NOT_AN_IMAGE):].strip(" ()") for s in not_images})
-        print(f"autoseg: note: {len(not_images)} DICOM series that are no images passed over ({', '.join(kinds)})",
+    passed_over = [s for s in series if s.not_an_image]
+    if passed_over:
+        kinds = sorted({s.not_an_image for s in passed_over})
+        print(f"autoseg: note: {len(passed_over)} DICOM series that are no images passed over ({', '.join(kinds)})",
               file=sys.stderr)
-    refused = [AutosegError(f"{s.describe()} refused: {s.problem}", s.files[0]).one_line() for s in series
-               if s.problem and not s.problem.startswith(NOT_AN_IMAGE)]
+    refused = [RefusedSeries(s.problem, s.files[0], s) for s in series if s.problem and not s.not_an_image]
     usable = [s for s in series if s.problem is None]
     if channel_patterns and len(channel_patterns) != num_channels:
         raise UsageError(f"--dicom-channels gives {len(channel_patterns)} pattern(s), the model expects {num_channels}")
@@ -324,13 +377,16 @@ def dicom_cases(folder: Path, num_channels: int, channel_patterns: list[str] | N
             picked = [[s for s in members if fnmatch.fnmatch(s.description.lower(), p.lower())] for p in channel_patterns]
             wrong = [f"pattern '{p}' matches {len(m)} series" for p, m in zip(channel_patterns, picked) if len(m) != 1]
             if wrong:
-                refused.append(AutosegError(f"study {study} refused: {'; '.join(wrong)} (descriptions: "
-                                            f"{sorted(s.description for s in members)})", members[0].files[0]).one_line())
+                refused.append(RefusedSeries(f"{'; '.join(wrong)} (descriptions: "
+                                             f"{sorted(s.description for s in members)})", members[0].files[0],
+                                             study_uid=study))
             else:
                 groups.append([m[0] for m in picked])
     names = [case_name(g[0]) for g in groups]
     cases = [DicomCase(name if name and names.count(name) == 1 else g[0].uid, g) for name, g in zip(names, groups)]
-    return sorted(cases, key=lambda c: c.case_id), refused
+    picked = {id(s) for g in groups for s in g}
+    return DicomListing(sorted(cases, key=lambda c: c.case_id), refused, passed_over,
+                        [s for s in usable if id(s) not in picked])
 
 
 def cases_csv(cases: list[DicomCase]) -> bytes:

@@ -129,8 +129,9 @@ def read_seg(path: str | Path, label_values: dict[str, int], onto: Geometry | No
     """A SEG as an int16 ``(Z, Y, X)`` label map of dataset label values, and its geometry.
 
     ``label_values`` maps class names (SegmentLabel) to values. With ``onto`` the masks are
-    placed on that grid (which must share the SEG's orientation and spacing), so a SEG that
-    omits empty frames still fits a label map of the whole image.
+    placed on that grid (which must share the SEG's orientation and in-plane spacing), so a SEG
+    that omits empty frames still fits a label map of the whole image; frames that make no
+    regular volume (irregular gaps) are then placed one by one by their positions.
     """
     hd = require("highdicom")
     path = Path(path)
@@ -149,17 +150,80 @@ def read_seg(path: str | Path, label_values: dict[str, int], onto: Geometry | No
         raise ImageReadError(f"segment label(s) {unknown} are not class names of dataset.json "
                              f"({sorted(label_values)})", path)
     try:
-        volume = seg.get_volume(combine_segments=True, relabel=False)
+        # Most writers omit empty frames, so the annotated slices may have gaps (a structure on slices 2-3 and 7,
+        # or every fifth slice drawn): highdicom (its default, said here because everything below relies on
+        # it) spaces them by SpacingBetweenSlices or, where a writer left that out, by the smallest gap, blank
+        # between; ``_place`` then puts each slice where it belongs on the image's grid.
+        volume = seg.get_volume(combine_segments=True, relabel=False, allow_missing_positions=True)
     except (ValueError, RuntimeError) as exc:
-        raise ImageReadError(f"segments do not form one regular 3D grid with one class per voxel ({exc})", path) from None
+        if onto is None:
+            raise ImageReadError(f"segments do not form one regular 3D grid with one class per voxel ({exc})",
+                                 path) from None
+        volume = None
     lookup = np.zeros(max(numbers) + 1, dtype=np.int16)
     for number, label in segment_labels.items():
         lookup[number] = known[label]
+    if volume is None:
+        return _frames_onto(seg, lookup, onto, path), onto
     array = lookup[np.asarray(volume.array, dtype=np.int64)]
     geometry = _volume_geometry(volume.affine, array.shape)
     if np.linalg.det(np.reshape(geometry.direction, (3, 3))) < 0:
         array, geometry = _flip_slices(array, geometry)
     return (array, geometry) if onto is None else (_place(array, geometry, onto, path), onto)
+
+
+def _frame_item(frame, shared, sequence: str):
+    """A functional group's item for one frame: its own, else the one shared by all frames."""
+    for group in (frame, shared):
+        if group is not None and sequence in group:
+            return group[sequence].value[0]
+    raise ValueError(f"{sequence} missing")
+
+
+def _frames_onto(seg, lookup: np.ndarray, onto: Geometry, path: Path) -> np.ndarray:
+    """Every frame placed by its own position on ``onto``. Frames at gaps that are no multiple of one
+    spacing (slices 0, 2 and 5 annotated by a writer that leaves SpacingBetweenSlices out) are no volume
+    to highdicom, but each frame still lies on one slice of the image."""
+    kind = str(getattr(seg, "SegmentationType", "BINARY")).upper()
+    maximum = float(getattr(seg, "MaximumFractionalValue", 1) or 1)
+    shared = seg.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in seg else None
+    direction = np.reshape(onto.direction, (3, 3))  # columns: the image's x, y, z axes
+    to_voxel = np.linalg.inv(direction * np.array(onto.spacing))
+    if (int(seg.Rows), int(seg.Columns)) != tuple(onto.shape[1:]):
+        raise ImageReadError(f"frames of {seg.Rows}x{seg.Columns} pixels, the image's slices are "
+                             f"{onto.shape[1]}x{onto.shape[2]}", path)
+    placed = np.zeros(onto.shape, dtype=np.int16)
+    try:
+        for index, frame in enumerate(seg.PerFrameFunctionalGroupsSequence):
+            orientation = np.array(_frame_item(frame, shared, "PlaneOrientationSequence").ImageOrientationPatient,
+                                   dtype=float)
+            spacing = [float(v) for v in _frame_item(frame, shared, "PixelMeasuresSequence").PixelSpacing]
+            position = np.array(_frame_item(frame, shared, "PlanePositionSequence").ImagePositionPatient, dtype=float)
+            voxel = to_voxel @ (position - np.array(onto.origin))  # (x, y, z) of the frame's first pixel
+            z = int(round(voxel[2]))
+            # PixelSpacing is (between rows, between columns): the image's (y, x) spacing.
+            if not (np.allclose(orientation, np.concatenate([direction[:, 0], direction[:, 1]]), atol=1e-3)
+                    and np.allclose(spacing, [onto.spacing[1], onto.spacing[0]], rtol=1e-3)
+                    and np.abs(voxel - [0, 0, z]).max() <= 1e-2 and 0 <= z < onto.shape[0]):
+                raise ImageReadError(f"frame {index + 1} does not lie on a slice of the image's grid (at voxel "
+                                     f"{voxel.round(3).tolist()}, orientation {orientation.tolist()}, spacing "
+                                     f"{spacing})", path)
+            stored = np.asarray(seg.get_stored_frame(index + 1))
+            if kind == "LABELMAP":  # the pixels are segment numbers
+                values = lookup[np.clip(stored.astype(np.int64), 0, len(lookup) - 1)]
+            else:
+                number = int(_frame_item(frame, shared, "SegmentIdentificationSequence").ReferencedSegmentNumber)
+                inside = stored >= 0.5 * maximum if kind == "FRACTIONAL" else stored > 0
+                values = np.where(inside, lookup[number], 0).astype(np.int16)
+            clash = (values != 0) & (placed[z] != 0) & (placed[z] != values)
+            if clash.any():
+                raise ImageReadError(f"segments of different classes overlap in {int(clash.sum())} voxel(s) of "
+                                     f"slice {z}", path)
+            placed[z] = np.where(values != 0, values, placed[z])
+    except (ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:  # a frame without its position
+        raise ImageReadError(f"its frames cannot be placed on the image's grid ({exc.__class__.__name__}: {exc})",
+                             path) from None
+    return placed
 
 
 def _volume_geometry(affine: np.ndarray, shape) -> Geometry:
@@ -180,18 +244,25 @@ def _flip_slices(array: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, Geo
 
 
 def _place(array: np.ndarray, geometry: Geometry, onto: Geometry, path: Path) -> np.ndarray:
+    """The SEG's slices on the image's grid; its slice spacing may be a whole multiple of the image's (a SEG
+    annotating every Nth slice, empty frames omitted), the slices between stay background."""
+    step = 1
+    if array.shape[0] > 1:
+        ratio = geometry.spacing[2] / onto.spacing[2]
+        step = max(1, int(round(ratio)))
     if not (np.allclose(geometry.direction, onto.direction, atol=1e-3)
             and np.allclose(geometry.spacing[:2], onto.spacing[:2], rtol=1e-3)
-            and (array.shape[0] == 1 or np.isclose(geometry.spacing[2], onto.spacing[2], rtol=1e-3))):
+            and (array.shape[0] == 1 or np.isclose(geometry.spacing[2], step * onto.spacing[2], rtol=1e-3))):
         raise ImageReadError(f"its grid (spacing {geometry.spacing}, direction {geometry.direction}) differs from "
                              f"the image's ({onto.spacing}, {onto.direction})", path)
     direction = np.reshape(onto.direction, (3, 3))
     index = np.linalg.solve(direction * np.array(onto.spacing), np.subtract(geometry.origin, onto.origin))[::-1]
     start = np.rint(index).astype(int)  # (z, y, x)
-    if np.abs(index - start).max() > 1e-2 or (start < 0).any() or (start + array.shape > onto.shape).any():
+    end = start + [(array.shape[0] - 1) * step + 1, *array.shape[1:]]
+    if np.abs(index - start).max() > 1e-2 or (start < 0).any() or (end > onto.shape).any():
         raise ImageReadError(f"its frames do not lie on the image's grid (offset {index.round(3).tolist()} voxels)", path)
     placed = np.zeros(onto.shape, dtype=np.int16)
-    placed[start[0]:start[0] + array.shape[0], start[1]:start[1] + array.shape[1], start[2]:start[2] + array.shape[2]] = array
+    placed[start[0]:end[0]:step, start[1]:end[1], start[2]:end[2]] = array
     return placed
 
 
