@@ -159,10 +159,11 @@ class Work:
 
 
 def write_atomically(path: Path, text: str) -> None:
-    """A record a kill mid-write would leave half-written (and the next run unable to read) is renamed into place."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+    """A record a kill mid-write would leave half-written (and the next run unable to read) is renamed into place,
+    by autoseg's own writer (imported here: the script puts the repository on the path only when run)."""
+    from autoseg.records import atomic_write_bytes
+
+    atomic_write_bytes(path, text.encode())
 
 
 def dataset_number(name: str) -> str:
