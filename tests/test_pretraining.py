@@ -225,7 +225,9 @@ def test_swin_pretraining_with_three_tasks_lowers_its_loss_and_feeds_pretrained(
 
     roots, name, flags = planned
     _plan_tiny_swin(roots.plans_file(name))
-    options = PretrainingOptions(epochs=5, iters_per_epoch=10, task=TASK, seed=0, progress=False)
+    # 12 short epochs: the three losses of a batch of two swing by ±0.4 from one epoch to the next (masks, angles and
+    # pairs are drawn anew), so 5 epochs' first-against-last-two compare failed on an AVX2 CPU (fp32) by 0.01.
+    options = PretrainingOptions(epochs=12, iters_per_epoch=10, task=TASK, seed=0, progress=False)
     output = pretrain(roots, name, "2d", "swin_unetr", options)
     log = [json.loads(line) for line in (output / "training_log.jsonl").read_text().splitlines()]
     for entry in log:  # the total is the three parts, weight 1 each
@@ -233,7 +235,7 @@ def test_swin_pretraining_with_three_tasks_lowers_its_loss_and_feeds_pretrained(
         assert set(parts) == {"inpainting", "rotation", "contrastive"}
         assert entry["train_loss"] == pytest.approx(sum(parts.values()), rel=1e-5)
     losses = [e["train_loss"] for e in log]
-    assert np.mean(losses[-2:]) < losses[0], losses
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
     assert "rotation" in capfd.readouterr().out  # the epoch line shows the parts
     final = torch.load(output / "checkpoint_final.pt", weights_only=True)
     heads = set(final["pretrain_head_names"])

@@ -199,6 +199,74 @@ def test_patches_of_a_sparsely_annotated_case_are_centred_on_its_annotated_voxel
     assert all_ignored == 0
 
 
+def test_channels_normalised_inside_the_nonzero_region_are_zero_outside_it_after_augmentation(tiny):
+    # nnU-Net's MaskImageTransform: a skull-stripped MR channel (zscore_mask) is 0 outside the brain in every case
+    # to predict; noise, contrast and gamma made that 0 something else in training. The background outside is
+    # marked at preprocessing (moved with the labels), and such channels are zeroed there after augmentation.
+    import dataclasses
+
+    from batchgenerators.transforms.abstract_transforms import Compose
+    from batchgenerators.transforms.noise_transforms import GaussianNoiseTransform
+    from batchgenerators.transforms.spatial_transforms import SpatialTransform
+
+    from autoseg.io.images import Geometry
+    from autoseg.planning.plans import ChannelNormalization
+    from autoseg.preprocessing.preprocess import preprocess_arrays, sample_class_locations
+
+    roots, name = tiny
+    plans, folder = _folder(roots, name)
+    config = dataclasses.replace(plans.configuration("3d_fullres"), spacing=[1.0, 1.0, 1.0], anisotropic_axis=None)
+    plans = dataclasses.replace(plans, configurations={"3d_fullres": config}, normalization=[
+        ChannelNormalization("T1", "zscore_mask"), ChannelNormalization("T2", "zscore")])
+    z, y, x = np.mgrid[:12, :40, :40]
+    brain = ((z - 6) / 7) ** 2 + ((y - 20) / 15) ** 2 + ((x - 21) / 14) ** 2 <= 1
+    rng = np.random.default_rng(5)
+    image = np.stack([np.where(brain, rng.normal(300, 40, brain.shape), 0),
+                      np.where(brain, rng.normal(90, 15, brain.shape), 0)]).astype(np.float32)
+    label = (((z - 6) / 3) ** 2 + ((y - 20) / 5) ** 2 + ((x - 21) / 5) ** 2 <= 1).astype(np.uint8)
+    geometry = Geometry(shape=[12, 40, 40], spacing=[1.0, 1.0, 1.0], origin=[0.0, 0.0, 0.0],
+                        direction=[1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0])
+    stored = preprocess_arrays(image, label, geometry, plans, "3d_fullres")
+    box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(brain))
+    assert np.array_equal(stored.seg == -2, ~brain[box]) and np.array_equal(stored.seg == 1, label[box] == 1)
+
+    def sampler_of(masked_channels):
+        sampler = PatchSampler(folder, ["synth_000"], [8, 32, 32], 4, augment=True, masked_channels=masked_channels)
+        sampler._arrays["synth_000"] = (stored.image, stored.seg)
+        sampler.properties["synth_000"].class_locations = {
+            key: np.asarray(points, dtype=np.int32).reshape(-1, 3)
+            for key, points in sample_class_locations(stored.seg, "synth_000").items()}
+        # Rotation and scaling off, so the patch is the centre of what was drawn and can be compared with it;
+        # noise on every sample, on every voxel.
+        crop_and_noise = Compose([SpatialTransform([8, 32, 32], patch_center_dist_from_border=None, do_elastic_deform=False,
+                                                   do_rotation=False, do_scale=False, random_crop=False,
+                                                   border_cval_seg=sampler.seg_fill, order_seg=0),
+                                  GaussianNoiseTransform((0.5, 0.5), p_per_sample=1.0)])
+
+        def transform(**data):
+            drawn.append(data["data"].copy())
+            return crop_and_noise(**data)
+
+        sampler.transform = transform
+        return sampler
+
+    drawn = []
+    np.random.seed(2)
+    images, seg = sampler_of((0,)).batch()
+    drawn_size, patch = np.array(drawn[0].shape[2:]), np.array([8, 32, 32])
+    centre = tuple(slice(int(s), int(s + p)) for s, p in zip((drawn_size - patch) // 2, patch))
+    outside = drawn[0][:, 0][(slice(None), *centre)] == 0  # beyond the brain: the store's zeros and the padding
+    assert 0.1 < outside.mean() < 0.9, "the patches hold both the brain and what lies outside it"
+    assert np.array_equal(images[:, 0].numpy() == 0, outside)  # T1 zeroed outside, noisy everywhere inside
+    assert not (images[:, 1].numpy()[outside] == 0).any()  # T2 (zscore) keeps its noise outside
+    assert set(seg.unique().tolist()) <= {0, 1} and not seg.numpy()[outside].any()  # trained as background
+
+    drawn.clear()
+    np.random.seed(2)
+    images, seg = sampler_of(()).batch()  # as before: noise outside the brain too
+    assert (images[:, 0].numpy()[outside] == 0).mean() < 0.01
+
+
 @pytest.mark.parametrize("patch, degrees", [([512, 256], 15), ([256, 224], 180), ([40, 56, 40], 30)])
 def test_rotation_ranges_are_nnunets_for_the_patch_shape(patch, degrees):
     # nnU-Net (configure_rotation_dummyDA_mirroring_and_inital_patch_size): ±15 degrees for 2D patches whose

@@ -131,12 +131,9 @@ def _of_one_modality(listing: DicomListing, chosen: str | None, images: Path
     normalised by the modality of its first case (CT's fixed window would be wrong for a PET), so an
     export of several modalities (PET/CT) is refused unless ``chosen`` (--modality) names the one to
     convert; the others, refused series among them, are left out."""
-    def modality_of(series: DicomSeries) -> str:
-        return series.modality or "missing"
-
     by_modality: dict[str, list[DicomCase]] = {}
     for case in listing.cases:
-        by_modality.setdefault(modality_of(case.channels[0]), []).append(case)
+        by_modality.setdefault(_modality(case.channels[0]), []).append(case)
     if chosen is None:
         if len(by_modality) > 1:
             return listing, [], [f"{images}: the image series are of several modalities: {_counts(by_modality)}; a "
@@ -144,15 +141,20 @@ def _of_one_modality(listing: DicomListing, chosen: str | None, images: Path
                                  f"--modality {sorted(by_modality)[0]})"]
         return listing, [], []
     wanted = chosen.upper()
-    kept = DicomListing([c for c in listing.cases if modality_of(c.channels[0]).upper() == wanted],
-                        [r for r in listing.refused if r.series is None or modality_of(r.series).upper() == wanted],
+    kept = DicomListing([c for c in listing.cases if _modality(c.channels[0]).upper() == wanted],
+                        [r for r in listing.refused if r.series is None or _modality(r.series).upper() == wanted],
                         listing.passed_over)
-    left_out = [c.channels[0] for c in listing.cases if modality_of(c.channels[0]).upper() != wanted] + \
-               [r.series for r in listing.refused if r.series is not None and modality_of(r.series).upper() != wanted]
+    left_out = [c.channels[0] for c in listing.cases if _modality(c.channels[0]).upper() != wanted] + \
+               [r.series for r in listing.refused if r.series is not None and _modality(r.series).upper() != wanted]
     if not kept.cases and not kept.refused:
         return kept, left_out, [f"{images}: no image series of modality {wanted} (found: "
                                 f"{_counts(by_modality) or 'none'})"]
     return kept, left_out, []
+
+
+def _modality(series: DicomSeries) -> str:
+    """The series' Modality, as grouped and reported here (a header without one groups as "missing")."""
+    return series.modality or "missing"
 
 
 def _counts(by_modality: dict[str, list[DicomCase]]) -> str:
@@ -165,7 +167,7 @@ def _channel_problems(cases: list[DicomCase], patterns: list[str], images: Path)
     every case's channels must lie on its first channel's grid (the files share one geometry)."""
     problems = []
     for index, pattern in enumerate(patterns):
-        modalities = sorted({case.channels[index].modality or "missing" for case in cases})
+        modalities = sorted({_modality(case.channels[index]) for case in cases})
         if len(modalities) > 1:
             problems.append(f"{images}: channel {index} ('{pattern}') picks series of several modalities "
                             f"({', '.join(modalities)}); make its pattern pick one kind of image")
@@ -217,7 +219,7 @@ def convert_dicom(images: Path, labels: Path, target: Path, mapping_file: Path, 
     problems += seg_problems
     if left_out:
         print(f"convert-dicom: note: {len(left_out)} series of modalities other than {modality.upper()} left out "
-              f"({', '.join(sorted({s.modality or 'missing' for s in left_out}))}), with their SEGs", file=sys.stderr)
+              f"({', '.join(sorted({_modality(s) for s in left_out}))}), with their SEGs", file=sys.stderr)
         for series in left_out:
             segs.pop(series.uid, None)
     by_series = {series.uid: case for case in cases for series in case.channels}

@@ -188,7 +188,6 @@ def _frames_onto(seg, lookup: np.ndarray, onto: Geometry, path: Path) -> np.ndar
     maximum = float(getattr(seg, "MaximumFractionalValue", 1) or 1)
     shared = seg.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in seg else None
     direction = np.reshape(onto.direction, (3, 3))  # columns: the image's x, y, z axes
-    to_voxel = np.linalg.inv(direction * np.array(onto.spacing))
     if (int(seg.Rows), int(seg.Columns)) != tuple(onto.shape[1:]):
         raise ImageReadError(f"frames of {seg.Rows}x{seg.Columns} pixels, the image's slices are "
                              f"{onto.shape[1]}x{onto.shape[2]}", path)
@@ -199,7 +198,7 @@ def _frames_onto(seg, lookup: np.ndarray, onto: Geometry, path: Path) -> np.ndar
                                    dtype=float)
             spacing = [float(v) for v in _frame_item(frame, shared, "PixelMeasuresSequence").PixelSpacing]
             position = np.array(_frame_item(frame, shared, "PlanePositionSequence").ImagePositionPatient, dtype=float)
-            voxel = to_voxel @ (position - np.array(onto.origin))  # (x, y, z) of the frame's first pixel
+            voxel = _voxel_of(position, onto)  # (x, y, z) of the frame's first pixel
             z = int(round(voxel[2]))
             # PixelSpacing is (between rows, between columns): the image's (y, x) spacing.
             if not (np.allclose(orientation, np.concatenate([direction[:, 0], direction[:, 1]]), atol=1e-3)
@@ -224,6 +223,13 @@ def _frames_onto(seg, lookup: np.ndarray, onto: Geometry, path: Path) -> np.ndar
         raise ImageReadError(f"its frames cannot be placed on the image's grid ({exc.__class__.__name__}: {exc})",
                              path) from None
     return placed
+
+
+def _voxel_of(point, onto: Geometry) -> np.ndarray:
+    """The (x, y, z) voxel index of world point ``point`` on ``onto``'s grid, not rounded: how far it is from a
+    whole number tells whether the point lies on the grid."""
+    direction = np.reshape(onto.direction, (3, 3))  # columns: the image's x, y, z axes
+    return np.linalg.solve(direction * np.array(onto.spacing), np.subtract(point, onto.origin))
 
 
 def _volume_geometry(affine: np.ndarray, shape) -> Geometry:
@@ -255,8 +261,7 @@ def _place(array: np.ndarray, geometry: Geometry, onto: Geometry, path: Path) ->
             and (array.shape[0] == 1 or np.isclose(geometry.spacing[2], step * onto.spacing[2], rtol=1e-3))):
         raise ImageReadError(f"its grid (spacing {geometry.spacing}, direction {geometry.direction}) differs from "
                              f"the image's ({onto.spacing}, {onto.direction})", path)
-    direction = np.reshape(onto.direction, (3, 3))
-    index = np.linalg.solve(direction * np.array(onto.spacing), np.subtract(geometry.origin, onto.origin))[::-1]
+    index = _voxel_of(geometry.origin, onto)[::-1]
     start = np.rint(index).astype(int)  # (z, y, x)
     end = start + [(array.shape[0] - 1) * step + 1, *array.shape[1:]]
     if np.abs(index - start).max() > 1e-2 or (start < 0).any() or (end > onto.shape).any():

@@ -23,9 +23,9 @@ from autoseg.planning.spacing import resampled_shape, resampling_axis
 from autoseg.preprocessing.crop import bounding_box, crop, nonzero_mask
 from autoseg.preprocessing.normalize import normalize
 from autoseg.preprocessing.resample import resample_image, resample_labels
-from autoseg.preprocessing.store import (ANNOTATED, CASE_SCHEMA_VERSION, IGNORE_INDEX, CaseProperties,
-                                         list_finished_cases, load_properties, remove_case, save_case,
-                                         source_stamps)
+from autoseg.preprocessing.store import (ANNOTATED, CASE_SCHEMA_VERSION, IGNORE_INDEX, OUTSIDE_NONZERO,
+                                         CaseProperties, list_finished_cases, load_properties, remove_case,
+                                         save_case, source_stamps)
 from autoseg.records import save_json
 
 MAX_LOCATIONS_PER_CLASS = 1000  # sampled voxels per class for foreground oversampling
@@ -100,6 +100,8 @@ def preprocess_arrays(image: np.ndarray, label: np.ndarray | None, geometry: Geo
         for value, index in lookup.items():
             table[value] = index
         seg = table[crop(label, box)]
+        if any(norm.scheme == "zscore_mask" for norm in plans.normalization) and not mask.all():
+            seg[(seg == 0) & ~mask] = OUTSIDE_NONZERO  # resampled with the labels, so it moves with them
         seg = resample_labels(seg, new_shape, config.label_resampling_order, axis)
     moved = stored_slice_axis(plans, configuration)
     if moved:

@@ -1,7 +1,8 @@
 """The preprocessed store: one folder per configuration, three files per case.
 
 ``CASE.npy`` (float32 image, ``(C, Z, Y, X)``), ``CASE_seg.npy`` (int16 class indices,
-``(Z, Y, X)``: 0..K-1 for the network's classes, -1 for ignored voxels) and ``CASE.json``
+``(Z, Y, X)``: 0..K-1 for the network's classes, -1 for ignored voxels, -2 for background outside
+the non-zero region where a channel is normalised within it) and ``CASE.json``
 (the ``CaseProperties``). Uncompressed ``.npy`` is memory-mapped by the training loader,
 so a random patch reads only the bytes it needs, and writes are atomic: the ``.json``
 is written last and its presence marks a finished case (that is what resuming checks).
@@ -20,6 +21,10 @@ from autoseg.records import atomic_write_with, load_record, save_json
 
 CASE_SCHEMA_VERSION = 1
 IGNORE_INDEX = -1
+# Background outside the non-zero region, marked only where some channel is normalised inside it
+# (``zscore_mask``): training re-zeroes those channels there after augmentation, as nnU-Net's
+# MaskImageTransform does with its -1, then trains the voxels as background.
+OUTSIDE_NONZERO = -2
 ANNOTATED = "annotated"  # the class_locations key of the annotated (not ignored) voxels
 
 

@@ -26,18 +26,20 @@ from batchgenerators.transforms.spatial_transforms import MirrorTransform, Spati
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from autoseg.errors import AutosegError
-from autoseg.preprocessing.store import ANNOTATED, check_training_case, load_arrays, load_properties
+from autoseg.preprocessing.store import (ANNOTATED, OUTSIDE_NONZERO, check_training_case, load_arrays,
+                                         load_properties)
 
 FOREGROUND_FRACTION = 0.33
 OPEN_CASES = 128  # memory-mapped cases kept open per process (see PatchSampler.arrays)
 CONTEXT = 1.2  # drawn patch / network patch, for augmentation
 
 
-def augmentation(patch_size: list[int], anisotropic_axis: int | None = None) -> Compose:
+def augmentation(patch_size: list[int], anisotropic_axis: int | None = None, seg_fill: int = 0) -> Compose:
     """nnU-Net's augmentation. A 3D patch with a much coarser ``anisotropic_axis`` gets
     nnU-Net's "dummy 2D" spatial transform: each slice across that axis is rotated (any
     angle) and scaled in-plane, nothing is interpolated along the coarse axis. Rotation: ±30
-    degrees in 3D, any angle in 2D, ±15 degrees for elongated 2D patches (sides over 1.5:1)."""
+    degrees in 3D, any angle in 2D, ±15 degrees for elongated 2D patches (sides over 1.5:1). ``seg_fill``:
+    the label of what rotation brings in from outside the drawn patch."""
     dims = len(patch_size)
     in_plane_only = dims == 3 and anisotropic_axis is not None
     spatial_patch = [p for a, p in enumerate(patch_size) if not in_plane_only or a != anisotropic_axis]
@@ -49,7 +51,7 @@ def augmentation(patch_size: list[int], anisotropic_axis: int | None = None) -> 
     spatial = SpatialTransform(spatial_patch, patch_center_dist_from_border=None, do_elastic_deform=False,
                                do_rotation=True, angle_x=rotation, angle_y=rotation, angle_z=rotation, p_rot_per_axis=1,
                                do_scale=True, scale=(0.7, 1.4), border_mode_data="constant", border_cval_data=0,
-                               order_data=3, border_mode_seg="constant", border_cval_seg=0, order_seg=0,
+                               order_data=3, border_mode_seg="constant", border_cval_seg=seg_fill, order_seg=0,
                                random_crop=False, p_el_per_sample=0, p_scale_per_sample=0.2, p_rot_per_sample=0.2)
     return Compose([
         SliceWise(spatial, anisotropic_axis) if in_plane_only else spatial,
@@ -90,16 +92,23 @@ class PatchSampler:
 
     def __init__(self, folder: Path, case_ids: list[str], patch_size: list[int], batch_size: int,
                  augment: bool, anisotropic_axis: int | None = None, plans_digest: str | None = None,
-                 place_in_batch: tuple[int, int] | None = None):
+                 place_in_batch: tuple[int, int] | None = None, masked_channels: tuple[int, ...] = ()):
         """``place_in_batch``: (index of this process's first sample, samples of all processes) under
-        torchrun, where the ranks' batches together are the step's batch and a third of that is forced."""
+        torchrun, where the ranks' batches together are the step's batch and a third of that is forced.
+        ``masked_channels``: channels normalised inside the non-zero region (``zscore_mask``), zero outside
+        it; augmentation (noise, gamma, contrast) would make that zero something the network never sees in
+        a case to predict, so they are zeroed there again afterwards (nnU-Net's MaskImageTransform)."""
         self.folder, self.case_ids = Path(folder), list(case_ids)
+        self.masked_channels = list(masked_channels)
         self.first_sample, self.global_batch = place_in_batch or (0, batch_size)
         self.patch_size, self.batch_size, self.dims = list(patch_size), batch_size, len(patch_size)
         self.draw_size = [int(math.ceil(p * CONTEXT)) for p in patch_size] if augment else list(patch_size)
         if augment and self.dims == 3 and anisotropic_axis is not None:
             self.draw_size[anisotropic_axis] = patch_size[anisotropic_axis]  # never resampled along it
-        self.transform = augmentation(self.patch_size, anisotropic_axis) if augment else None
+        # With masked channels, what lies beyond the image (padding, corners rotated in) is outside the
+        # non-zero region too, as in nnU-Net, whose loader pads its segmentation with -1.
+        self.seg_fill = OUTSIDE_NONZERO if self.masked_channels else 0
+        self.transform = augmentation(self.patch_size, anisotropic_axis, self.seg_fill) if augment else None
         self.properties = {c: load_properties(self.folder, c) for c in self.case_ids}
         for properties in self.properties.values():
             check_training_case(self.folder, properties, plans_digest)
@@ -140,7 +149,7 @@ class PatchSampler:
         else:
             window = self._window(shape, centre)
         image_patch = extract_window(image, window, 0.0)
-        seg_patch = extract_window(seg, window, 0)
+        seg_patch = extract_window(seg, window, self.seg_fill)
         if self.dims == 2:
             image_patch, seg_patch = image_patch[:, 0], seg_patch[0]
         return image_patch, seg_patch
@@ -174,6 +183,11 @@ class PatchSampler:
             data = self.transform(**data)
         else:
             data["data"], data["seg"] = _centre_crop(data["data"], self.patch_size), _centre_crop(data["seg"], self.patch_size)
+        outside = data["seg"] == OUTSIDE_NONZERO  # (B, 1, *patch): moved with the labels by the spatial transform
+        if outside.any():
+            for channel in self.masked_channels:
+                data["data"][:, channel][outside[:, 0]] = 0.0
+            data["seg"][outside] = 0  # background to the loss
         return torch.from_numpy(np.ascontiguousarray(data["data"], np.float32)), \
             torch.from_numpy(np.rint(data["seg"][:, 0]).astype(np.int64))
 

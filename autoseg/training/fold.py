@@ -176,10 +176,11 @@ def train_fold(roots: Roots, dataset_name: str, configuration: str, fold: int | 
     per_rank_batch = rank_batches[rank]
     place_in_batch = (sum(rank_batches[:rank]), sum(rank_batches))
     digest = preprocessing_digest(plans, configuration)  # the store must hold what plans.json now says
+    masked = tuple(c for c, norm in enumerate(plans.normalization) if norm.scheme == "zscore_mask")
     train_sampler = PatchSampler(data_folder, train_ids, arch.patch_size, per_rank_batch, True, anisotropic_axis,
-                                 digest, place_in_batch)
+                                 digest, place_in_batch, masked)
     val_sampler = PatchSampler(data_folder, val_ids, arch.patch_size, per_rank_batch, False, plans_digest=digest,
-                               place_in_batch=place_in_batch)
+                               place_in_batch=place_in_batch, masked_channels=masked)
     seed = options.seed if options.seed is not None else int.from_bytes(os.urandom(4), "little")
     seed_everything(seed + 1000 * rank)  # every rank its own patches
 
