@@ -287,3 +287,23 @@ def test_bench_accuracy_takes_a_smaller_autoseg_budget_but_never_a_larger_one(tm
     refused = subprocess.run([*script, "--autoseg-budget-s", "150"], capture_output=True, text=True)
     assert refused.returncode != 0
     assert "at most nnU-Net's measured training time, 100 s (a larger budget would flatter autoseg)" in refused.stderr
+
+
+def test_bench_augmentation_times_autoseg_as_a_worker_on_one_core_and_nnunet_where_its_venv_is():
+    # Each side as a child process pinned to one core; nnU-Net's draw comes from its own get_patch_size
+    # (73x80x64 for Hippocampus' 40x56x40 patch, as nnU-Net 2.8.1's trainer logged it), not from ours.
+    from tests.conftest import peers_python
+
+    script = REPO / "scripts" / "bench_augmentation.py"
+    child = [sys.executable, str(script), "--child", "autoseg", "--case", "0", "--batches", "1"]
+    done = subprocess.run(child, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["drawn"] == [48, 68, 48] and len(result["times"]) == 1 and 0 < result["times"][0] < 30
+    python = peers_python()
+    if not python.exists():
+        pytest.skip(f"{python} is missing: nnU-Net's side runs in the peers' environment (../shared/peers/setup.sh)")
+    done = subprocess.run([str(python), *child[1:3], "nnunet", *child[4:]], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1])["drawn"] == [73, 80, 64]

@@ -873,6 +873,57 @@ def test_loader_workers_of_a_continued_run_draw_new_patches():
     assert len(set(started)) == 8 and not set(started) & set(continued)
 
 
+def test_a_gpu_run_starts_nnunets_number_of_workers_and_honours_its_variable(monkeypatch):
+    # nnU-Net's get_allowed_n_proc_DA: nnUNet_n_proc_DA where set, else 12, at most one per core. On a GPU four
+    # workers left it waiting (workers.py); on the CPU they share the cores with the step, so 4 stay.
+    from autoseg.training.workers import default_workers
+
+    monkeypatch.delenv("nnUNet_n_proc_DA", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert (default_workers("cpu"), default_workers("cuda"), default_workers("mps")) == (4, 12, 12)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert (default_workers("cpu"), default_workers("cuda")) == (2, 2)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setenv("nnUNet_n_proc_DA", "6")
+    assert (default_workers("cpu"), default_workers("cuda")) == (6, 6)
+    monkeypatch.setenv("nnUNet_n_proc_DA", "64")
+    assert default_workers("cuda") == 16
+    monkeypatch.setenv("nnUNet_n_proc_DA", "many")
+    assert default_workers("cuda") == 12
+
+
+def test_workers_are_cut_to_what_shared_memory_holds_and_the_run_says_so(tiny, tmp_path, monkeypatch, capsys):
+    # A container's /dev/shm is 64 MB unless told otherwise; a worker that cannot place its batch there dies of a
+    # bus error mid-epoch. The batches in flight are counted from a real batch's tensors.
+    import shutil as shell
+
+    import autoseg.training.workers as workers
+
+    roots, name = tiny
+    _, folder = _folder(roots, name)
+    image, seg = PatchSampler(folder, ["synth_000"], [8, 32, 32], 2, augment=True).batch()
+    one = image.element_size() * image.nelement() + seg.element_size() * seg.nelement()
+    assert workers.batch_bytes(2, 1, [8, 32, 32]) == one
+    acdc = workers.batch_bytes(4, 1, [20, 256, 224])  # the ACDC 3d_fullres plan's batch: 55 MB
+    free = {"bytes": 64 * 2**20}
+    monkeypatch.setattr(workers, "disk_usage", lambda path: shell._ntuple_diskusage(2**40, 0, free["bytes"]))
+    kept, note = workers.fit_shared_memory(12, acdc, folder=str(tmp_path))
+    assert kept == 0 and f"{tmp_path} has 64 MB free" in note and "--shm-size" in note
+    free["bytes"] = 4 * 2**30  # half for batches: 2048 MB over 5 batches of 55 MB a worker
+    assert workers.fit_shared_memory(12, acdc, folder=str(tmp_path))[0] == 2048 // (5 * acdc / 2**20) == 7
+    assert workers.fit_shared_memory(12, acdc, processes=2, folder=str(tmp_path))[0] == 3  # two ranks share it
+    free["bytes"] = 24 * 2**30
+    assert workers.fit_shared_memory(12, acdc, folder=str(tmp_path)) == (12, None)
+    assert workers.fit_shared_memory(12, acdc, folder=str(tmp_path / "none")) == (12, None)  # no such folder
+
+    free["bytes"] = 5 * one  # room for half a worker's batches: the run augments in its own process
+    roots = Roots(roots.raw, roots.preprocessed, tmp_path / "res")
+    train_fold(roots, name, "3d_fullres", "0", options=_options(epochs=1, iters_per_epoch=2, num_workers=2))
+    out = capsys.readouterr().out
+    assert "train: note: /dev/shm has 1 MB free; 2 augmentation worker(s) would keep up to 2 MB" in out
+    assert "so 0 start (augmentation in the training process" in out and "epoch 0: train loss" in out
+
+
 @pytest.mark.parametrize("minutes", [float("nan"), float("inf"), 0.0, -3.0])
 def test_a_time_budget_that_is_no_positive_finite_number_is_refused(minutes):
     # NaN compared false everywhere (the run ended after six iterations); inf overflowed in the refit.

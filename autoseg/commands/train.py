@@ -37,7 +37,10 @@ def register(subparsers) -> None:
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help=argparse.SUPPRESS)
     parser.add_argument("--cpu-bf16", action="store_true",
                         help="bf16 autocast on the CPU even without native bf16 units (emulated: usually slower)")
-    parser.add_argument("--num-workers", type=int, help="augmentation processes (default min(4, cores); 0 in-process)")
+    parser.add_argument("--num-workers", type=int,
+                        help="augmentation processes (default: min(4, cores) on the CPU, min(12, cores) on a GPU as "
+                             "nnU-Net, or nnU-Net's nnUNet_n_proc_DA where set; fewer where /dev/shm is small; "
+                             "0 in-process)")
     parser.add_argument("--seed", type=int, help="with --num-workers 0 on the CPU, a run is repeatable")
     parser.add_argument("--group-cases", metavar="REGEX",
                         help=r"cases whose first group matches share a fold (default '^(patient\d+)_')")

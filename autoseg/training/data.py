@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from autoseg.errors import AutosegError
 from autoseg.preprocessing.store import (ANNOTATED, OUTSIDE_NONZERO, check_training_case, load_arrays,
                                          load_properties)
+from autoseg.training.workers import PREFETCH
 
 FOREGROUND_FRACTION = 0.33
 OPEN_CASES = 128  # memory-mapped cases kept open per process (see PatchSampler.arrays)
@@ -35,7 +36,10 @@ CONTEXT = 1.2  # drawn patch / network patch, for augmentation
 
 
 def augmentation(patch_size: list[int], anisotropic_axis: int | None = None, seg_fill: int = 0) -> Compose:
-    """nnU-Net's augmentation. A 3D patch with a much coarser ``anisotropic_axis`` gets
+    """nnU-Net's augmentation, images interpolated linearly as nnU-Net v2 does (its grid_sample and
+    trilinear upsampling; labels nearest): the cubic spline of batchgenerators' defaults made an ACDC batch
+    2.5x and a 128^3 one 1.8x slower to augment than nnU-Net's on one core (``scripts/bench_augmentation.py``),
+    and on a GPU augmentation sets the pace. A 3D patch with a much coarser ``anisotropic_axis`` gets
     nnU-Net's "dummy 2D" spatial transform: each slice across that axis is rotated (any
     angle) and scaled in-plane, nothing is interpolated along the coarse axis. Rotation: ±30
     degrees in 3D, any angle in 2D, ±15 degrees for elongated 2D patches (sides over 1.5:1). ``seg_fill``:
@@ -51,7 +55,7 @@ def augmentation(patch_size: list[int], anisotropic_axis: int | None = None, seg
     spatial = SpatialTransform(spatial_patch, patch_center_dist_from_border=None, do_elastic_deform=False,
                                do_rotation=True, angle_x=rotation, angle_y=rotation, angle_z=rotation, p_rot_per_axis=1,
                                do_scale=True, scale=(0.7, 1.4), border_mode_data="constant", border_cval_data=0,
-                               order_data=3, border_mode_seg="constant", border_cval_seg=seg_fill, order_seg=0,
+                               order_data=1, border_mode_seg="constant", border_cval_seg=seg_fill, order_seg=0,
                                random_crop=False, p_el_per_sample=0, p_scale_per_sample=0.2, p_rot_per_sample=0.2)
     return Compose([
         SliceWise(spatial, anisotropic_axis) if in_plane_only else spatial,
@@ -60,7 +64,7 @@ def augmentation(patch_size: list[int], anisotropic_axis: int | None = None, seg
         BrightnessMultiplicativeTransform((0.75, 1.25), p_per_sample=0.15),
         ContrastAugmentationTransform(p_per_sample=0.15),
         SimulateLowResolutionTransform(zoom_range=(0.5, 1), per_channel=True, p_per_channel=0.5, order_downsample=0,
-                                       order_upsample=3, p_per_sample=0.25,
+                                       order_upsample=1, p_per_sample=0.25,
                                        ignore_axes=(anisotropic_axis,) if in_plane_only else None),
         GammaTransform((0.7, 1.5), invert_image=True, per_channel=True, retain_stats=True, p_per_sample=0.1),
         GammaTransform((0.7, 1.5), invert_image=False, per_channel=True, retain_stats=True, p_per_sample=0.3),
@@ -255,7 +259,7 @@ def batch_iterator(sampler: PatchSampler, num_workers: int, seed: int, pin_memor
         while True:
             yield sampler.batch()
     loader = DataLoader(_BatchStream(sampler, seed), batch_size=None, num_workers=num_workers,
-                        persistent_workers=True, prefetch_factor=4, pin_memory=pin_memory)
+                        persistent_workers=True, prefetch_factor=PREFETCH, pin_memory=pin_memory)
     for batch in loader:
         if isinstance(batch, AutosegError):
             raise batch

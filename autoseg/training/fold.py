@@ -47,10 +47,7 @@ from autoseg.training.loss import DeepSupervisionLoss, DiceCELoss, RegionDiceBCE
 from autoseg.training.memory_guard import check_training_memory
 from autoseg.training.schedule import PolySchedule
 from autoseg.training.splits import DEFAULT_GROUP_PATTERN, cases_for_fold, load_or_create_splits
-
-
-def default_workers() -> int:
-    return min(4, os.cpu_count() or 1)
+from autoseg.training.workers import batch_bytes, default_workers, fit_shared_memory
 
 
 @dataclass
@@ -62,7 +59,7 @@ class TrainingOptions:
     device: str = "auto"  # auto | cuda | cpu | mps
     amp: bool = True  # autocast: bf16 on CUDA (fp16 + gradient scaler where bf16 is missing) and native-bf16 CPUs
     cpu_bf16: bool | None = None  # bf16 autocast on the CPU; None: where the CPU has native bf16 units
-    num_workers: int | None = None  # augmentation processes; None: min(4, cores); 0: in-process
+    num_workers: int | None = None  # augmentation processes; None: workers.default_workers; 0: in-process
     seed: int | None = None
     resume: bool = False
     initial_lr: float = 1e-2
@@ -250,7 +247,12 @@ def train_fold(roots: Roots, dataset_name: str, configuration: str, fold: int | 
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             network, device_ids=[device.index] if device.type == "cuda" else None)
-    workers = default_workers() if options.num_workers is None else options.num_workers
+    workers = default_workers(device.type) if options.num_workers is None else options.num_workers
+    channels = len(plans.normalization)
+    workers, note = fit_shared_memory(workers, batch_bytes(per_rank_batch, channels, arch.patch_size),
+                                      int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if note and rank == 0:
+        print(f"train: note: {note}", flush=True)
     loop_callbacks: list[Any] = time_budget_callbacks(options.time_budget_minutes, options.started or started,
                                                       state, schedule, resuming, "train", rank == 0)
     if options.warmup_epochs or options.freeze_encoder_epochs:
