@@ -229,6 +229,17 @@ def test_channels_normalised_inside_the_nonzero_region_are_zero_outside_it_after
     stored = preprocess_arrays(image, label, geometry, plans, "3d_fullres")
     box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(brain))
     assert np.array_equal(stored.seg == -2, ~brain[box]) and np.array_equal(stored.seg == 1, label[box] == 1)
+    # Resampled (1 mm to 1.3 x 0.7 x 0.7 mm), the labels are exactly those of a plan without the mark: marked
+    # before resampling, the outside background competed as a class of its own with the labels at its edge.
+    resampled = dataclasses.replace(config, spacing=[1.3, 0.7, 0.7])
+    for edge_label in (label, ((z - 4) ** 2 + (y - 20) ** 2 + (x - 8) ** 2 <= 16).astype(np.uint8)):  # at the edge
+        marked = preprocess_arrays(image, edge_label, geometry,
+                                   dataclasses.replace(plans, configurations={"3d_fullres": resampled}), "3d_fullres")
+        plain = preprocess_arrays(image, edge_label, geometry, dataclasses.replace(
+            plans, configurations={"3d_fullres": resampled},
+            normalization=[ChannelNormalization("T1", "zscore"), ChannelNormalization("T2", "zscore")]), "3d_fullres")
+        assert (marked.seg == -2).mean() > 0.1 and (plain.seg == -2).sum() == 0
+        assert np.array_equal(np.where(marked.seg == -2, 0, marked.seg), plain.seg)
 
     def sampler_of(masked_channels):
         sampler = PatchSampler(folder, ["synth_000"], [8, 32, 32], 4, augment=True, masked_channels=masked_channels)
@@ -265,6 +276,21 @@ def test_channels_normalised_inside_the_nonzero_region_are_zero_outside_it_after
     np.random.seed(2)
     images, seg = sampler_of(()).batch()  # as before: noise outside the brain too
     assert (images[:, 0].numpy()[outside] == 0).mean() < 0.01
+
+
+def test_corners_rotated_into_the_patch_take_the_samplers_fill_label():
+    # With masked channels what rotation brings in from beyond the drawn patch is outside the non-zero region
+    # (nnU-Net pads its segmentation with -1 there); without, it is background as before.
+    from autoseg.training.data import augmentation
+
+    drawn = {"data": np.ones((1, 1, 40, 40), np.float32), "seg": np.ones((1, 1, 40, 40), np.float32)}
+    found = {}
+    for fill in (-2, 0):
+        spatial = augmentation([32, 32], None, fill).transforms[0]
+        spatial.p_rot_per_sample, spatial.angle_x = 1.0, (np.pi / 4, np.pi / 4)  # 45 degrees: corners from outside
+        np.random.seed(0)
+        found[fill] = set(np.unique(spatial(**{k: v.copy() for k, v in drawn.items()})["seg"]).tolist())
+    assert found == {-2: {-2.0, 1.0}, 0: {0.0, 1.0}}
 
 
 @pytest.mark.parametrize("patch, degrees", [([512, 256], 15), ([256, 224], 180), ([40, 56, 40], 30)])
@@ -878,12 +904,19 @@ def test_a_gpu_run_starts_nnunets_number_of_workers_and_honours_its_variable(mon
     # workers left it waiting (workers.py); on the CPU they share the cores with the step, so 4 stay.
     from autoseg.training.workers import default_workers
 
+    def cores(count):  # the cores this process may use (a job's share), not the machine's
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(count)))
+
     monkeypatch.delenv("nnUNet_n_proc_DA", raising=False)
-    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    cores(16)
     assert (default_workers("cpu"), default_workers("cuda"), default_workers("mps")) == (4, 12, 12)
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # torchrun's 8 ranks on 16 cores: 2 workers each, not 12
     assert (default_workers("cpu"), default_workers("cuda")) == (2, 2)
-    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    cores(2)
+    assert (default_workers("cpu"), default_workers("cuda")) == (2, 2)
+    cores(16)
     monkeypatch.setenv("nnUNet_n_proc_DA", "6")
     assert (default_workers("cpu"), default_workers("cuda")) == (6, 6)
     monkeypatch.setenv("nnUNet_n_proc_DA", "64")

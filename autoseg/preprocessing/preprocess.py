@@ -100,9 +100,13 @@ def preprocess_arrays(image: np.ndarray, label: np.ndarray | None, geometry: Geo
         for value, index in lookup.items():
             table[value] = index
         seg = table[crop(label, box)]
-        if any(norm.scheme == "zscore_mask" for norm in plans.normalization) and not mask.all():
-            seg[(seg == 0) & ~mask] = OUTSIDE_NONZERO  # resampled with the labels, so it moves with them
         seg = resample_labels(seg, new_shape, config.label_resampling_order, axis)
+        if any(norm.scheme == "zscore_mask" for norm in plans.normalization) and not mask.all():
+            # The region resampled on its own, then marked: marked before, the outside background would compete
+            # with the labels as a class of its own and let a structure at the region's edge win voxels it loses
+            # to the whole background (the labels stay exactly those of an unmarked plan).
+            inside = resample_labels(mask.astype(np.int16), new_shape, config.label_resampling_order, axis) > 0
+            seg[(seg == 0) & ~inside] = OUTSIDE_NONZERO
     moved = stored_slice_axis(plans, configuration)
     if moved:
         image = np.ascontiguousarray(np.moveaxis(image, 1 + moved, 1))

@@ -122,7 +122,8 @@ def check_training_case(folder: str | Path, properties: CaseProperties, plans_di
     image_path, seg_path, json_path = case_paths(folder, properties.case_id)
     if plans_digest is not None and properties.plans_digest != plans_digest:
         raise DatasetError("was preprocessed for another plan (plans.json changed since: spacing, normalisation, "
-                           "labels); re-run plan-and-preprocess", json_path)
+                           "labels), or by an autoseg that stored it otherwise; re-run plan-and-preprocess "
+                           "(with --keep-plans to continue a run of this plan)", json_path)
     image, seg = load_arrays(folder, properties.case_id)
     if seg is None:
         raise DatasetError("segmentation is missing; re-run plan-and-preprocess", seg_path)

@@ -36,8 +36,8 @@ CONTEXT = 1.2  # drawn patch / network patch, for augmentation
 
 
 def augmentation(patch_size: list[int], anisotropic_axis: int | None = None, seg_fill: int = 0) -> Compose:
-    """nnU-Net's augmentation, images interpolated linearly as nnU-Net v2 does (its grid_sample and
-    trilinear upsampling; labels nearest): the cubic spline of batchgenerators' defaults made an ACDC batch
+    """nnU-Net's augmentation, images interpolated linearly as nnU-Net v2 does since 2.5 (batchgeneratorsv2's
+    grid_sample and trilinear upsampling; labels nearest): the cubic spline of batchgenerators' defaults made an ACDC batch
     2.5x and a 128^3 one 1.8x slower to augment than nnU-Net's on one core (``scripts/bench_augmentation.py``),
     and on a GPU augmentation sets the pace. A 3D patch with a much coarser ``anisotropic_axis`` gets
     nnU-Net's "dummy 2D" spatial transform: each slice across that axis is rotated (any

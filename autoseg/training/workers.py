@@ -5,7 +5,8 @@ On a GPU the step is short and augmentation, done on the CPU, sets the pace: on 
 a Hippocampus batch of 7 (40x56x40) takes 72 ms to augment, an ACDC batch of 4 (20x256x224) 256 ms and a
 CT batch of 2 (128^3) 404 ms (``scripts/bench_augmentation.py``), where an H200 steps a U-Net through the
 first two in 17 and 144 ms (README, device check): Hippocampus needs five workers to keep up, larger
-batches and other GPUs more. So a GPU run takes nnU-Net's default, 12 workers, at most one per core;
+batches and other GPUs more. So a GPU run takes nnU-Net's default, 12 workers, at most one per core
+(of those this process may use, shared among torchrun's ranks on the machine);
 ``nnUNet_n_proc_DA``, which users of nnU-Net set for their machines, is honoured as nnU-Net honours it.
 
 Each worker keeps ``PREFETCH`` batches ready, and a batch travels to the training process through shared
@@ -27,9 +28,16 @@ PREFETCH = 4  # batches each worker keeps ready (DataLoader's prefetch_factor)
 SHARED_MEMORY = "/dev/shm"
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (a cluster job's or a container's share, not the machine's), shared
+    among the training processes torchrun started on this machine: each has its own workers."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
+
+
 def default_workers(device_type: str) -> int:
     """Augmentation processes when ``--num-workers`` is not given, for a run on ``device_type``."""
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     chosen = os.environ.get(NNUNET_WORKERS_ENV, "").strip()
     if chosen:
         try:
