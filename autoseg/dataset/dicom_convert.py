@@ -141,11 +141,14 @@ def _of_one_modality(listing: DicomListing, chosen: str | None, images: Path
                                  f"--modality {sorted(by_modality)[0]})"]
         return listing, [], []
     wanted = chosen.upper()
-    kept = DicomListing([c for c in listing.cases if _modality(c.channels[0]).upper() == wanted],
-                        [r for r in listing.refused if r.series is None or _modality(r.series).upper() == wanted],
-                        listing.passed_over)
-    left_out = [c.channels[0] for c in listing.cases if _modality(c.channels[0]).upper() != wanted] + \
-               [r.series for r in listing.refused if r.series is not None and _modality(r.series).upper() != wanted]
+
+    def chosen_kind(series: DicomSeries) -> bool:
+        return _modality(series).upper() == wanted
+
+    kept = DicomListing([c for c in listing.cases if chosen_kind(c.channels[0])],
+                        [r for r in listing.refused if r.series is None or chosen_kind(r.series)], listing.passed_over)
+    left_out = [c.channels[0] for c in listing.cases if not chosen_kind(c.channels[0])] + \
+               [r.series for r in listing.refused if r.series is not None and not chosen_kind(r.series)]
     if not kept.cases and not kept.refused:
         return kept, left_out, [f"{images}: no image series of modality {wanted} (found: "
                                 f"{_counts(by_modality) or 'none'})"]
@@ -185,13 +188,14 @@ NORMALISATION_NAMES = {"ct", "nonorm", "rgb_to_0_1", "rescale_to_0_1"}
 
 
 def _channel_name(index: int, pattern: str | None, modality: str) -> str:
-    """dataset.json's name of a channel: CT for CT (its fixed window normalisation), else the pattern's words."""
+    """dataset.json's name of a channel: CT for CT (its fixed window normalisation), else the pattern's words
+    (``pattern`` None: one channel, converted without patterns), else the modality."""
     if modality == "CT":
         return "CT"
     words = re.sub(r"[*?\[\]]+", " ", pattern or "").strip()
     if words.lower() in NORMALISATION_NAMES:  # '*CT*' picking a PET would give it CT's window
         words = ""
-    return words or modality or f"channel {index}"
+    return words or modality or ("image" if pattern is None else f"channel {index}")
 
 
 def convert_dicom(images: Path, labels: Path, target: Path, mapping_file: Path, modality: str | None = None,
@@ -259,8 +263,7 @@ def convert_dicom(images: Path, labels: Path, target: Path, mapping_file: Path, 
         patterns = channel_patterns or [None]
         modalities = [cases[0].channels[index].modality if cases else "" for index in range(len(patterns))]
         description = {
-            "channel_names": {str(index): _channel_name(index, pattern, modality) if channel_patterns
-                              else "CT" if modality == "CT" else modality or "image"
+            "channel_names": {str(index): _channel_name(index, pattern, modality)
                               for index, (pattern, modality) in enumerate(zip(patterns, modalities))},
             "labels": {"background": 0, **{name: value for value, name in sorted(values.items())}},
             "numTraining": len(label_maps),

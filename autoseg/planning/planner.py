@@ -354,7 +354,7 @@ def preprocessing_digest(plans: Plans, configuration: str) -> str:
     }
     if config.slicing_axis != 0:  # only then: stores sliced across axis 0 keep their identifiers
         relevant["slice_axis"] = config.slicing_axis
-    if any(norm.scheme == "zscore_mask" for norm in plans.normalization):
+    if plans.masked_channels:
         # only then: the background outside the non-zero region is marked in the stored segmentation (older
         # stores of such plans lack the mark and are preprocessed again; others keep their digest)
         relevant["outside_nonzero_marked"] = True

@@ -119,6 +119,11 @@ class Plans:
                 if k not in ("background", "ignore")]
 
     @property
+    def masked_channels(self) -> tuple[int, ...]:
+        """Channels normalised inside the non-zero region (``zscore_mask``): zero outside it, in training too."""
+        return tuple(c for c, norm in enumerate(self.normalization) if norm.scheme == "zscore_mask")
+
+    @property
     def num_input_channels(self) -> int:
         return len(self.channel_names)
 

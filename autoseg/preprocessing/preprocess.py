@@ -101,7 +101,7 @@ def preprocess_arrays(image: np.ndarray, label: np.ndarray | None, geometry: Geo
             table[value] = index
         seg = table[crop(label, box)]
         seg = resample_labels(seg, new_shape, config.label_resampling_order, axis)
-        if any(norm.scheme == "zscore_mask" for norm in plans.normalization) and not mask.all():
+        if plans.masked_channels and not mask.all():
             # The region resampled on its own, then marked: marked before, the outside background would compete
             # with the labels as a class of its own and let a structure at the region's edge win voxels it loses
             # to the whole background (the labels stay exactly those of an unmarked plan).

@@ -173,11 +173,10 @@ def train_fold(roots: Roots, dataset_name: str, configuration: str, fold: int | 
     per_rank_batch = rank_batches[rank]
     place_in_batch = (sum(rank_batches[:rank]), sum(rank_batches))
     digest = preprocessing_digest(plans, configuration)  # the store must hold what plans.json now says
-    masked = tuple(c for c, norm in enumerate(plans.normalization) if norm.scheme == "zscore_mask")
     train_sampler = PatchSampler(data_folder, train_ids, arch.patch_size, per_rank_batch, True, anisotropic_axis,
-                                 digest, place_in_batch, masked)
+                                 digest, place_in_batch, plans.masked_channels)
     val_sampler = PatchSampler(data_folder, val_ids, arch.patch_size, per_rank_batch, False, plans_digest=digest,
-                               place_in_batch=place_in_batch, masked_channels=masked)
+                               place_in_batch=place_in_batch, masked_channels=plans.masked_channels)
     seed = options.seed if options.seed is not None else int.from_bytes(os.urandom(4), "little")
     seed_everything(seed + 1000 * rank)  # every rank its own patches
 
@@ -248,9 +247,7 @@ def train_fold(roots: Roots, dataset_name: str, configuration: str, fold: int | 
         model = torch.nn.parallel.DistributedDataParallel(
             network, device_ids=[device.index] if device.type == "cuda" else None)
     workers = default_workers(device.type) if options.num_workers is None else options.num_workers
-    channels = len(plans.normalization)
-    workers, note = fit_shared_memory(workers, batch_bytes(per_rank_batch, channels, arch.patch_size),
-                                      int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    workers, note = fit_shared_memory(workers, batch_bytes(per_rank_batch, plans.num_input_channels, arch.patch_size))
     if note and rank == 0:
         print(f"train: note: {note}", flush=True)
     loop_callbacks: list[Any] = time_budget_callbacks(options.time_budget_minutes, options.started or started,

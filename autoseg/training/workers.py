@@ -28,11 +28,16 @@ PREFETCH = 4  # batches each worker keeps ready (DataLoader's prefetch_factor)
 SHARED_MEMORY = "/dev/shm"
 
 
+def local_ranks() -> int:
+    """Training processes torchrun started on this machine (1 without torchrun): each has its own workers."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+
+
 def usable_cores() -> int:
     """Cores this process may run on (a cluster job's or a container's share, not the machine's), shared
-    among the training processes torchrun started on this machine: each has its own workers."""
+    among the training processes on this machine."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
+    return max(1, cores // local_ranks())
 
 
 def default_workers(device_type: str) -> int:
@@ -52,20 +57,21 @@ def batch_bytes(batch_size: int, channels: int, patch_size: list[int]) -> int:
     return batch_size * math.prod(patch_size) * (4 * channels + 8)
 
 
-def fit_shared_memory(workers: int, one_batch: int, processes: int = 1, folder: str = SHARED_MEMORY
+def fit_shared_memory(workers: int, one_batch: int, processes: int | None = None, folder: str = SHARED_MEMORY
                       ) -> tuple[int, str | None]:
     """(workers that fit, a note or None). ``processes``: training processes on this machine sharing
-    ``folder`` (torchrun ranks), each with its own workers. Half of what is free is given to the batches
+    ``folder``, each with its own workers (default: torchrun's ranks here, ``local_ranks``). Half of what is free is given to the batches
     in flight (each worker's ``PREFETCH`` and the one being handed over), the rest left as headroom."""
     if workers == 0 or not os.path.isdir(folder):  # in-process, or no /dev/shm (macOS: other shared memory)
         return workers, None
     free = disk_usage(folder).free
+    processes = local_ranks() if processes is None else processes
     per_worker = (PREFETCH + 1) * one_batch
-    fitting = int(free // 2 // max(1, processes) // per_worker)
-    if fitting >= workers:
+    kept = int(free // 2 // processes // per_worker)
+    if kept >= workers:
         return workers, None
-    kept = max(0, fitting)
+    started = "0 start (augmentation in the training process, slower)" if kept == 0 else \
+        f"{kept} start{'s' if kept == 1 else ''}"
     return kept, (f"{folder} has {free / 2**20:.0f} MB free; {workers} augmentation worker(s) would keep up to "
-                  f"{workers * per_worker * processes / 2**20:.0f} MB of batches there, so {kept} start"
-                  f"{'s' if kept == 1 else ''}{' (augmentation in the training process, slower)' if kept == 0 else ''}. "
+                  f"{workers * per_worker * processes / 2**20:.0f} MB of batches there, so {started}. "
                   "In a container, give it more (docker run --shm-size 8g, or --ipc=host) for full speed")
